@@ -1,0 +1,3 @@
+from absorber.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""One absorption round: AdamW on the adapters for at most K steps, early stop under eps, NaN rollback.
+
+The optimizer (and its moments) persists across rounds: absorbed knowledge accumulates in the adapters and
+the next round's teacher is the updated model (the paper's W <- W*).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from absorber import lora
+from absorber.config import AbsorberConfig
+from absorber import sync
+
+
+@dataclass
+class RoundResult:
+    round: int
+    tokens_absorbed: int      # total so far, after this round
+    loss_first: float | None
+    loss_last: float | None
+    steps: int
+    seconds: float
+    rolled_back: bool = False
+    teacher_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Absorption:
+    """Owns the adapters' optimizer; `round(x, y)` absorbs X using Y as the synchronized text."""
+
+    def __init__(self, model: nn.Module, cfg: AbsorberConfig, method: str = "absorber"):
+        if method not in ("absorber", "ttt"):
+            raise ValueError(f"unknown training method {method!r}")
+        self.model, self.cfg, self.method = model, cfg, method
+        self.params = list(lora.adapters(model).values())
+        if not self.params:
+            raise ValueError("the model has no LoRA adapters: call absorber.lora.inject first")
+        self.layers = sync.loss_layers(model, cfg.loss_layers)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+        self.rounds = 0
+        self.rollbacks = 0
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, t: sync.Teacher | None) -> torch.Tensor:
+        if self.method == "ttt":
+            return sync.next_token_loss(self.model, x)
+        hs, logits = sync.forward_states(self.model, y, self.layers, with_logits=self.cfg.kl_weight > 0)
+        return sync.sync_loss(hs, t.hidden, self.cfg.loss, logits, t.logprobs, self.cfg.kl_weight)
+
+    def _save(self):
+        return ([p.detach().clone() for p in self.params],
+                {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
+                 for k, v in self.opt.state.items()})
+
+    @torch.no_grad()
+    def _restore(self, saved) -> None:
+        values, state = saved
+        for p, v in zip(self.params, values):
+            p.copy_(v)
+        self.opt.state.clear()
+        for k, v in state.items():
+            self.opt.state[k] = v
+
+    def round(self, x: torch.Tensor, y: torch.Tensor, tokens_absorbed: int = 0,
+              teacher: sync.Teacher | None = None) -> RoundResult:
+        """x: [1, n] ids to absorb; y: [1, m] ids that follow. Returns the round's record."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if self.method == "absorber" and teacher is None:
+            teacher = sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0)
+        t1 = time.perf_counter()
+        losses: list[float] = []
+        rolled_back = False
+        last_good = None
+        steps = 0
+        for step in range(cfg.k + 1):
+            with torch.set_grad_enabled(step < cfg.k):   # the last evaluation only reports the loss
+                loss = self._loss(x, y, teacher)
+            lv = float(loss.detach())
+            if not torch.isfinite(loss):
+                rolled_back = True
+                if last_good is not None:
+                    self._restore(last_good)   # undo the step that produced this loss;
+                    steps -= 1                 # losses[-1] was measured at the restored values
+                break
+            losses.append(lv)
+            if step == cfg.k or (cfg.eps > 0 and lv < cfg.eps):
+                break
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in self.params]
+            if not all(torch.isfinite(g).all() for g in grads):
+                rolled_back = True
+                break
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+            last_good = self._save()
+            self.opt.step()
+            steps += 1
+        self.opt.zero_grad(set_to_none=True)
+        if rolled_back:
+            self.rollbacks += 1
+            warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",
+                          RuntimeWarning, stacklevel=2)
+        self.rounds += 1
+        t2 = time.perf_counter()
+        return RoundResult(round=self.rounds, tokens_absorbed=tokens_absorbed,
+                           loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                           steps=steps, seconds=t2 - t0, rolled_back=rolled_back,
+                           teacher_seconds=t1 - t0, train_seconds=t2 - t1)

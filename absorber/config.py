@@ -1,0 +1,67 @@
+"""All the knobs of the method in one dataclass (no torch import: the runtime and bundles read it too)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """The trainable slice: LoRA adapters A:[in, r], B:[r, out] added to frozen linear layers."""
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ALL_LINEAR     # leaf module names (Llama family naming)
+    layers: tuple[int, ...] | None = None     # decoder layer indices; None = all
+    seed: int = 0                             # init of A (B starts at zero: the adapters start as identity)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class AbsorberConfig:
+    """Absorber LLM settings. Defaults are for a laptop CPU and a ~100M model; `paper()` gives the paper's."""
+    n: int = 512                 # tokens absorbed per round (X)
+    m: int = 256                 # tokens synchronized per round (Y)
+    k: int = 16                  # at most K optimizer steps per round
+    eps: float = 0.0             # stop early when the loss falls under eps (0: never; see docs on the scale)
+    lr: float = 1e-3
+    clip: float = 1.0            # gradient-norm clipping (0: off)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    loss: str = "l1"             # "l1" (paper) or "l2"
+    loss_layers: tuple[int, ...] | None = None   # hidden_states indices matched; None = 1..L (h^0 is context-free)
+    kl_weight: float = 0.0       # add KL(teacher || student) on next-token distributions (paper: worse; ablation)
+    sink: int = 4                # sink tokens kept by the StreamingLLM baseline
+    fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @classmethod
+    def paper(cls) -> "AbsorberConfig":
+        """The paper's settings (LLaMA-2-7B on a GPU): r=64, lr 5e-4, n=1024, m=2048."""
+        return cls(n=1024, m=2048, lr=5e-4, lora=LoraConfig(rank=64, alpha=128.0))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AbsorberConfig":
+        d = dict(d)
+        lora = LoraConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.pop("lora", {}).items()})
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(lora=lora, **d)
+
+    def validate(self) -> None:
+        from absorber.errors import AbsorberError
+        if self.n < 1 or self.m < 1:
+            raise AbsorberError(f"n and m must be positive (got n={self.n}, m={self.m})")
+        if self.k < 0:
+            raise AbsorberError(f"k must be >= 0 (got {self.k})")
+        if self.loss not in ("l1", "l2"):
+            raise AbsorberError(f"loss must be l1 or l2 (got {self.loss!r})")
+        if self.lora.rank < 1:
+            raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")

@@ -1,0 +1,140 @@
+"""The streaming loop (the paper's Algorithm 2) and its baselines, at equal compute.
+
+A window Z of at most n+m tokens. When it is full: X = Z[:n], Y = Z[n:n+m]; absorb X (method `absorber`:
+causal synchronization; `ttt`: next-token loss on X; `window`: nothing); Z <- Z[n:]. Position ids restart at 0
+inside the window every round, so an endless stream never walks past the model's trained positions. `sink`
+keeps the first `cfg.sink` tokens of the stream in front of the window (StreamingLLM); `full` never evicts
+until the model's context is full. Memory does not grow with stream length: the window is bounded and the
+adapters have a fixed size.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from absorber import lora
+from absorber.absorb import Absorption, RoundResult
+from absorber.config import AbsorberConfig
+
+METHODS = ("absorber", "ttt", "window", "sink", "full")
+
+
+class StreamingAbsorber:
+    """Feed tokens or text as they arrive; rounds run whenever the window overflows; ask at any time."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: AbsorberConfig | None = None, method: str = "absorber"):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        self.cfg = cfg or AbsorberConfig()
+        self.cfg.validate()
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        if method in ("absorber", "ttt"):
+            if not lora.adapters(model):
+                lora.inject(model, self.cfg.lora)
+            self.absorption: Absorption | None = Absorption(model, self.cfg, method)
+        else:
+            self.absorption = None
+        self.window: list[int] = []
+        self.sink_tokens: list[int] = []
+        self.tokens_seen = 0
+        self.tokens_absorbed = 0   # tokens that have left the window (absorbed, or dropped by the baselines)
+        self.rounds: list[RoundResult] = []
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    # ---------------------------------------------------------------- capacity
+    @property
+    def capacity(self) -> int:
+        """Tokens the window may hold before a round runs."""
+        if self.method == "full":
+            return self.max_positions
+        return self.cfg.n + self.cfg.m
+
+    def context(self) -> list[int]:
+        """The tokens the model sees now (sink tokens first for `sink`)."""
+        return self.sink_tokens + self.window
+
+    # ---------------------------------------------------------------- feeding
+    def feed_tokens(self, ids: Iterable[int]) -> list[RoundResult]:
+        """Append tokens; run a round each time the window is full. Returns the rounds that ran."""
+        done: list[RoundResult] = []
+        ids = list(ids)
+        i = 0
+        while i < len(ids):
+            room = self.capacity - len(self.context())
+            take = ids[i:i + max(room, 0)]
+            if self.method == "sink" and len(self.sink_tokens) < self.cfg.sink:
+                take = take[: self.cfg.sink - len(self.sink_tokens)]
+                self.sink_tokens.extend(take)
+            else:
+                self.window.extend(take)
+            i += len(take)
+            self.tokens_seen += len(take)
+            if len(self.context()) >= self.capacity:
+                done.append(self._round())
+        return done
+
+    def feed(self, text: str) -> list[RoundResult]:
+        return self.feed_tokens(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def flush(self) -> list[RoundResult]:
+        """End of stream (or a pause). With cfg.fill, complete Y with greedy continuations and absorb, as the
+        paper does; otherwise wait (nothing happens until more tokens arrive)."""
+        if not self.cfg.fill or self.method in ("window", "sink", "full") or len(self.window) <= self.cfg.n:
+            return []
+        need = self.cfg.n + self.cfg.m - len(self.window)
+        fill = self._greedy(self.window, need)
+        self.window.extend(fill)   # generated text is not "seen" stream
+        return [self._round()]
+
+    # ---------------------------------------------------------------- one round
+    def _round(self) -> RoundResult:
+        n, m = self.cfg.n, self.cfg.m
+        if self.method == "full":   # context is full: drop the oldest n tokens (no absorption possible)
+            self.window = self.window[n:]
+            self.tokens_absorbed += n
+            res = RoundResult(len(self.rounds) + 1, self.tokens_absorbed, None, None, 0, 0.0)
+        elif self.absorption is None:   # window / sink: evict without absorbing
+            self.window = self.window[n:]
+            self.tokens_absorbed += n
+            res = RoundResult(len(self.rounds) + 1, self.tokens_absorbed, None, None, 0, 0.0)
+        else:
+            x = torch.tensor([self.window[:n]])
+            y = torch.tensor([self.window[n:n + m]])
+            self.tokens_absorbed += n
+            res = self.absorption.round(x, y, self.tokens_absorbed)
+            self.window = self.window[n:]
+        self.rounds.append(res)
+        return res
+
+    # ---------------------------------------------------------------- answering
+    @torch.no_grad()
+    def _greedy(self, prefix: list[int], max_new: int, eos: int | None = None) -> list[int]:
+        ids = torch.tensor([prefix[-self.max_positions + max_new:]]) if prefix else None
+        if ids is None:
+            return []
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+        return out[0, ids.shape[1]:].tolist()
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64) -> list[int]:
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        return self._greedy(self.context() + list(prompt_ids), max_new_tokens, eos)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """Continue from the current window (with the absorbed adapters) after `prompt`; greedy."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens), skip_special_tokens=True)
+
+    def stats(self) -> dict:
+        last = self.rounds[-1] if self.rounds else None
+        return {"method": self.method, "tokens_seen": self.tokens_seen, "tokens_absorbed": self.tokens_absorbed,
+                "rounds": len(self.rounds), "window": len(self.context()),
+                "last_loss": last.loss_last if last else None,
+                "rollbacks": self.absorption.rollbacks if self.absorption else 0}
+
+
+def iter_chunks(ids: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]

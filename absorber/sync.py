@@ -1,0 +1,94 @@
+"""Causal synchronization: the model *without* X must reproduce, on Y, the hidden states it had *with* X·Y.
+
+teacher = the current model (base + current adapters) on X·Y, hidden states of the chosen layers at Y's
+positions, computed once per round without gradients. student = the same model on Y alone (positions restart
+at 0). loss = mean |student - teacher| over layers, positions and features (L1, the paper's choice; L2 and an
+added KL term on next-token distributions are kept for ablation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def loss_layers(model: nn.Module, chosen: tuple[int, ...] | None = None) -> list[int]:
+    """hidden_states indices matched by the loss. Default 1..L: h^0 (the token embedding) does not depend on
+    context, so it adds a constant zero that would only dilute the mean."""
+    L = num_layers(model)
+    idx = list(chosen) if chosen is not None else list(range(1, L + 1))
+    bad = [i for i in idx if not 0 <= i <= L]
+    if bad:
+        from absorber.errors import AbsorberError
+        raise AbsorberError(f"loss layer(s) {bad} out of range 0..{L}")
+    return idx
+
+
+def positions(length: int, start: int = 0, device=None) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device).unsqueeze(0)
+
+
+def forward_states(model: nn.Module, ids: torch.Tensor, layers: list[int], position_ids: torch.Tensor | None = None,
+                   with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the model on ids [1, T]; return (hidden states of `layers` stacked as [len(layers), T, H], logits|None)."""
+    if position_ids is None:
+        position_ids = positions(ids.shape[1], device=ids.device)
+    out = model(input_ids=ids, position_ids=position_ids, attention_mask=torch.ones_like(ids),
+                output_hidden_states=True, use_cache=False, logits_to_keep=0 if with_logits else 1)
+    hs = torch.stack([out.hidden_states[i][0] for i in layers])
+    return hs, (out.logits[0] if with_logits else None)
+
+
+@dataclass
+class Teacher:
+    hidden: torch.Tensor                 # [len(layers), m, H]
+    logprobs: torch.Tensor | None = None  # [m, V] when a KL term is used
+
+
+@torch.no_grad()
+def teacher(model: nn.Module, x_ids: torch.Tensor, y_ids: torch.Tensor, layers: list[int],
+            with_logprobs: bool = False) -> Teacher:
+    """The model with X in context: its states at Y's positions (X·Y at positions 0..n+m-1)."""
+    ids = torch.cat([x_ids, y_ids], dim=1)
+    hs, logits = forward_states(model, ids, layers, with_logits=with_logprobs)
+    m = y_ids.shape[1]
+    lp = F.log_softmax(logits[-m:].float(), -1) if with_logprobs else None
+    return Teacher(hs[:, -m:].contiguous(), lp)
+
+
+def sync_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "l1",
+              student_logits: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
+              kl_weight: float = 0.0) -> torch.Tensor:
+    """Mean L1 (or L2) distance of hidden states, plus kl_weight * KL(teacher || student) per token."""
+    d = student - target
+    loss = d.abs().mean() if kind == "l1" else (d * d).mean()
+    if kl_weight and student_logits is not None and teacher_logprobs is not None:
+        s_lp = F.log_softmax(student_logits.float(), -1)
+        loss = loss + kl_weight * (teacher_logprobs.exp() * (teacher_logprobs - s_lp)).sum(-1).mean()
+    return loss
+
+
+class SyncLoss(nn.Module):
+    """The student side as one module: forward(Y ids, Y positions, teacher hidden) -> loss.
+    This is what the exporter traces into the train-step graph, so runtime and reference share one definition."""
+
+    def __init__(self, model: nn.Module, layers: list[int], kind: str = "l1"):
+        super().__init__()
+        self.model, self.layers, self.kind = model, list(layers), kind
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+        hs, _ = forward_states(self.model, input_ids, self.layers, position_ids)
+        return sync_loss(hs, teacher_hidden, self.kind)
+
+
+def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Plain language-model loss on ids (the TTT baseline trains the same adapters with it)."""
+    out = model(input_ids=ids, position_ids=positions(ids.shape[1], device=ids.device),
+                attention_mask=torch.ones_like(ids), use_cache=False)
+    return F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:])
