@@ -1,0 +1,118 @@
+"""`absorber absorb`: stream text into a PyTorch model with the reference Absorber, then answer questions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from absorber.errors import AbsorberError
+
+HELP = "absorb a text stream into LoRA adapters with the PyTorch reference, then answer"
+DESCRIPTION = """\
+Read text from a file or stdin as it arrives, keep a window of n+m tokens, and each time it is full absorb its
+first n tokens into LoRA adapters by causal synchronization (the reference method; `--method ttt` trains the
+same adapters with next-token loss, `window` only drops). At the end, answer each --ask from the remaining
+window plus the absorbed adapters.
+
+example:
+  absorber absorb --input speech.txt --ask "What did the speaker promise on health care?"
+  cat transcript.txt | absorber absorb --input - --json
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from absorber.config import AbsorberConfig
+    d = AbsorberConfig()
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (built in), a .gguf file, a local folder or a hub id (default: %(default)s)")
+    p.add_argument("--input", required=True, help="text file, or - for stdin (read line by line as it arrives)")
+    p.add_argument("--method", default="absorber", choices=["absorber", "ttt", "window", "sink", "full"])
+    p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="question to answer at the end")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--n", type=int, default=d.n, help="tokens absorbed per round (default %(default)s)")
+    p.add_argument("--m", type=int, default=d.m, help="tokens synchronized per round (default %(default)s)")
+    p.add_argument("--k", type=int, default=d.k, help="max optimizer steps per round (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--eps", type=float, default=d.eps, help="stop a round when the loss falls under this")
+    p.add_argument("--rank", type=int, default=d.lora.rank)
+    p.add_argument("--paper", action="store_true", help="the paper's settings: n=1024 m=2048 r=64 lr=5e-4")
+    p.add_argument("--fill", action="store_true", help="at end of input, fill Y by greedy generation and absorb")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", action="store_true", help="one JSON object per round and a summary, on stdout")
+
+
+def config_from_args(args) -> "AbsorberConfig":
+    from absorber.config import AbsorberConfig, LoraConfig
+    if args.paper:
+        return AbsorberConfig.paper()
+    d = AbsorberConfig()
+    return AbsorberConfig(n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, fill=args.fill,
+                          lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=d.lora.targets))
+
+
+def read_lines(path: str):
+    """Lines of a file or stdin, decoded leniently (bad bytes replaced), as they arrive."""
+    if path == "-":
+        stream = sys.stdin.buffer
+    else:
+        try:
+            stream = open(path, "rb")
+        except OSError as e:
+            raise AbsorberError(f"cannot read {path}: {e.strerror}") from None
+    with stream:
+        for raw in stream:
+            yield raw.decode("utf-8", errors="replace")
+
+
+def main(args) -> int:
+    cfg = config_from_args(args)
+    cfg.validate()
+    import torch
+    from tqdm import tqdm
+
+    from absorber import models
+    from absorber.stream import StreamingAbsorber
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = models.load(args.model)
+    s = StreamingAbsorber(model, tok, cfg, method=args.method)
+    t0 = time.perf_counter()
+    bar = tqdm(total=None, unit="tok", desc="absorbed", file=sys.stderr, disable=args.json or None,
+               dynamic_ncols=True)
+
+    def report(rounds):
+        for r in rounds:
+            if args.json:
+                print(json.dumps({k: r.to_json()[k] for k in ("round", "tokens_absorbed", "loss_first", "loss_last",
+                                                               "steps", "seconds")}), flush=True)
+            else:
+                bar.update(s.cfg.n)
+                el = time.perf_counter() - t0
+                bar.set_postfix_str(f"loss {r.loss_first or 0:.4f}->{r.loss_last or 0:.4f} "
+                                    f"{s.tokens_absorbed / el:.1f} tok/s")
+
+    nchars = 0
+    for line in read_lines(args.input):
+        nchars += len(line)
+        report(s.feed(line))
+    report(s.flush())
+    bar.close()
+    if nchars == 0:
+        raise AbsorberError("empty input: nothing to absorb")
+    answers = []
+    for q in args.ask:
+        t1 = time.perf_counter()
+        a = s.generate(f"\n\nQuestion: {q}\nAnswer:", max_new_tokens=args.max_new_tokens).strip()
+        answers.append({"question": q, "answer": a, "seconds": round(time.perf_counter() - t1, 3)})
+        if not args.json:
+            print(f"Q: {q}\nA: {a}\n")
+    st = s.stats()
+    summary = {**st, "seconds": round(time.perf_counter() - t0, 3), "answers": answers,
+               "settings": {"n": cfg.n, "m": cfg.m, "k": cfg.k, "lr": cfg.lr, "rank": cfg.lora.rank}}
+    if args.json:
+        print(json.dumps({"summary": summary}), flush=True)
+    else:
+        print(f"{st['tokens_seen']} tokens seen, {st['tokens_absorbed']} absorbed in {st['rounds']} rounds, "
+              f"window {st['window']} tokens, last loss {st['last_loss']}", file=sys.stderr)
+    return 0
