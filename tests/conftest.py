@@ -24,3 +24,13 @@ def rng_ids():
         g = torch.Generator().manual_seed(seed)
         return torch.randint(3, vocab, (n,), generator=g).tolist()
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """One fp32 bundle of a tiny random Llama, exported once per test session (shared by several test files)."""
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.export import export_bundle
+    from absorber.models import tiny_llama, tiny_tokenizer
+    cfg = AbsorberConfig(n=64, m=32, k=2, lora=LoraConfig(rank=4, alpha=8))
+    return export_bundle(tiny_llama(), tiny_tokenizer(), tmp_path_factory.mktemp("bundles") / "tiny", cfg=cfg)

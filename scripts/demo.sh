@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main job, on the embedded default model (SmolLM2-135M-Instruct) and a real spoken transcript:
+#  1. export the int8 bundle once (cached in $ABSORBER_BUNDLE, default ~/.cache/absorber/smollm2-135m-int8);
+#  2. stream Clinton's 1994 State of the Union line by line, as a live transcript, through the torch-free
+#     runtime (`absorber run`): every time the window is full its oldest tokens are absorbed into LoRA weights;
+#  3. ask about the speech's opening, which left the window long before the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${ABSORBER_BUNDLE:-$HOME/.cache/absorber/smollm2-135m-int8}
+LINES=${ABSORBER_DEMO_LINES:-40}        # lines of the speech streamed (the whole speech: 0)
+if [ ! -f "$BUNDLE/manifest.json" ]; then
+  echo "== exporting the default model as an int8 bundle into $BUNDLE (once)" >&2
+  mkdir -p "$(dirname "$BUNDLE")"
+  absorber export smollm2-135m --out "$BUNDLE" --quant int8
+fi
+STATE=$(mktemp -d)
+trap 'rm -rf "$STATE"' EXIT
+echo "== streaming a spoken State of the Union transcript into $BUNDLE (live, line by line)" >&2
+python3 - "$LINES" <<'PY' | absorber run "$BUNDLE" --input - --format txt --state "$STATE" \
+    --max-new-tokens 24 --ask "Tip O'Neill liked to call himself" \
+    --ask "Question: Whose memory did the President ask Congress to recall at the start of the speech? Answer:"
+import sys, time
+from absorber import data
+n = int(sys.argv[1])
+lines = data.speech("1994-Clinton-1").text().splitlines(keepends=True)
+for line in lines[:n] if n else lines:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+    time.sleep(0.05)          # a speech recognizer emits lines as they are spoken
+PY
