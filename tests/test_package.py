@@ -67,7 +67,8 @@ def test_wheel_maps_the_four_folders_into_one_namespace(tmp_path):
     wheel = next(tmp_path.glob("absorber-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("absorber/__init__.py", "absorber/runtime/__init__.py", "absorber/export/__init__.py",
-              "absorber/devices/__init__.py", "absorber/cli.py"):
+              "absorber/devices/__init__.py", "absorber/cli.py",
+              "absorber/commands/absorb.py", "absorber/commands/bench.py", "absorber/devices/profiles.json"):
         assert f in names, f
     top = {n.split("/")[0] for n in names}
     assert top <= {"absorber"} | {n.split("/")[0] for n in names if ".dist-info" in n}, top
