@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
 
 @pytest.fixture
 def tiny_model():
@@ -20,6 +18,8 @@ def tiny_tok():
 
 @pytest.fixture
 def rng_ids():
+    torch = pytest.importorskip("torch")
+
     def make(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(3, vocab, (n,), generator=g).tolist()

@@ -1,0 +1,445 @@
+"""Memory planner: predict the peak RSS of one absorption round of the on-device runtime for a bundle and a
+window (n, m, K), term by term, and choose the largest window that fits a budget.
+
+All sizes are bytes. Activations are float32 (4 B). Notation: L layers, H hidden, I MLP width, nh heads,
+kv KV heads, hd head dim, V vocab, S = number of loss layers, T = n + m (teacher pass), m (train step).
+
+Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/planner.md):
+  baseline    Python + numpy + onnxruntime + tokenizers + the two sessions' graphs + tokenizer (constant)
+  weights     frozen weights as stored (the manifest's external-data table; else counted from the model facts:
+              fp32 4 B/param, int8 1 B + a fp32 scale per row, int4 0.5 B + a fp32 scale per 32-block; the
+              vocabulary table once when tied). The runtime maps weights.bin once and shares it between both
+              sessions (`weight_copies` = 1)
+  adapters    LoRA A/B, gradients, AdamW m and v, the rollback backup and the update's numpy temporaries
+              (`adapter_copies` x the adapters' fp32 bytes)
+  kv_cache    2 * L * kv * hd * T * 4: the present K/V the teacher pass over X.Y produces
+  teacher     hidden states out S*T*H*4 (x `c_out_copies`: ORT buffer + numpy copy), kept logits *V*4,
+              attention scores nh*T^2*4 (x `c_scores`), per-token working set c_tok*T*(H+I)*4, and for int8/int4
+              bundles the [V, H] tables the decoder dequantizes whole (embedding, lm_head) as fp32
+  train_step  saved-for-backward activations of the student on Y: L*(c_saved_h*m*H + c_saved_i*m*I +
+              c_saved_scores*nh*m^2)*4, the teacher_hidden input S*m*H*4, the dequantized lm_head table of
+              quantized bundles; with enable_mem_pattern and K >= 2 one more copy of the saved activations
+The teacher pass and the train step do not run at the same time, but ONNX Runtime's CPU arena keeps each
+session's high-water mark: with the arena on the two phases add up; with it off the larger phase counts (plus,
+for quantized bundles, one dequantized table landing on the heap the train step left fragmented).
+K (optimizer steps per round) adds time, not memory (except through enable_mem_pattern, see above).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from absorber.errors import AbsorberError
+
+F32 = 4
+
+# Named coefficients of the model. Defaults are calibrated in benchmarks/planner.md (see there for how).
+COEFFS: dict[str, float] = {
+    "baseline_bytes": 70 * 2**20,     # python + numpy + onnxruntime + tokenizers + runtime (measured)
+    "baseline_per_layer": 2.4 * 2**20,  # both sessions' graphs, per decoder layer (measured: 4 vs 30 layers)
+    "weight_copies": 1.0,             # resident copies of the frozen weights (see module doc)
+    "adapter_copies": 7.0,            # params, grads, AdamW m and v, rollback snapshot, 2 update temporaries
+    "c_out_copies": 2.0,              # graph outputs: the ORT buffer and the numpy array handed to Python
+    "c_scores": 1.1,                  # attention scores + softmax probabilities of one layer live at once
+    "c_tok": 6.0,                     # per-token working set of one layer, in units of (H + I) floats
+    "c_saved_h": 15.0,                # saved-for-backward per layer per token, in H floats
+    "c_saved_i": 6.0,                 # ... in I floats (gate, up, act, product)
+    "c_saved_scores": 1.1,            # ... attention probabilities (and the pre-softmax scores) per layer
+    "c_dq": 1.0,                      # fp32 copies of a dequantized [V, H] table live during a run
+    "c_dq_int4_decoder": 0.33,        # int4: share of the linear layers' fp32 size live in the decoder run
+    "c_dq_int4_train": 0.21,          # ... in the train step (measured at a 32x16 window, benchmarks/planner.md)
+    "c_noarena_int4": 0.35,           # int4 without the arena: heap slack, x the linear layers' fp32 size
+    "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
+    "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
+}
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def parse_size(text) -> int:
+    """'1.5GB' -> 1_500_000_000, '800MB' -> 800_000_000, '1GiB' -> 2**30, '512M' -> 512 MiB, '1000' -> bytes.
+    GB/MB/KB are decimal (SI), GiB/MiB/KiB and the one-letter G/M/K are binary."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise AbsorberError(f"memory size must be positive (got {text})")
+        return int(text)
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise AbsorberError(f"bad memory size {text!r}: use e.g. 1.5GB, 800MB, 1GiB, 512MiB")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise AbsorberError(f"memory size must be positive (got {text!r})")
+    return value
+
+
+def format_size(b: float) -> str:
+    b = float(b)
+    for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(b) >= f:
+            return f"{b / f:.2f} {unit}" if unit == "GiB" else f"{b / f:.1f} {unit}"
+    return f"{int(b)} B"
+
+
+# ---------------------------------------------------------------------------------------------------- model facts
+@dataclass
+class ModelFacts:
+    L: int
+    H: int
+    I: int
+    nh: int
+    kv: int
+    hd: int
+    V: int
+    S: int
+    tied: bool
+    adapter_params: int
+    scheme: str
+    block_size: int
+    zero_point: bool
+    quantize_lm_head: bool
+    quantize_embeddings: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _get(d: dict, *keys, default=None):
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+def model_facts(manifest: dict) -> ModelFacts:
+    """The numbers the planner needs, from a bundle manifest (docs/bundle.md). Missing optional facts are
+    derived (MLP width from the adapters' shapes) or assumed, with a note."""
+    if not isinstance(manifest, dict) or "model" not in manifest:
+        raise AbsorberError("manifest has no 'model' section (is this a bundle manifest.json?)")
+    md = manifest["model"]
+    notes: list[str] = []
+    try:
+        L = int(_get(md, "num_layers", "num_hidden_layers"))
+        H = int(_get(md, "hidden", "hidden_size"))
+        nh = int(_get(md, "num_heads", "num_attention_heads"))
+        V = int(_get(md, "vocab", "vocab_size"))
+    except (TypeError, ValueError):
+        raise AbsorberError("manifest 'model' needs num_layers, hidden, num_heads and vocab") from None
+    kv = int(_get(md, "num_kv_heads", "num_key_value_heads", default=nh))
+    hd = int(_get(md, "head_dim", default=H // nh))
+    sl = manifest.get("slice") or {}
+    tensors = sl.get("tensors") or []
+    I = _get(md, "intermediate", "intermediate_size", "ffn_hidden")
+    if I is None:
+        for t in tensors:
+            name, shape = t.get("name", ""), t.get("shape") or []
+            if len(shape) == 2 and (t.get("target") in ("gate_proj", "up_proj") or ".gate_proj." in name
+                                    or ".up_proj." in name) and name.endswith("lora_B"):
+                I = shape[1]
+                break
+            if len(shape) == 2 and (t.get("target") == "down_proj" or ".down_proj." in name) \
+                    and name.endswith("lora_A"):
+                I = shape[0]
+                break
+    if I is None:
+        I = 4 * H
+        notes.append(f"MLP width not in the manifest: assumed 4*hidden = {I}")
+    I = int(I)
+    tied = bool(_get(md, "tie_word_embeddings", "tied_embeddings", "tied", default=True))
+    if not any(k in md for k in ("tie_word_embeddings", "tied_embeddings", "tied")):
+        notes.append("tie_word_embeddings not in the manifest: assumed tied (embedding counted once)")
+    ll = manifest.get("loss_layers")
+    S = len(ll) if ll else L
+    adapter_params = 0
+    for t in tensors:
+        n = 1
+        for d in t.get("shape") or []:
+            n *= int(d)
+        adapter_params += n
+    if not tensors:
+        notes.append("slice.tensors is empty: no adapter memory counted")
+    q = manifest.get("quant") or {}
+    scheme = str(q.get("scheme", "fp32")).lower()
+    if scheme not in ("fp32", "int8", "int4"):
+        raise AbsorberError(f"unknown quant scheme {scheme!r} in the manifest: expected fp32, int8 or int4")
+    # the exporter: int8 per row (no blocks), int4 in blocks of 32; symmetric (no zero point)
+    block = int(q.get("block_size", 32 if scheme == "int4" else 0) or 0)
+    zp = bool(q.get("zero_point", False))
+    qnames = q.get("quantized")
+    if isinstance(qnames, list):      # the exporter lists every quantized tensor
+        q_emb = any("embed" in str(x) or str(x).startswith("wte") for x in qnames)
+        q_head = any("lm_head" in str(x) for x in qnames)
+        if tied:                      # one table under either name
+            q_emb = q_head = q_emb or q_head
+    else:                             # default of absorber.export: every 2-D frozen weight, tables included
+        q_emb = bool(q.get("embeddings", True))
+        q_head = bool(q.get("lm_head", True))
+    return ModelFacts(L=L, H=H, I=I, nh=nh, kv=kv, hd=hd, V=V, S=S, tied=tied, adapter_params=adapter_params,
+                      scheme=scheme, block_size=block, zero_point=zp,
+                      quantize_lm_head=q_head,
+                      quantize_embeddings=q_emb, notes=notes)
+
+
+def linear_shapes(f: ModelFacts) -> list[tuple[int, int]]:
+    """[rows=out, cols=in] of the linear weights of one decoder layer (Llama layout: q, k, v, o, gate, up, down)."""
+    q, kvd = f.nh * f.hd, f.kv * f.hd
+    return [(q, f.H), (kvd, f.H), (kvd, f.H), (f.H, q), (f.I, f.H), (f.I, f.H), (f.H, f.I)]
+
+
+def tensor_bytes(rows: int, cols: int, scheme: str, block: int = 32, zero_point: bool = False) -> float:
+    """Bytes of one 2-D weight [rows, cols] as the exporter stores it (absorber/export/quant.py):
+    fp32 4 B/param; int8 symmetric per row: 1 B/param + one fp32 scale per row; int4 symmetric in blocks of
+    `block` along the columns: 0.5 B/param + one fp32 scale per block (+ a 4-bit zero point when asymmetric)."""
+    p = rows * cols
+    if scheme == "fp32":
+        return p * F32
+    if scheme == "int8":
+        if block:
+            nb = rows * -(-cols // block)
+            return p + nb * (F32 + (1 if zero_point else 0))
+        return p + rows * (F32 + (1 if zero_point else 0))
+    block = block or 32
+    nb = rows * -(-cols // block)
+    return p / 2 + nb * (F32 + (0.5 if zero_point else 0))
+
+
+def weight_bytes(f: ModelFacts) -> dict[str, float]:
+    """Frozen weights by part, one copy, as stored in the bundle (what ORT holds once loaded)."""
+    qs = f.scheme
+    layers = f.L * sum(tensor_bytes(r, c, qs, f.block_size, f.zero_point) for r, c in linear_shapes(f))
+    norms = (2 * f.L + 1) * f.H * F32
+    emb = tensor_bytes(f.V, f.H, qs if f.quantize_embeddings else "fp32", f.block_size, f.zero_point)
+    if f.tied:
+        head = 0.0          # one table serves both (the exporter quantizes it once when tied)
+    else:
+        head = tensor_bytes(f.V, f.H, qs if f.quantize_lm_head else "fp32", f.block_size, f.zero_point)
+    return {"layers": layers, "embedding": emb, "lm_head": head, "norms": norms}
+
+
+# ---------------------------------------------------------------------------------------------------- prediction
+@dataclass
+class Prediction:
+    n: int
+    m: int
+    k: int
+    terms: dict[str, float]            # bytes, resident at the peak
+    detail: dict[str, float]           # sub-terms (bytes), for the term-by-term printout
+    peak_bytes: int
+    combine: str                       # "sum" (arena on: both sessions keep their high-water mark) or "max"
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["peak"] = format_size(self.peak_bytes)
+        return d
+
+
+def stored_tensors(manifest: dict) -> list[dict]:
+    """The external-data tensor table of a bundle manifest ([] when the manifest has none)."""
+    out = []
+    for e in manifest.get("external_data") or []:
+        if isinstance(e, dict):
+            out.extend(t for t in e.get("tensors") or [] if isinstance(t, dict))
+    return out
+
+
+def dequantized_tables(manifest: dict, f: ModelFacts) -> dict[str, float]:
+    """float32 bytes of the quantized vocabulary tables (embedding, lm_head) each graph dequantizes in full per
+    run: a DequantizeLinear of a [V, H] table is one fp32 [V, H] tensor live during the run. The linear layers'
+    dequantized weights are short-lived (one at a time) and stay inside the working-set coefficients."""
+    table = float(f.V * f.H * F32)
+    if f.scheme == "fp32":
+        return {"decoder": 0.0, "train_step": 0.0}
+    ts = stored_tensors(manifest)
+    if ts:
+        dec = tr = 0.0
+        for t in ts:
+            shape = t.get("shape") or t.get("dims") or []
+            if len(shape) == 2 and int(shape[0]) == f.V and str(t.get("dtype", "")).lower() not in ("float", "float32"):
+                graphs = t.get("graphs") or ["decoder", "train_step"]
+                dec += table if "decoder" in graphs else 0.0
+                tr += table if "train_step" in graphs else 0.0
+        return {"decoder": dec, "train_step": tr}
+    # no table: the embedding (decoder) and the lm_head (both graphs; the same tensor when tied)
+    dec = (table if f.quantize_embeddings else 0.0) + (table if f.quantize_lm_head and not f.tied else 0.0)
+    tr = table if (f.quantize_lm_head if not f.tied else f.quantize_embeddings) else 0.0
+    return {"decoder": dec, "train_step": tr}
+
+
+def predict(manifest: dict, n: int, m: int, k: int = 16, *, arena: bool = True, mem_pattern: bool = False,
+            logits_kept: int = 1, weights_file_bytes: int | None = None, coeffs: dict | None = None) -> Prediction:
+    """Peak RSS of one absorption round (teacher pass on X.Y, K train steps on Y, the final loss evaluation)
+    of the runtime, term by term.
+
+    arena: the sessions' enable_cpu_mem_arena (on: the teacher and train-step phases add up, each session's
+    arena keeps its high-water mark; off: the larger phase counts). mem_pattern: enable_mem_pattern (on: from
+    the second train step ORT allocates the planned block anew while the arena still holds the first run's
+    chunks, one more copy of the train activations). weights_file_bytes: bytes of the stored weights when known
+    (the manifest's external-data table, or the file sizes); otherwise counted from the model facts.
+    logits_kept: logits rows the teacher pass asks for (the runtime asks for 1)."""
+    if n < 0 or m < 1:
+        raise AbsorberError(f"window must have n >= 0 and m >= 1 (got n={n}, m={m})")
+    c = dict(COEFFS)
+    c.update(coeffs or {})
+    f = model_facts(manifest)
+    notes = list(f.notes)
+    T = n + m
+    wb = weight_bytes(f)
+    w_facts = sum(wb.values())
+    table = sum(float(t.get("length", 0) or 0) for t in stored_tensors(manifest))
+    if weights_file_bytes:
+        w_one = float(weights_file_bytes)
+        src = "the bundle's weight files"
+    elif table:
+        w_one, src = table, "the manifest's external-data table"
+    else:
+        w_one, src = w_facts, ""
+    if src and abs(w_one - w_facts) > 0.02 * w_facts:
+        notes.append(f"weights from {src}: {format_size(w_one)} (the model facts give {format_size(w_facts)}"
+                     + ("; a tied table stored twice?)" if w_one > 1.1 * w_facts else ")"))
+    dq = dequantized_tables(manifest, f)
+    # int4 (block-wise DequantizeLinear, not fused by ORT here): part of the linear layers' fp32 copies stay live
+    lin_fp32 = f.L * sum(r * cc for r, cc in linear_shapes(f)) * F32 if f.scheme == "int4" else 0.0
+    ad = f.adapter_params * F32
+    kv = 2 * f.L * f.kv * f.hd * T * F32
+    t_hidden = f.S * T * f.H * F32 * c["c_out_copies"]
+    t_logits = (T if logits_kept <= 0 else min(logits_kept, T)) * f.V * F32 * c["c_out_copies"]
+    t_scores = c["c_scores"] * f.nh * T * T * F32
+    t_tok = c["c_tok"] * T * (f.H + f.I) * F32
+    t_dq = c["c_dq"] * dq["decoder"] + c["c_dq_int4_decoder"] * lin_fp32
+    s_saved = f.L * (c["c_saved_h"] * m * f.H + c["c_saved_i"] * m * f.I) * F32
+    s_scores = f.L * c["c_saved_scores"] * f.nh * m * m * F32
+    s_in = f.S * m * f.H * F32
+    s_dq = c["c_dq"] * dq["train_step"] + c["c_dq_int4_train"] * lin_fp32
+    s_pattern = (s_saved + s_scores) if (mem_pattern and k >= 2) else 0.0
+    # a dequantized table is freed after its op; later activations of the same run reuse part of its memory
+    t_ov = c["c_overlap"] * min(t_dq, t_hidden + t_scores + t_tok)
+    s_ov = c["c_overlap"] * min(s_dq, s_saved + s_scores)
+    teacher = t_hidden + t_logits + t_scores + t_tok + t_dq - t_ov
+    train = s_saved + s_scores + s_in + s_dq - s_ov + s_pattern
+    combine = "sum" if arena else "max"
+    terms = {
+        "baseline": float(c["baseline_bytes"] + c["baseline_per_layer"] * f.L),
+        "weights": w_one * c["weight_copies"],
+        "adapters": ad * c["adapter_copies"],
+        "kv_cache": float(kv),
+        "teacher": float(teacher),
+        "train_step": float(train),
+    }
+    fixed = terms["baseline"] + terms["weights"] + terms["adapters"]
+    detail_slack = 0.0
+    if arena:
+        peak = fixed + kv + teacher + train
+    else:
+        # freed buffers go back to malloc, but the heap the train step leaves fragmented does not shrink: the
+        # final loss evaluation's dequantized table then lands on top (measured, benchmarks/planner.md)
+        slack = c["c_noarena"] * (f.V * f.H * F32 if dq["decoder"] else 0.0)
+        teacher += slack
+        terms["teacher"] = float(teacher)
+        detail_slack = slack
+        # int4 without the arena: its per-layer dequantized fp32 weights fragment the heap further (measured)
+        slack4 = c["c_noarena_int4"] * lin_fp32
+        if slack4:
+            terms["heap_slack"] = float(slack4)
+        peak = fixed + max(kv + teacher, train) + slack4
+    detail = {
+        "weights.layers": wb["layers"], "weights.embedding": wb["embedding"], "weights.lm_head": wb["lm_head"],
+        "weights.norms": wb["norms"], "weights.stored": w_one,
+        "adapters.one_copy": float(ad),
+        "teacher.hidden_states": t_hidden, "teacher.logits": t_logits, "teacher.attn_scores": t_scores,
+        "teacher.working_set": t_tok, "teacher.dequantized": t_dq, "teacher.malloc_slack": detail_slack,
+        "train_step.saved_activations": s_saved, "train_step.saved_attn": s_scores,
+        "train_step.teacher_hidden_in": s_in, "train_step.dequantized": s_dq,
+        "train_step.mem_pattern_copy": s_pattern,
+        "teacher.reuse_of_dequantized": -t_ov, "train_step.reuse_of_dequantized": -s_ov,
+    }
+    return Prediction(n=n, m=m, k=k, terms=terms, detail=detail, peak_bytes=int(peak), combine=combine,
+                      notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+def _ratio(manifest: dict) -> float:
+    d = manifest.get("defaults") or {}
+    try:
+        n, m = int(d.get("n", 512)), int(d.get("m", 256))
+        return n / m if m else 2.0
+    except (TypeError, ValueError):
+        return 2.0
+
+
+def plan(manifest: dict, budget_bytes: int, k: int = 16, *, ratio: float | None = None, step: int = 16,
+         max_m: int | None = None, margin: float = 0.10, **kw) -> Prediction:
+    """The largest window (n = ratio * m, m a multiple of `step`) whose predicted peak, plus a safety `margin`
+    (10 %: the calibration's largest error is ~7 %), fits budget_bytes. ratio defaults to the manifest defaults'
+    n/m (2 when absent); m is capped so that n + m <= max_positions. Keyword arguments go to predict().
+    Raises AbsorberError when even the smallest window does not fit (the line says what the floor is)."""
+    budget = int(budget_bytes)
+    r = _ratio(manifest) if ratio is None else float(ratio)
+    if r < 0:
+        raise AbsorberError(f"n/m ratio must be >= 0 (got {r})")
+    md = manifest.get("model") or {}
+    max_pos = int(_get(md, "max_positions", "max_position_embeddings", default=0) or 0)
+    cap = max_m or (int(max_pos / (1 + r)) if max_pos else 1 << 16)
+    cap = max(step, cap - cap % step)
+
+    def at(mm: int) -> Prediction:
+        return predict(manifest, int(round(r * mm)), mm, k, **kw)
+
+    def fits(p: Prediction) -> bool:
+        return p.peak_bytes * (1 + margin) <= budget
+
+    lo = at(step)
+    if not fits(lo):
+        floor = lo.terms["baseline"] + lo.terms["weights"] + lo.terms["adapters"]
+        raise AbsorberError(f"memory budget {format_size(budget)} is too small: the smallest window "
+                            f"(n={lo.n}, m={lo.m}) needs {format_size(lo.peak_bytes)} + {margin:.0%} margin "
+                            f"(weights + adapters + runtime alone: {format_size(floor)})")
+    # the peak grows with m: binary search over multiples of step
+    a, b = 1, cap // step
+    top = at(b * step)
+    if fits(top):
+        return top
+    while b - a > 1:
+        mid = (a + b) // 2
+        if fits(at(mid * step)):
+            a = mid
+        else:
+            b = mid
+    return at(a * step)
+
+
+def choose_window(manifest: dict, budget_bytes: int, k: int = 16, **kw) -> tuple[int, int]:
+    """(n, m) of plan(): the largest window that fits the budget. For `--memory-budget` in run/bench."""
+    p = plan(manifest, budget_bytes, k, **kw)
+    return p.n, p.m
+
+
+def load_manifest(bundle: str | Path) -> tuple[dict, int | None]:
+    """(manifest, bytes of its external weight files or None) from a bundle folder or a manifest.json path."""
+    p = Path(bundle)
+    mpath = p / "manifest.json" if p.is_dir() else p
+    if not mpath.is_file():
+        raise AbsorberError(f"no manifest.json in {bundle}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise AbsorberError(f"{mpath}: not valid JSON ({e})") from None
+    root = mpath.parent
+    if stored_tensors(manifest):      # exact bytes per tensor: better than file sizes (which include padding)
+        return manifest, None
+    files = [e.get("file") for e in manifest.get("external_data") or [] if isinstance(e, dict)]
+    if not files and (root / "weights.bin").is_file():
+        files = ["weights.bin"]
+    total = 0
+    for fn in files:
+        fp = root / str(fn)
+        if fp.is_file():
+            total += fp.stat().st_size
+    return manifest, (total or None)

@@ -1,0 +1,345 @@
+"""absorber.devices: providers, profiles, session options, size parsing, the memory planner, the CLI.
+Fast and torch-free (the device install has no torch)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from absorber.devices import (CPU, Profile, choose_window, get_profile, list_profiles, parse_size, plan,
+                              predict, provider_options, resolve_providers, session_kwargs, session_options)
+from absorber.devices.machine import parse_cpu_flags
+from absorber.devices.profiles import pick_profile_name
+from absorber.errors import AbsorberError
+
+CUDA = "CUDAExecutionProvider"
+TRT = "TensorrtExecutionProvider"
+DML = "DmlExecutionProvider"
+GPU_BUILD = [TRT, CUDA, CPU]
+
+
+# ------------------------------------------------------------------------------------------------- providers
+def test_cpu_only_build():
+    assert resolve_providers("auto", [CPU]) == [CPU]
+    assert resolve_providers("cpu", [CPU]) == [CPU]
+    assert resolve_providers("cpu", GPU_BUILD) == [CPU]
+
+
+def test_auto_prefers_cuda_not_tensorrt():
+    assert resolve_providers("auto", GPU_BUILD) == [CUDA, CPU]
+    assert resolve_providers("auto", ["AzureExecutionProvider", DML, CPU]) == [DML, CPU]
+    assert resolve_providers("auto", ["CoreMLExecutionProvider", CPU]) == [CPU]   # coreml only by name
+
+
+def test_named_devices_order_and_cpu_fallback():
+    assert resolve_providers("cuda", GPU_BUILD) == [CUDA, CPU]
+    assert resolve_providers("cuda:1", GPU_BUILD) == [CUDA, CPU]
+    assert resolve_providers(CUDA, GPU_BUILD) == [CUDA, CPU]
+    assert resolve_providers("tensorrt", GPU_BUILD) == [TRT, CUDA, CPU]
+    assert resolve_providers("tensorrt", [TRT, CPU]) == [TRT, CPU]
+    assert resolve_providers("coreml", ["CoreMLExecutionProvider", CPU]) == ["CoreMLExecutionProvider", CPU]
+    for dev in ("cuda", "tensorrt", "dml", "coreml", "openvino", "qnn"):
+        provs = resolve_providers(dev, [p for p in (TRT, CUDA, DML, "CoreMLExecutionProvider",
+                                                    "OpenVINOExecutionProvider", "QNNExecutionProvider", CPU)])
+        assert provs[-1] == CPU and len(provs) == len(set(provs))
+
+
+@pytest.mark.parametrize("dev", ["cuda", "tensorrt", "dml", "coreml", "openvino", "qnn"])
+def test_unavailable_device_is_one_clear_line(dev):
+    with pytest.raises(AbsorberError) as e:
+        resolve_providers(dev, [CPU])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"device {dev!r} is not available" in msg and "CPUExecutionProvider only" in msg
+
+
+def test_cuda_message_says_what_to_install():
+    with pytest.raises(AbsorberError, match="pip install onnxruntime-gpu"):
+        resolve_providers("cuda", [CPU])
+
+
+def test_unknown_device():
+    with pytest.raises(AbsorberError, match="unknown device 'tpu'"):
+        resolve_providers("tpu", [CPU])
+    with pytest.raises(AbsorberError, match="bad device index"):
+        resolve_providers("cuda:x", GPU_BUILD)
+
+
+def test_provider_options_aligned_with_providers():
+    prof = get_profile("cuda")
+    prof.memory_budget_mb = 1024
+    opts = provider_options("cuda:1", prof, available=GPU_BUILD)
+    assert len(opts) == 2 and opts[1] == {}
+    assert opts[0]["device_id"] == "1" and opts[0]["gpu_mem_limit"] == str(1024 * 2**20)
+    assert all(isinstance(v, str) for v in opts[0].values())
+    kw = session_kwargs("cuda", available=GPU_BUILD)
+    assert kw["providers"] == [CUDA, CPU] and len(kw["provider_options"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------- profiles
+def test_shipped_profiles_load():
+    names = [p.name for p in list_profiles()]
+    for required in ("laptop-cpu", "edge-arm", "tiny", "cuda"):
+        assert required in names
+        p = get_profile(required)
+        assert isinstance(p, Profile) and p.name == required
+        assert p.n >= 1 and p.m >= 1 and p.quant in ("fp32", "int8", "int4")
+    assert get_profile("edge-arm").threads == 4 and get_profile("tiny").memory_budget_mb <= 1024
+    assert get_profile("cuda").device == "cuda"
+
+
+def test_get_profile_returns_a_copy():
+    p = get_profile("tiny")
+    p.session_config["x"] = "1"
+    assert "x" not in get_profile("tiny").session_config
+
+
+def test_unknown_profile_lists_names():
+    with pytest.raises(AbsorberError) as e:
+        get_profile("toaster")
+    msg = str(e.value)
+    assert "\n" not in msg and "laptop-cpu" in msg and "edge-arm" in msg and "tiny" in msg
+
+
+def test_profile_from_user_file(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"name": "mine", "threads": 3, "quant": "int8", "n": 64, "m": 32}))
+    p = get_profile(str(f))
+    assert (p.name, p.threads, p.quant, p.n) == ("mine", 3, "int8", 64)
+    f.write_text(json.dumps({"threads": 3, "turbo": True}))
+    with pytest.raises(AbsorberError, match="unknown key"):
+        get_profile(str(f))
+
+
+def test_bad_profile_values():
+    with pytest.raises(AbsorberError, match="graph_optimization_level"):
+        Profile(name="x", graph_optimization_level="max")
+    with pytest.raises(AbsorberError, match="quant"):
+        Profile(name="x", quant="fp8")
+    with pytest.raises(AbsorberError, match="threads"):
+        Profile(name="x", threads=-1)
+
+
+def test_pick_profile_name():
+    G = 2**30
+    assert pick_profile_name(64 * G, 16, "x86_64", [CUDA, CPU])[0] == "cuda"
+    assert pick_profile_name(16 * G, 8, "x86_64", [CPU])[0] == "laptop-cpu"
+    assert pick_profile_name(4 * G, 4, "aarch64", [CPU])[0] == "edge-arm"
+    assert pick_profile_name(1 * G, 2, "aarch64", [CPU])[0] == "tiny"
+
+
+def test_session_options_from_profile():
+    import onnxruntime as ort
+    so = session_options(get_profile("tiny"), extra_config={"session.intra_op.allow_spinning": "1",
+                                                            "session.custom": 7})
+    assert so.intra_op_num_threads == min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else os.cpu_count())
+    assert so.enable_cpu_mem_arena is False
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"   # manifest overrides profile
+    so3 = session_options(get_profile("tiny"), extra_config={"session.qdq_matmulnbits_accuracy_level": "1"})
+    assert so3.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
+    assert so3.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.custom") == "7"
+    assert session_options(get_profile("laptop-cpu")).enable_mem_pattern is False
+    assert session_options(get_profile("cuda")).enable_mem_pattern is True
+    assert session_options(get_profile("cuda"), providers=[DML, CPU]).enable_mem_pattern is False  # DirectML
+    so2 = session_options(Profile(name="x", graph_optimization_level="disable"))
+    assert so2.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert so2.intra_op_num_threads == 0
+
+
+# ------------------------------------------------------------------------------------------------- machine
+def test_parse_cpu_flags_x86_and_arm():
+    x86 = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx avx2 fma avx512f avx512_vnni amx_tile\n"
+    model, isa = parse_cpu_flags(x86, "x86_64")
+    assert model == "Some Xeon" and {"AVX2", "AVX-512F", "AVX-512 VNNI", "AMX"} <= set(isa)
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp i8mm\nCPU part\t: 0xd0b\n"
+    _, isa = parse_cpu_flags(arm, "aarch64")
+    assert isa == ["NEON", "dot-product (SDOT/UDOT)", "i8mm (SMMLA)"]
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+@pytest.mark.parametrize("text,value", [
+    ("1.5GB", 1_500_000_000), ("800MB", 800_000_000), ("1GiB", 2**30), ("512MiB", 512 * 2**20),
+    ("512M", 512 * 2**20), ("2g", 2 * 2**30), ("1000", 1000), ("64 KiB", 65536), (" 1gb ", 10**9), (4096, 4096),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GB", "1.5 parsecs", "-1GB", "0MB", "1,5GB", "one GB"])
+def test_parse_size_errors(text):
+    with pytest.raises(AbsorberError, match="memory size"):
+        parse_size(text)
+
+
+# ------------------------------------------------------------------------------------------------- planner
+TINY = {
+    "format": 1,
+    "model": {"num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 16,
+              "vocab": 32, "max_positions": 4096, "tie_word_embeddings": True},
+    "slice": {"rank": 2, "tensors": [{"name": "model.layers.0.self_attn.q_proj.lora_A", "shape": [8, 2]},
+                                     {"name": "model.layers.0.self_attn.q_proj.lora_B", "shape": [2, 8]}]},
+    "loss_layers": [1, 2],
+    "quant": {"scheme": "fp32"},
+    "defaults": {"n": 4, "m": 2, "k": 3},
+}
+UNIT = {"baseline_bytes": 1000, "baseline_per_layer": 0, "weight_copies": 1, "adapter_copies": 4, "c_out_copies": 1, "c_scores": 1,
+        "c_tok": 1, "c_saved_h": 1, "c_saved_i": 1, "c_saved_scores": 1, "c_dq": 1, "c_noarena": 1}
+
+
+def test_planner_arithmetic_by_hand():
+    p = predict(TINY, n=4, m=2, k=3, coeffs=UNIT)
+    # weights: per layer q 8*2*4 + k,v 2*8*1*4 + o 2*4*8 + mlp 3*8*16 = 64+64+64+384 = 576 params; x2 layers
+    #          = 1152 * 4 B = 4608; norms (2*2+1)*8*4 = 160; embedding 32*8*4 = 1024; tied lm_head 0
+    assert p.detail["weights.layers"] == 4608 and p.detail["weights.norms"] == 160
+    assert p.detail["weights.embedding"] == 1024 and p.detail["weights.lm_head"] == 0
+    assert p.terms["weights"] == 5792
+    assert p.terms["adapters"] == 32 * 4 * 4                       # 32 params, 4 B, 4 copies = 512
+    assert p.terms["kv_cache"] == 2 * 2 * 1 * 4 * 6 * 4            # 2 L kv hd T 4B = 384
+    # teacher, T=6: hidden S*T*H*4 = 384, logits 1*V*4 = 128, scores nh*T^2*4 = 288, working T*(H+I)*4 = 576
+    assert p.terms["teacher"] == 384 + 128 + 288 + 576
+    # train, m=2: saved L*(m*H + m*I)*4 = 384, scores L*nh*m^2*4 = 64, teacher_hidden in S*m*H*4 = 128
+    assert p.terms["train_step"] == 384 + 64 + 128
+    # arena on: both phases' high-water marks stay
+    assert p.peak_bytes == 1000 + 5792 + 512 + 384 + 1376 + 576 == 9640
+    q = predict(TINY, n=4, m=2, k=3, coeffs=UNIT, arena=False)     # no arena: the larger phase only
+    assert q.peak_bytes == 1000 + 5792 + 512 + max(384 + 1376, 576) and q.combine == "max"
+    # mem pattern on, K >= 2: one more copy of the train activations (saved + attention)
+    r = predict(TINY, n=4, m=2, k=3, coeffs=UNIT, mem_pattern=True)
+    assert r.peak_bytes == 9640 + 384 + 64
+    assert predict(TINY, n=4, m=2, k=1, coeffs=UNIT, mem_pattern=True).peak_bytes == 9640
+
+
+def test_planner_dequantized_tables_from_external_table():
+    # an int8 bundle that stores the tied table twice (lm_head for both graphs, embedding for the decoder)
+    tab = [{"name": "lm_head.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder", "train_step"],
+            "length": 256},
+           {"name": "lm_head.weight.scale", "dtype": "float", "shape": [32], "graphs": ["decoder", "train_step"],
+            "length": 128},
+           {"name": "model.embed_tokens.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder"],
+            "length": 256},
+           {"name": "model.layers.0.mlp.up_proj.base.weight.q8", "dtype": "int8", "shape": [16, 8],
+            "graphs": ["decoder", "train_step"], "length": 128}]
+    man = dict(TINY, quant={"scheme": "int8"}, external_data=[{"file": "weights.bin", "tensors": tab}])
+    p = predict(man, 4, 2, coeffs=UNIT)
+    assert p.detail["weights.stored"] == 256 + 128 + 256 + 128     # the table's lengths, not the model facts
+    assert p.detail["teacher.dequantized"] == 2 * 32 * 8 * 4  # two [V, H] tables dequantized to fp32
+    assert p.detail["train_step.dequantized"] == 32 * 8 * 4
+    q = predict(man, 4, 2, coeffs=UNIT, arena=False)
+    assert q.detail["teacher.malloc_slack"] == 32 * 8 * 4
+
+
+def test_planner_quant_schemes_and_untied_head():
+    m8 = dict(TINY, quant={"scheme": "int8"})
+    m4 = dict(TINY, quant={"scheme": "int4"})
+    # int8 per row (absorber.export): 1 B/param + a 4 B scale per row;
+    # rows per layer: q 8 + k 4 + v 4 + o 8 + gate 16 + up 16 + down 8 = 64
+    p8 = predict(m8, 4, 2, coeffs=UNIT)
+    assert p8.detail["weights.layers"] == 2 * (576 + 64 * 4)
+    assert p8.detail["weights.embedding"] == 32 * 8 + 32 * 4          # the table is quantized too
+    # int4, blocks of 32 columns: 0.5 B/param + a 4 B scale per block (every row here has one block)
+    p4 = predict(m4, 4, 2, coeffs=UNIT)
+    assert p4.detail["weights.layers"] == 2 * (576 / 2 + 64 * 4)
+    assert p4.detail["weights.embedding"] == 32 * 8 / 2 + 32 * 4 and p4.detail["weights.lm_head"] == 0
+    # a manifest that lists what was quantized: the table stayed float
+    m4l = dict(TINY, quant={"scheme": "int4", "quantized": ["model.layers.0.mlp.up_proj.weight"]})
+    assert predict(m4l, 4, 2, coeffs=UNIT).detail["weights.embedding"] == 1024
+    # int4: the dequantized table (tied: one, in both graphs) + shares of the linear layers' fp32 size (4608 B)
+    c4 = dict(UNIT, c_dq_int4_decoder=0.5, c_dq_int4_train=0.25, c_noarena_int4=1.0, c_overlap=0.0)
+    assert predict(m4, 4, 2, coeffs=c4).detail["teacher.dequantized"] == 1024 + 0.5 * 4608
+    assert predict(m4, 4, 2, coeffs=c4).detail["train_step.dequantized"] == 1024 + 0.25 * 4608
+    assert predict(m4, 4, 2, coeffs=c4, arena=False).terms["heap_slack"] == 4608
+    assert "heap_slack" not in predict(m8, 4, 2, coeffs=c4, arena=False).terms
+    untied = dict(TINY, model=dict(TINY["model"], tie_word_embeddings=False))
+    assert predict(untied, 4, 2, coeffs=UNIT).detail["weights.lm_head"] == 1024
+    assert predict(dict(untied, quant={"scheme": "int8"}), 4, 2, coeffs=UNIT).detail["weights.lm_head"] == 384
+
+
+def test_planner_weights_file_and_derived_mlp_width():
+    man = dict(TINY, model={k: v for k, v in TINY["model"].items() if k != "intermediate"},
+               slice={"tensors": [{"name": "model.layers.0.mlp.up_proj.lora_B", "shape": [2, 16]}]})
+    p = predict(man, 4, 2, coeffs=UNIT)
+    assert p.detail["weights.layers"] == 4608                      # I = 16 read from the adapter's shape
+    assert predict(TINY, 4, 2, coeffs=UNIT, weights_file_bytes=10_000).terms["weights"] == 10_000
+    assert predict(TINY, 4, 2, coeffs=UNIT).detail["teacher.dequantized"] == 0    # fp32: nothing
+
+
+def test_plan_picks_largest_fitting_window():
+    big = dict(TINY, model=dict(TINY["model"], max_positions=10**6))
+    budget = predict(big, 2 * 160, 160, coeffs=UNIT).peak_bytes + 1
+    p = plan(big, budget, coeffs=UNIT, margin=0)
+    assert (p.n, p.m) == (320, 160) and p.peak_bytes <= budget
+    assert predict(big, 2 * 176, 176, coeffs=UNIT).peak_bytes > budget
+    assert choose_window(big, budget, 3, coeffs=UNIT, margin=0) == (320, 160)
+    assert choose_window(big, budget * 1.1, 3, coeffs=UNIT) == (320, 160)      # the default 10 % margin
+    assert plan(big, budget, coeffs=UNIT).peak_bytes * 1.1 <= budget
+    n1, m1 = choose_window(big, budget, 3, coeffs=UNIT, ratio=1.0)
+    assert n1 == m1
+    assert plan(TINY, 10**12, coeffs=UNIT).m <= 4096 / 3                  # capped by max_positions
+
+
+def test_plan_budget_too_small_says_the_floor():
+    with pytest.raises(AbsorberError, match="too small") as e:
+        plan(TINY, 100, coeffs=UNIT)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_manifest():
+    with pytest.raises(AbsorberError, match="no 'model'"):
+        predict({}, 4, 2)
+    with pytest.raises(AbsorberError, match="quant scheme"):
+        predict(dict(TINY, quant={"scheme": "fp8"}), 4, 2)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "absorber", *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def test_devices_json_cli():
+    r = _run("devices", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert CPU in info["onnxruntime"]["providers"]
+    assert info["devices"]["cpu"]["providers"] == [CPU]
+    assert info["memory"]["total_bytes"] > 0 and info["cpu"]["logical_cores"] >= 1
+    assert info["profile"]["name"] in {p["name"] for p in info["profiles"]}
+
+
+def test_plan_cli(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(TINY))
+    r = _run("plan", str(tmp_path), "--memory-budget", "200MB", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fits"] is True and out["peak_bytes"] <= 200_000_000 and out["n"] == 2 * out["m"]
+    r = _run("plan", str(tmp_path), "--n", "4", "--m", "2")
+    assert r.returncode == 0 and "kv_cache" in r.stdout and "peak" in r.stdout
+    r = _run("plan", str(tmp_path), "--memory-budget", "lots")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad memory size" in r.stderr
+
+
+def test_import_does_not_pull_torch():
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
+                    raise ImportError('blocked: ' + name)
+                return None
+        sys.meta_path.insert(0, Block())
+        import absorber.devices, absorber.devices.command, absorber.devices.plan_command
+        from absorber.devices import describe, session_options, get_profile
+        describe(); session_options(get_profile('tiny'))
+        bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum')]
+        assert not bad, bad
+        print('ok')
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
