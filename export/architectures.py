@@ -1,0 +1,80 @@
+"""Per-architecture facts the exporter needs, in one small registry (no torch import).
+
+An entry says which transformers `model_type`s the exporter has been checked on, which leaf module names are
+LoRA targets there, and how to read the model facts the manifest records. The exporter itself is
+architecture-neutral (it traces `absorber.sync.SyncLoss` and the model's own forward); adding a family means
+adding an entry here and a tiny-model test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from absorber.config import ALL_LINEAR
+from absorber.errors import AbsorberError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    model_types: tuple[str, ...]
+    targets: tuple[str, ...]                 # leaf names of the linear layers a LoRA adapter may wrap
+    tested: tuple[str, ...] = field(default_factory=tuple)   # checkpoints the exporter was checked on
+
+    def facts(self, config) -> dict:
+        """The model facts of the manifest, from a transformers config."""
+        heads = int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+
+        def ids(v):
+            if v is None:
+                return None
+            return [int(x) for x in v] if isinstance(v, (list, tuple)) else int(v)
+
+        return {
+            "architecture": self.family,
+            "model_type": str(config.model_type),
+            "num_layers": int(config.num_hidden_layers),
+            "num_heads": heads,
+            "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+            "head_dim": int(head_dim),
+            "hidden": hidden,
+            "intermediate": int(getattr(config, "intermediate_size", 0) or 0),
+            "vocab": int(config.vocab_size),
+            "max_positions": int(getattr(config, "max_position_embeddings", 2048)),
+            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+            "bos_token_id": ids(getattr(config, "bos_token_id", None)),
+            "eos_token_id": ids(getattr(config, "eos_token_id", None)),
+            "pad_token_id": ids(getattr(config, "pad_token_id", None)),
+        }
+
+
+LLAMA = Architecture(
+    family="llama",
+    model_types=("llama", "qwen2"),
+    targets=ALL_LINEAR,
+    tested=("SmolLM2-135M-Instruct (llama)", "tiny random LlamaConfig"),
+)
+
+REGISTRY: tuple[Architecture, ...] = (LLAMA,)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in REGISTRY for t in a.model_types)
+
+
+def lookup(config) -> Architecture:
+    """The registry entry of a transformers config, or one clear AbsorberError."""
+    mt = getattr(config, "model_type", None)
+    for a in REGISTRY:
+        if mt in a.model_types:
+            return a
+    raise AbsorberError(f"architecture {mt!r} is not supported by the exporter "
+                        f"(supported model types: {', '.join(supported_model_types())})")
+
+
+def check_targets(arch: Architecture, targets) -> None:
+    bad = [t for t in targets if t not in arch.targets]
+    if bad:
+        raise AbsorberError(f"LoRA target(s) {', '.join(bad)} do not exist in {arch.family} models "
+                            f"(valid: {', '.join(arch.targets)})")

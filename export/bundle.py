@@ -1,0 +1,397 @@
+"""Write a bundle (docs/bundle.md): two ONNX graphs sharing one external weights file, adapters, tokenizer, manifest.
+
+The public entry point is `export_bundle`. Everything is written into a temporary folder next to the target and
+renamed into place at the end, so a failure never leaves a half-written bundle behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from absorber.errors import AbsorberError
+from absorber.export import architectures, quant as Q
+from absorber.export.schema import FORMAT, validate_manifest
+
+WEIGHTS_FILE = "weights.bin"
+ALIGN = 4096                   # every tensor in weights.bin starts on a page boundary (mmap-friendly)
+DEFAULT_OPSET = 21             # DequantizeLinear with int4 and block_size needs 21
+MIN_OPSET = 18
+MANIFEST = "manifest.json"
+
+
+def is_bundle(path: Path) -> bool:
+    m = Path(path) / MANIFEST
+    if not m.is_file():
+        return False
+    try:
+        d = json.loads(m.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "format" in d
+
+
+def _check_out(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise AbsorberError(f"--out {out} exists and is not a folder")
+        if any(out.iterdir()) and not is_bundle(out):
+            raise AbsorberError(f"--out {out} exists and is not a bundle (no {MANIFEST}); refusing to overwrite it")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise AbsorberError(f"cannot create --out {out}: {parent} is not a writable folder")
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+
+    import absorber
+    return {"absorber": absorber.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _raw(t: onnx.TensorProto):
+    if t.raw_data:
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], folder: Path,
+                 store: dict[str, np.ndarray]) -> list[dict]:
+    """Move the named initializers of all graphs into ONE weights.bin (one copy per name; the same bytes at
+    the same offset for every graph that uses it). Values come from `store` (name -> array) when there, else from
+    the initializer itself. Returns the tensor table of the manifest."""
+    table: dict[str, dict] = {}
+    order: list[str] = []
+    first: dict[str, onnx.TensorProto] = {}
+    for gname, mp in graphs.items():
+        for t in mp.graph.initializer:
+            if t.name not in weight_names:
+                continue
+            if t.name in first:
+                f0 = first[t.name]
+                if list(f0.dims) != list(t.dims) or f0.data_type != t.data_type or \
+                        (t.name not in store and _raw(f0) != _raw(t)):
+                    raise AbsorberError(f"initializer {t.name} differs between graphs; cannot share it")
+                table[t.name]["graphs"].append(gname)
+            else:
+                first[t.name] = t
+                order.append(t.name)
+                table[t.name] = {"name": t.name, "dtype": onnx.helper.tensor_dtype_to_string(t.data_type)
+                                 .replace("TensorProto.", "").lower(), "shape": [int(d) for d in t.dims],
+                                 "graphs": [gname]}
+    offset = 0
+    with open(folder / WEIGHTS_FILE, "wb") as f:
+        for n in order:
+            raw = memoryview(np.ascontiguousarray(store[n])).cast("B") if n in store else _raw(first[n])
+            pad = (-offset) % ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            table[n].update(offset=offset, length=len(raw))
+            offset += len(raw)
+    for mp in graphs.values():
+        for t in mp.graph.initializer:
+            if t.name in table:
+                t.ClearField("raw_data")
+                for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                    t.ClearField(fld)
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(table[t.name]["offset"])),
+                             ("length", str(table[t.name]["length"]))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+    return [table[n] for n in order]
+
+
+def _tokenizer_files(tokenizer, folder: Path) -> dict | None:
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise AbsorberError("the tokenizer has no fast backend (tokenizers library); cannot write tokenizer.json")
+    (folder / "tokenizer.json").write_text(backend.to_str())
+    conf = {"tokenizer_class": type(tokenizer).__name__}
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        v = getattr(tokenizer, k, None)
+        conf[k] = str(v) if v is not None else None
+        tid = getattr(tokenizer, k + "_id", None)
+        conf[k + "_id"] = int(tid) if isinstance(tid, int) else None
+    mml = getattr(tokenizer, "model_max_length", None)
+    conf["model_max_length"] = int(mml) if isinstance(mml, int) and mml < 1 << 40 else None
+    conf["chat_template"] = getattr(tokenizer, "chat_template", None) if isinstance(
+        getattr(tokenizer, "chat_template", None), str) else None
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
+    return {"file": "tokenizer.json", "config": "tokenizer_config.json"}
+
+
+def _io_shapes_ok(mp: onnx.ModelProto) -> None:
+    for v in list(mp.graph.input) + list(mp.graph.output):
+        if not v.type.tensor_type.HasField("elem_type"):
+            raise AbsorberError(f"graph value {v.name} has no type")
+
+
+@dataclasses.dataclass
+class Traced:
+    """Both graphs of a model in float32, before quantization and external data (reusable for several bundles)."""
+    train: onnx.ModelProto
+    decoder: onnx.ModelProto
+    facts: dict
+    layers: list[int]
+    cfg: object
+    slice: dict
+    adapters: dict[str, np.ndarray]
+    weight_names: set[str]
+    store: dict[str, np.ndarray]      # frozen weights: views of the model's own tensors (one copy in memory)
+    opset: int
+    max_len: int
+    seconds: dict
+
+
+def _check_args(quant: str, opset: int) -> None:
+    if quant not in Q.SCHEMES:
+        raise AbsorberError(f"unknown quantization {quant!r} (choose from {', '.join(Q.SCHEMES)})")
+    if opset < MIN_OPSET or (quant != "fp32" and opset < 21):
+        raise AbsorberError(f"opset {opset} is too old (need >= {MIN_OPSET}, and >= 21 for int8/int4)")
+
+
+def _strip_weights(mp: onnx.ModelProto, params: dict, store: dict) -> None:
+    """The graphs carry their own copy of every weight; keep ONE: views of the model's tensors (checked equal)."""
+    for t in mp.graph.initializer:
+        if t.name not in params:
+            continue
+        arr = params[t.name].detach().numpy()
+        if t.name not in store:
+            if arr.dtype != np.float32 or list(arr.shape) != list(t.dims) or \
+                    not np.array_equal(numpy_helper.to_array(t), arr):
+                raise AbsorberError(f"exported initializer {t.name} does not equal the model's parameter")
+            store[t.name] = arr
+        t.ClearField("raw_data")
+        t.ClearField("float_data")
+
+
+def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: int | None = None,
+          progress=None) -> Traced:
+    """Export both graphs of `model` to ONNX protos in memory. The model is left as it was."""
+    import torch
+
+    from absorber import lora as lora_mod, sync
+    from absorber.config import AbsorberConfig
+    from absorber.export import graphs
+
+    say = progress or (lambda msg: None)
+    cfg = cfg if cfg is not None else AbsorberConfig()
+    lora_cfg = lora_cfg if lora_cfg is not None else cfg.lora
+    cfg = dataclasses.replace(cfg, lora=lora_cfg)
+    cfg.validate()
+    if cfg.kl_weight:
+        raise AbsorberError("kl_weight > 0 is not supported by the exported train step (hidden-state loss only)")
+    arch = architectures.lookup(model.config)
+    architectures.check_targets(arch, lora_cfg.targets)
+    facts = arch.facts(model.config)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise AbsorberError("the exporter needs a float32 model (load it with dtype='float32')")
+    layers = sync.loss_layers(model, cfg.loss_layers)
+    max_len = int(max_len or facts["max_positions"])
+
+    # ---- the slice: inject (and undo afterwards) or use the model's own adapters
+    injected: list[str] = []
+    existing = lora_mod.adapters(model)
+    if existing:
+        first = next(iter(existing))
+        r = existing[first].shape[1] if first.endswith("lora_A") else existing[first].shape[0]
+        if r != lora_cfg.rank:
+            raise AbsorberError(f"the model's adapters have rank {r} but lora_cfg.rank is {lora_cfg.rank}")
+    else:
+        before = {n for n, _ in model.named_modules()}
+        lora_mod.inject(model, lora_cfg)
+        injected = [n for n, m in model.named_modules() if isinstance(m, lora_mod.LoraLinear) and n in before]
+    grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
+    attn = getattr(model.config, "_attn_implementation", None)
+    try:
+        model.eval()
+        model.config._attn_implementation = "eager"
+        adapters = lora_mod.adapters(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in adapters)
+        names = list(adapters)
+        frozen = {n for n, _ in model.named_parameters(remove_duplicate=False) if n not in adapters}
+        params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n in frozen}
+        store: dict[str, np.ndarray] = {}
+        lm_head = "lm_head.weight"
+        if facts["tie_word_embeddings"] or lm_head not in dict(model.named_parameters()):
+            emb = model.get_input_embeddings().weight
+            lm_head = next(n for n, p in model.named_parameters() if p is emb)
+        slice_desc = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "scaling": lora_cfg.scaling,
+                      "targets": list(lora_cfg.targets),
+                      "layers": list(lora_cfg.layers) if lora_cfg.layers is not None else None,
+                      "seed": lora_cfg.seed, "tensors": lora_mod.describe(model, lora_cfg)}
+        init_adapters = {n: p.detach().float().numpy().copy() for n, p in adapters.items()}
+        t0 = time.perf_counter()
+        say("exporting train_step.onnx (forward + backward)")
+        train = graphs.export_train_step(model, layers, cfg.loss, names, frozen, opset, max_len, facts["hidden"])
+        t_train = time.perf_counter() - t0
+        _strip_weights(train, params, store)
+        say(f"  {t_train:.1f} s")
+        t0 = time.perf_counter()
+        say("exporting decoder.onnx (KV cache, hidden states)")
+        dec = graphs.export_decoder(model, layers, names, frozen, opset, max_len, facts, lm_head)
+        t_dec = time.perf_counter() - t0
+        _strip_weights(dec, params, store)
+        say(f"  {t_dec:.1f} s")
+    finally:
+        for n, p in model.named_parameters():
+            if n in grad_state:
+                p.requires_grad_(grad_state[n])
+        if attn is not None:
+            model.config._attn_implementation = attn
+        for name in injected:   # undo our injection: put the original linear layers back
+            parent, leaf = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), leaf, model.get_submodule(name).base)
+    for mp in (train, dec):
+        _io_shapes_ok(mp)
+        for o in mp.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < opset:
+                o.version = opset
+    weight_names = set(store)
+    return Traced(train, dec, facts, layers, cfg, slice_desc, init_adapters, weight_names, store, opset, max_len,
+                  {"train_step": round(t_train, 2), "decoder": round(t_dec, 2)})
+
+
+def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None) -> Path:
+    """Quantize (optionally) and write a traced model as a bundle folder; atomic (temp folder + rename)."""
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    _check_args(quant, traced.opset)
+    out = Path(os.path.abspath(out_dir))
+    _check_out(out)
+    train, dec = onnx.ModelProto(), onnx.ModelProto()
+    train.CopyFrom(traced.train)
+    dec.CopyFrom(traced.decoder)
+    weight_names = set(traced.weight_names)
+    qtensors: dict[str, Q.QTensor] = {}
+    if quant != "fp32":
+        say(f"quantizing frozen weights ({quant})")
+        seen = {}
+        for mp in (train, dec):
+            for t in mp.graph.initializer:
+                if t.name in weight_names and Q.quantizable(t) and t.name not in seen:
+                    seen[t.name] = t
+        for n, t in seen.items():
+            qtensors[n] = Q.quantize(n, traced.store[n], quant)
+        for mp in (train, dec):
+            Q.apply(mp.graph, qtensors)
+        weight_names = (weight_names - set(qtensors)) | {x for q in qtensors.values() for x in (q.q_name, q.scale_name)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        say(f"writing {WEIGHTS_FILE}")
+        table = _externalize({"decoder": dec, "train_step": train}, weight_names, tmp, traced.store)
+        graph_files = {"decoder": "decoder.onnx", "train_step": "train_step.onnx"}
+        graphs_desc = {}
+        from absorber.export import graphs
+        for gname, mp in (("decoder", dec), ("train_step", train)):
+            mp.producer_name = "absorber.export"
+            onnx.save(mp, tmp / graph_files[gname])
+            graphs_desc[gname] = {"file": graph_files[gname], **graphs.io_description(mp.graph),
+                                  "opset": max(o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")),
+                                  "ir_version": int(mp.ir_version)}
+        from safetensors.numpy import save_file
+        save_file(traced.adapters, str(tmp / "adapters.safetensors"))
+        tok = _tokenizer_files(tokenizer, tmp)
+        manifest = {
+            "format": FORMAT,
+            "model": traced.facts,
+            "slice": traced.slice,
+            "adapters_file": "adapters.safetensors",
+            "loss": {"kind": traced.cfg.loss, "layers": traced.layers},
+            "loss_layers": traced.layers,
+            "quant": Q.describe(quant, qtensors),
+            "session_config": dict(Q.SESSION_CONFIG),
+            "defaults": traced.cfg.to_dict(),
+            "graphs": graphs_desc,
+            "external_data": [{"file": WEIGHTS_FILE, "align": ALIGN, "tensors": table}],
+            "shared_initializers": [t["name"] for t in table if len(t["graphs"]) > 1],
+            "tokenizer": tok,
+            "max_len": traced.max_len,
+            "exporter": {**_versions(), "opset": traced.opset, "seconds": dict(traced.seconds)},
+        }
+        manifest["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+        manifest["exporter"]["seconds"]["write"] = round(time.perf_counter() - t_start, 2)
+        manifest = json.loads(json.dumps(manifest, default=_json_default))
+        validate_manifest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        tmp = None
+        say(f"bundle written to {out}")
+        return out
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_bundle(model, tokenizer, out_dir, quant: str = "fp32", lora_cfg=None, cfg=None,
+                  opset: int = DEFAULT_OPSET, max_len: int | None = None, progress=None) -> Path:
+    """Export a float32 transformers causal LM (+ tokenizer) as a bundle folder; returns its path.
+
+    model: a transformers CausalLM in float32, eval mode (e.g. `absorber.models.load(...)[0]` or `tiny_llama()`).
+        If it has no LoRA adapters, they are injected per `lora_cfg` for the export and removed again afterwards
+        (the model is left as it was); if it already has adapters, their current values become the bundle's initial
+        adapters and `lora_cfg` must describe them (rank).
+    tokenizer: a transformers fast tokenizer, or None (no tokenizer files).
+    quant: fp32 | int8 | int4 (frozen base weights; adapters are always float32).
+    lora_cfg: absorber.config.LoraConfig (default: cfg.lora). cfg: AbsorberConfig recorded as the bundle defaults
+        (its loss kind and loss_layers are compiled into train_step.onnx).
+    """
+    return export_bundles(model, tokenizer, {quant: out_dir}, lora_cfg=lora_cfg, cfg=cfg, opset=opset,
+                          max_len=max_len, progress=progress)[quant]
+
+
+def export_bundles(model, tokenizer, outs: dict, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET,
+                   max_len: int | None = None, progress=None) -> dict[str, Path]:
+    """Trace once, write one bundle per quantization scheme: outs = {"fp32": dir, "int8": dir, ...}."""
+    for q, d in outs.items():
+        _check_args(q, opset)
+        _check_out(Path(os.path.abspath(d)))
+    traced = trace(model, lora_cfg=lora_cfg, cfg=cfg, opset=opset, max_len=max_len, progress=progress)
+    return {q: write(traced, tokenizer, d, q, progress=progress) for q, d in outs.items()}
+
+
+def _json_default(o):
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

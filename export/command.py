@@ -1,0 +1,71 @@
+"""`absorber export MODEL --out DIR`: write a bundle for the torch-free runtime (imports torch only in main)."""
+from __future__ import annotations
+
+HELP = "export a model as a bundle (ONNX decoder + train step, shared weights, tokenizer, manifest)"
+DESCRIPTION = """Export MODEL as a bundle folder (docs/bundle.md) for `absorber run`: decoder.onnx (KV cache, adapters
+as inputs, hidden states out), train_step.onnx (sync loss + gradient of every adapter), weights.bin (the frozen
+weights, one copy shared by both graphs), adapters.safetensors, tokenizer.json, manifest.json.
+
+MODEL: smollm2-135m (built in), a .gguf file, a local folder or hub id, or `tiny` (a tiny random Llama, for demos).
+
+examples:
+  absorber export smollm2-135m --out bundles/smollm2-int8 --quant int8
+  absorber export tiny --out /tmp/tiny --rank 4 --targets q_proj v_proj --layers 0 1
+"""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="smollm2-135m | path.gguf | folder | hub id | tiny")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="bundle folder to write (must not exist, be empty, or be a bundle to replace)")
+    parser.add_argument("--quant", default="fp32", choices=["fp32", "int8", "int4"],
+                        help="frozen base weights: fp32, int8 per-row, int4 block-wise (default fp32)")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: AbsorberConfig's, 16)")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                        help="LoRA target modules (default: all linear layers of the attention and MLP)")
+    parser.add_argument("--layers", nargs="+", type=int, default=None, metavar="I",
+                        help="decoder layers that get adapters (default: all)")
+    parser.add_argument("--loss-layers", nargs="+", type=int, default=None, metavar="I",
+                        help="hidden_states indices matched by the loss (default: 1..L)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the adapters' initial A (default 0)")
+    parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
+    parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
+                                                                   "(default: the model's max positions)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the bundle path")
+
+
+def _load(spec: str):
+    if spec == "tiny":
+        from absorber.models import tiny_llama, tiny_tokenizer
+        return tiny_llama(), tiny_tokenizer()
+    from absorber.models import load
+    return load(spec)
+
+
+def main(args) -> int:
+    import dataclasses
+    import os
+    import sys
+
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.export.bundle import _check_args, _check_out, export_bundle
+    from pathlib import Path
+
+    _check_args(args.quant, args.opset)          # fail fast, before loading a model
+    _check_out(Path(os.path.abspath(args.out)))
+    base = AbsorberConfig()
+    lc = base.lora
+    rank = args.rank if args.rank is not None else lc.rank
+    alpha = args.alpha if args.alpha is not None else (2.0 * rank if args.rank is not None else lc.alpha)
+    lora_cfg = LoraConfig(rank=rank, alpha=alpha, targets=tuple(args.targets) if args.targets else lc.targets,
+                          layers=tuple(args.layers) if args.layers else None, seed=args.seed)
+    cfg = dataclasses.replace(base, lora=lora_cfg,
+                              loss_layers=tuple(args.loss_layers) if args.loss_layers else None)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"loading {args.model}")
+    model, tok = _load(args.model)
+    path = export_bundle(model, tok, args.out, quant=args.quant, lora_cfg=lora_cfg, cfg=cfg, opset=args.opset,
+                         max_len=args.max_len, progress=say)
+    print(path)
+    return 0
