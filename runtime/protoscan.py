@@ -1,0 +1,170 @@
+"""A tiny read-only protobuf walker for ONNX files, so that a device install with only onnxruntime can check a
+graph before loading it (onnxruntime has no proto parser, and the `onnx` package is not a runtime dependency).
+
+It reads the wire format directly and looks only at what the runtime must verify: every tensor stored as
+external data (graph initializers, Constant/attribute tensors, sub-graphs, functions), with its name, element
+type, dims and external_data entries (location, offset, length), plus the graph's input/output names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from absorber.errors import AbsorberError
+
+# ONNX TensorProto.DataType -> numpy dtype name
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16", 21: "uint4", 22: "int4"}
+
+
+class ProtoError(ValueError):
+    pass
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if i >= len(buf):
+            raise ProtoError("truncated varint")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+        if shift > 70:
+            raise ProtoError("varint too long")
+
+
+def fields(buf: memoryview):
+    """Yield (field_number, wire_type, value) where value is an int (varint/fixed) or a memoryview (bytes)."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        fn, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = _varint(buf, i)
+        elif wt == 1:
+            if i + 8 > n:
+                raise ProtoError("truncated fixed64")
+            v = int.from_bytes(buf[i:i + 8], "little"); i += 8
+        elif wt == 2:
+            ln, i = _varint(buf, i)
+            if i + ln > n:
+                raise ProtoError("truncated length-delimited field")
+            v = buf[i:i + ln]; i += ln
+        elif wt == 5:
+            if i + 4 > n:
+                raise ProtoError("truncated fixed32")
+            v = int.from_bytes(buf[i:i + 4], "little"); i += 4
+        else:
+            raise ProtoError(f"unsupported wire type {wt}")
+        yield fn, wt, v
+
+
+@dataclass
+class ExternalTensor:
+    name: str
+    dtype: str
+    dims: list[int]
+    location: str
+    offset: int = 0
+    length: int | None = None
+
+
+@dataclass
+class GraphInfo:
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    initializers: list[str] = field(default_factory=list)
+    external: list[ExternalTensor] = field(default_factory=list)
+
+
+def _tensor(buf: memoryview, out: list[ExternalTensor]) -> str:
+    name, dims, dtype, loc_ext, entries = "", [], 0, False, {}
+    for fn, wt, v in fields(buf):
+        if fn == 1:
+            if wt == 2:   # packed dims
+                j = 0
+                while j < len(v):
+                    d, j = _varint(v, j)
+                    dims.append(d)
+            else:
+                dims.append(v)
+        elif fn == 2:
+            dtype = v
+        elif fn == 8:
+            name = bytes(v).decode("utf-8", "replace")
+        elif fn == 13:
+            k = val = ""
+            for f2, _, v2 in fields(v):
+                if f2 == 1:
+                    k = bytes(v2).decode("utf-8", "replace")
+                elif f2 == 2:
+                    val = bytes(v2).decode("utf-8", "replace")
+            entries[k] = val
+        elif fn == 14:
+            loc_ext = v == 1
+    if loc_ext or entries:
+        out.append(ExternalTensor(name, ONNX_DTYPES.get(dtype, f"onnx:{dtype}"), dims, entries.get("location", ""),
+                                  int(entries.get("offset", 0) or 0),
+                                  int(entries["length"]) if entries.get("length") else None))
+    return name
+
+
+def _attribute(buf: memoryview, out: list[ExternalTensor]) -> None:
+    for fn, wt, v in fields(buf):
+        if fn in (5, 10) and wt == 2:      # t, tensors
+            _tensor(v, out)
+        elif fn in (6, 11) and wt == 2:    # g, graphs
+            _graph(v, out)
+
+
+def _node(buf: memoryview, out: list[ExternalTensor]) -> None:
+    for fn, wt, v in fields(buf):
+        if fn == 5 and wt == 2:
+            _attribute(v, out)
+
+
+def _value_info_name(buf: memoryview) -> str:
+    for fn, wt, v in fields(buf):
+        if fn == 1 and wt == 2:
+            return bytes(v).decode("utf-8", "replace")
+    return ""
+
+
+def _graph(buf: memoryview, out: list[ExternalTensor], info: GraphInfo | None = None) -> None:
+    for fn, wt, v in fields(buf):
+        if wt != 2:
+            continue
+        if fn == 1:
+            _node(v, out)
+        elif fn == 5:
+            name = _tensor(v, out)
+            if info is not None:
+                info.initializers.append(name)
+        elif fn == 11 and info is not None:
+            info.inputs.append(_value_info_name(v))
+        elif fn == 12 and info is not None:
+            info.outputs.append(_value_info_name(v))
+
+
+def scan_model(path: str) -> GraphInfo:
+    """Walk an .onnx file: graph inputs/outputs, initializer names, every external-data tensor."""
+    with open(path, "rb") as f:
+        data = f.read()
+    info = GraphInfo()
+    try:
+        found_graph = False
+        for fn, wt, v in fields(memoryview(data)):
+            if fn == 7 and wt == 2:          # ModelProto.graph
+                _graph(v, info.external, info)
+                found_graph = True
+            elif fn == 25 and wt == 2:       # ModelProto.functions
+                for f2, w2, v2 in fields(v):
+                    if f2 == 7 and w2 == 2:  # FunctionProto.node
+                        _node(v2, info.external)
+        if not found_graph:
+            raise ProtoError("no graph")
+    except ProtoError as e:
+        raise AbsorberError(f"{path}: not a valid ONNX model ({e})") from None
+    return info
