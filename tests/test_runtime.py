@@ -32,14 +32,9 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    pre = os.environ.get("ABSORBER_TEST_BUNDLE")
-    if pre and (Path(pre) / "manifest.json").is_file():
-        return Path(pre)
-    from absorber.export import export_bundle
-    from absorber.models import tiny_llama, tiny_tokenizer
-    out = tmp_path_factory.mktemp("rt") / "tiny_bundle"
-    return Path(export_bundle(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), out, cfg=CFG))
+def bundle(tiny_bundle) -> Path:
+    """The session's tiny bundle (tests/conftest.py), exported with CFG."""
+    return tiny_bundle
 
 
 @pytest.fixture
