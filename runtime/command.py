@@ -150,7 +150,7 @@ def main(args) -> int:
             out.write(json.dumps({"ask": prompt, "answer": text, "seconds": round(stream.last_answer_seconds, 3),
                                   "new_tokens": stream.last_answer_tokens}) + "\n")
         else:
-            out.write(text.strip() + "\n")
+            out.write(f"Q: {prompt.strip()}\nA: {text.strip()}\n\n")
         out.flush()
 
     for q in args.ask:
