@@ -1,0 +1,147 @@
+"""`absorber eval`: streaming perplexity, recall after eviction and passkey accuracy per method, at equal compute."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
+DESCRIPTION = """\
+Stream each text through each method with the same n, m, K and optimizer (fresh adapters per text). After
+every round, the next segment of the stream is scored conditioned on the method's context; the summary pools
+NLL over all segments of all texts, and reports PPL, the recovered fraction
+R = (PPL_window - PPL_method) / (PPL_window - PPL_full) with a bootstrap interval over segments, the PPL of a
+just-evicted passage repeated (recall), passkey accuracy, and the sync loss before/after each round.
+
+examples:
+  absorber eval --sotu 4 --segments 8 --json out.json --plot out.png
+  absorber eval --text talk.txt --methods window,absorber,full --k 16 --lr 1e-3
+  absorber eval --sotu 4 --segments 6 --methods window,full,absorber --sweep lr=5e-4,1e-3 k=8,16
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("input")
+    src.add_argument("--model", default="smollm2-135m", help="model spec (default: smollm2-135m)")
+    src.add_argument("--text", nargs="+", metavar="FILE", help="text files to stream")
+    src.add_argument("--sotu", type=int, metavar="N", help="use the N most recent spoken State of the Union speeches")
+    src.add_argument("--speech", nargs="+", metavar="FILEID", help="specific SOTU speeches, e.g. 1994-Clinton-1")
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--methods", default="full,window,sink,ttt,absorber",
+                    help="comma-separated subset of full,window,sink,ttt,absorber")
+    ev.add_argument("--segments", type=int, metavar="S", help="at most S rounds (scored segments) per text")
+    ev.add_argument("--score-len", type=int, metavar="S", help="tokens scored after each round (default: n)")
+    ev.add_argument("--recall-len", type=int, default=64, help="tokens of the just-evicted passage scored (0: off)")
+    ev.add_argument("--max-context", type=int, help="cap of the full-context baseline (default: the model's)")
+    ev.add_argument("--passkey-lengths", default="1024",
+                    help="haystack lengths in tokens for the passkey test ('' : off)")
+    ev.add_argument("--passkey-depths", default="0.1,0.3", help="needle depths, fractions of the haystack")
+    ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: no intervals)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    mt = p.add_argument_group("method (defaults: absorber.config.AbsorberConfig)")
+    mt.add_argument("--n", type=int, help="tokens absorbed per round (X)")
+    mt.add_argument("--m", type=int, help="tokens synchronized per round (Y)")
+    mt.add_argument("--k", type=int, help="optimizer steps per round")
+    mt.add_argument("--lr", type=float)
+    mt.add_argument("--clip", type=float, help="gradient-norm clipping (0: off)")
+    mt.add_argument("--rank", type=int, help="LoRA rank (alpha scales with it: alpha/rank stays fixed)")
+    mt.add_argument("--loss-layers", help="hidden-state indices matched, e.g. 10,20,30 (default: all 1..L)")
+    mt.add_argument("--kl-weight", type=float)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="OUT", help="write the full result as JSON")
+    out.add_argument("--plot", metavar="PNG", help="plot PPL vs stream position per method (not with --sweep)")
+    out.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
+                     help="grid over settings (n, m, k, lr, clip, loss_layers, kl_weight, rank, ...); "
+                          "use | to separate tuple values, e.g. loss_layers=all|10,20,30")
+    out.add_argument("--quiet", action="store_true", help="no per-round progress")
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from absorber import evaluate as E
+    from absorber.config import AbsorberConfig
+    from absorber.errors import AbsorberError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if not (args.text or args.sotu or args.speech):
+        raise AbsorberError("give --text FILE..., --sotu N or --speech FILEID...")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = set(methods) - set(E.METHODS)
+    if bad:
+        raise AbsorberError(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(E.METHODS)}")
+
+    cfg = AbsorberConfig()
+    for key in ("n", "m", "k", "lr", "clip", "kl_weight"):
+        if getattr(args, key) is not None:
+            cfg = E.apply_setting(cfg, key, getattr(args, key))
+    if args.rank is not None:
+        cfg = E.apply_setting(cfg, "lora.rank", args.rank)
+    if args.loss_layers:
+        cfg = E.apply_setting(cfg, "loss_layers", E._parse_value("loss_layers", args.loss_layers))
+    cfg.validate()
+    try:
+        settings = E.EvalSettings(methods=methods, score_len=args.score_len, segments=args.segments,
+                                  recall_len=args.recall_len, max_context=args.max_context,
+                                  passkey_lengths=tuple(int(x) for x in _floats(args.passkey_lengths)),
+                                  passkey_depths=_floats(args.passkey_depths), bootstrap=args.bootstrap,
+                                  seed=args.seed)
+    except ValueError as e:
+        raise AbsorberError(f"bad number: {e}") from None
+    grid = E.parse_sweep(args.sweep) if args.sweep else None
+
+    from absorber.models import load
+    model, tok = load(args.model)
+    texts = []
+    for path in args.text or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append((path, tok.encode(f.read(), add_special_tokens=False)))
+        except OSError as e:
+            raise AbsorberError(f"cannot read {path}: {e.strerror}") from None
+    if args.sotu or args.speech:
+        from absorber import data
+        chosen = [data.speech(fid) for fid in args.speech or []]
+        if args.sotu:
+            chosen += data.speeches("spoken")[-args.sotu:][::-1]
+        texts += [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in chosen]
+
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    command = "absorber eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
+
+    def checkpoint(partial: dict) -> None:   # long runs: keep what is done so far
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({**partial, "partial": True, "command": command}, f, indent=1, default=str)
+
+    if grid:
+        result = E.sweep(model, tok, texts, cfg, settings, grid, log=log, on_point=checkpoint)
+        print("| point | " + " | ".join(f"{m} PPL" for m in methods) + " | R absorber [95% CI] | R ttt |")
+        print("|---|" + "---|" * (len(methods) + 2))
+        for p in result["sweep"]:
+            ms = p["methods"]
+            def r(m):
+                d = ms.get(m)
+                if not d or d.get("recovered_fraction") is None:
+                    return "–"
+                ci = d.get("recovered_fraction_ci95")
+                return f"{d['recovered_fraction']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            print(f"| {p['point']} | " + " | ".join(f"{ms[m]['ppl']:.3f}" for m in methods)
+                  + f" | {r('absorber')} | {r('ttt')} |")
+    else:
+        result = E.evaluate(model, tok, texts, cfg, settings, log=log, on_method=checkpoint)
+        print(E.format_table(result["methods"]))
+        if args.plot:
+            E.plot(result, args.plot)
+    result["command"] = command
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0

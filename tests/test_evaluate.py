@@ -1,0 +1,158 @@
+"""absorber.evaluate and `absorber eval` on a tiny random model (seconds)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from absorber import evaluate as E  # noqa: E402
+from absorber.config import AbsorberConfig, LoraConfig  # noqa: E402
+
+
+def small_cfg(**kw) -> AbsorberConfig:
+    d = dict(n=32, m=16, k=2, lr=1e-3, lora=LoraConfig(rank=4, alpha=8.0))
+    d.update(kw)
+    return AbsorberConfig(**d)
+
+
+def quick(**kw) -> E.EvalSettings:
+    d = dict(recall_len=8, passkey_lengths=(), bootstrap=50)
+    d.update(kw)
+    return E.EvalSettings(**d)
+
+
+def test_every_method_gives_finite_ppl(tiny_model, tiny_tok, rng_ids):
+    texts = [("a", rng_ids(32 + 16 + 3 * 32, seed=1)), ("b", rng_ids(32 + 16 + 2 * 32, seed=2))]
+    seen = []
+    res = E.evaluate(tiny_model, tiny_tok, texts, small_cfg(), quick(), on_method=lambda p: seen.append(list(p["methods"])))
+    assert set(res["methods"]) == set(E.METHODS)
+    assert seen[0] == [E.METHODS[0]] and seen[-1] == list(E.METHODS)   # checkpoints grow method by method
+    for mth, d in res["methods"].items():
+        assert math.isfinite(d["ppl"]) and d["ppl"] > 1, mth
+        assert math.isfinite(d["recall_ppl"]), mth
+        assert d["segments"] == 3 + 2           # rounds per text: (len - n - m - s) // n + 1
+    assert res["methods"]["absorber"]["sync_loss_first"] > 0
+    assert res["methods"]["absorber"]["sync_loss_last"] is not None
+    assert res["methods"]["ttt"]["train_loss_first"] > 0
+    # the baselines never change the base model's weights, and trained methods use a separate copy
+    assert not any(".lora_" in n for n, _ in tiny_model.named_parameters())
+
+
+def test_window_equals_full_when_the_text_fits_one_window(tiny_model, tiny_tok, rng_ids):
+    # before any eviction, window and full hold the same tokens and score identically
+    cfg = small_cfg(n=32, m=16)
+    ids = rng_ids(32 + 16 + 32, seed=3)
+    s = E.EvalSettings(methods=("window", "full"), recall_len=0, passkey_lengths=(), bootstrap=0)
+    pool = E.ModelPool(tiny_model)
+    a = E.make_streamer(pool, tiny_tok, cfg, "window", s)
+    b = E.make_streamer(pool, tiny_tok, cfg, "full", s)
+    a.feed_tokens(ids[:40]); b.feed_tokens(ids[:40])
+    assert a.context() == b.context()
+    assert E.score_nll(a.model, a.context(), ids[40:72]) == E.score_nll(b.model, b.context(), ids[40:72])
+    # and through the whole evaluation: with a full context as short as the window, full == window
+    res = E.evaluate(tiny_model, tiny_tok, [("t", ids)], cfg,
+                     E.EvalSettings(methods=("window", "full"), recall_len=8, passkey_lengths=(), bootstrap=0,
+                                    max_context=cfg.n + cfg.m))
+    assert res["methods"]["window"]["ppl"] == pytest.approx(res["methods"]["full"]["ppl"], rel=1e-6)
+
+
+def test_full_sees_more_than_window(tiny_model, tiny_tok, rng_ids):
+    ids = rng_ids(32 + 16 + 2 * 32, seed=4)
+    res = E.evaluate(tiny_model, tiny_tok, [("t", ids)], small_cfg(), quick(methods=("window", "full")))
+    seg = res["segments"]
+    assert [r["context"] for r in seg["window"]["t"]] == [16, 16]
+    assert [r["context"] for r in seg["full"]["t"]] == [48, 80]
+
+
+def test_recovered_fraction_formula():
+    assert E.recovered_fraction(20.0, 20.0, 18.0) == 0.0
+    assert E.recovered_fraction(20.0, 18.0, 18.0) == 1.0
+    assert E.recovered_fraction(20.0, 19.5, 18.0) == pytest.approx(0.25)
+    assert E.recovered_fraction(20.0, 21.0, 18.0) == pytest.approx(-0.5)
+    assert math.isnan(E.recovered_fraction(20.0, 19.0, 20.0))
+
+
+def test_score_nll_matches_a_plain_forward(tiny_model, rng_ids):
+    ids = rng_ids(24, seed=5)
+    nll, cnt = E.score_nll(tiny_model, ids[:16], ids[16:])
+    logits = tiny_model(input_ids=torch.tensor([ids])).logits[0]
+    ref = torch.nn.functional.cross_entropy(logits[15:-1], torch.tensor(ids[16:]), reduction="sum")
+    assert cnt == 8 and nll == pytest.approx(float(ref), rel=1e-4)
+    assert E.score_nll(tiny_model, [], ids[:8])[1] == 7
+
+
+def test_passkey_planting(tiny_tok):
+    hay = tiny_tok.encode("lorem ipsum dolor sit amet " * 40, add_special_tokens=False)
+    for depth in (0.0, 0.25, 0.5, 1.0):
+        ids, start, end = E.plant_passkey(tiny_tok, hay, "48213", depth)
+        intro = len(tiny_tok.encode(E.INTRO, add_special_tokens=False))
+        at = start - intro
+        assert at == round(depth * len(hay))
+        assert "The pass key is 48213." in tiny_tok.decode(ids[start:end])
+        assert ids[intro:start] == hay[:at] and ids[end:] == hay[at:]
+        assert tiny_tok.decode(ids[:intro]) == E.INTRO
+
+
+def test_passkey_trial_runs(tiny_model, tiny_tok):
+    hay = tiny_tok.encode("the quick brown fox jumps over the lazy dog. " * 4, add_special_tokens=False)
+    cfg = small_cfg()
+    s = quick(passkey_lengths=(len(hay),), passkey_depths=(0.1,))
+    t = E.passkey_trial(E.ModelPool(tiny_model), tiny_tok, hay, cfg, "absorber", s, "12345", 0.1)
+    assert set(t) >= {"correct", "answer", "in_window", "depth", "length"}
+    assert t["correct"] in (True, False) and not t["in_window"]
+
+
+def test_json_shape_and_plot(tiny_model, tiny_tok, rng_ids, tmp_path):
+    texts = [("a", rng_ids(32 + 16 + 2 * 32, seed=6))]
+    hay_text = "the quick brown fox jumps over the lazy dog. " * 3
+    texts.append(("b", tiny_tok.encode(hay_text, add_special_tokens=False)))
+    res = E.evaluate(tiny_model, tiny_tok, texts, small_cfg(), quick(passkey_lengths=(64,), passkey_depths=(0.5,)))
+    blob = json.loads(json.dumps(res))
+    assert set(blob) >= {"methods", "settings"}
+    for mth in E.METHODS:
+        d = blob["methods"][mth]
+        for key in ("ppl", "recovered_fraction", "recall_ppl", "passkey_accuracy", "sync_loss_first",
+                    "sync_loss_last"):
+            assert key in d, (mth, key)
+        assert 0.0 <= d["passkey_accuracy"] <= 1.0
+    assert blob["methods"]["window"]["recovered_fraction"] == 0.0
+    assert blob["methods"]["full"]["recovered_fraction"] == 1.0
+    assert blob["settings"]["absorber"]["n"] == 32
+    E.plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert "| absorber |" in E.format_table(res["methods"])
+
+
+def test_sweep_reuses_baselines(tiny_model, tiny_tok, rng_ids):
+    texts = [("a", rng_ids(32 + 16 + 2 * 32, seed=7))]
+    grid = E.parse_sweep(["lr=1e-3,2e-3", "loss_layers=all|2,4", "rank=2"])
+    assert grid == {"lr": [1e-3, 2e-3], "loss_layers": [None, (2, 4)], "lora.rank": [2]}
+    out = E.sweep(tiny_model, tiny_tok, texts, small_cfg(), quick(methods=("window", "full", "absorber")), grid)
+    assert len(out["sweep"]) == 4
+    w = [p["methods"]["window"]["ppl"] for p in out["sweep"]]
+    assert len(set(w)) == 1
+    assert out["sweep"][0]["settings"]["absorber"]["lora"]["rank"] == 2
+    assert out["sweep"][0]["settings"]["absorber"]["lora"]["alpha"] == pytest.approx(4.0)
+
+
+def test_too_short_text_is_a_user_error(tiny_model, tiny_tok, rng_ids):
+    from absorber.errors import AbsorberError
+    with pytest.raises(AbsorberError, match="long enough"):
+        E.evaluate(tiny_model, tiny_tok, [("a", rng_ids(20))], small_cfg(), quick())
+
+
+def test_cli_help(capsys):
+    from absorber.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--sotu" in out and "--sweep" in out and "recovered" in out
+
+
+def test_cli_needs_input():
+    from absorber.cli import main
+    assert main(["eval"]) == 2
