@@ -7,30 +7,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from absorber import lora
+from absorber import lora, sync
 from absorber.config import AbsorberConfig
-from absorber import sync
-
-
-@dataclass
-class RoundResult:
-    round: int
-    tokens_absorbed: int      # total so far, after this round
-    loss_first: float | None
-    loss_last: float | None
-    steps: int
-    seconds: float
-    rolled_back: bool = False
-    teacher_seconds: float = 0.0
-    train_seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return asdict(self)
+from absorber.rounds import RoundResult
 
 
 class Absorption:

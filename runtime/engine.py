@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,28 +25,11 @@ from absorber.config import AbsorberConfig
 from absorber.errors import AbsorberError
 from absorber.runtime.bundle import Bundle, check_session_io, open_bundle
 from absorber.runtime.optim import FlatAdamW
+from absorber.rounds import RoundResult
 from absorber.runtime.state import load_state, save_state
 
 NP_OF = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8, "int32": np.int32,
          "int64": np.int64, "float64": np.float64, "int16": np.int16, "uint16": np.uint16}
-
-
-@dataclass
-class RoundResult:
-    """Same fields as absorber.absorb.RoundResult, plus the optimizer's share of the time."""
-    round: int
-    tokens_absorbed: int
-    loss_first: float | None
-    loss_last: float | None
-    steps: int
-    seconds: float
-    rolled_back: bool = False
-    teacher_seconds: float = 0.0
-    train_seconds: float = 0.0
-    optimizer_seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def rss_mb() -> float:
