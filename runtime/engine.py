@@ -374,15 +374,19 @@ class Stream:
     def _adapter_feeds(self) -> dict:
         return dict(self.param_views)
 
-    def _hidden(self, ids: list[int]) -> np.ndarray:
-        """decoder.onnx on ids at positions 0..T-1, empty past: hidden_states [S, T, H]."""
+    def _prefill_feeds(self, ids: list[int], logits_to_keep: int) -> dict:
+        """decoder.onnx inputs for ids at positions 0..T-1 from an empty past, with the current adapters."""
         T = len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(T, dtype=np.int64)[None],
-                 "logits_to_keep": np.asarray(1, np.int64)}
+                 "logits_to_keep": np.asarray(logits_to_keep, np.int64)}
         for n in self._past_names:
             feeds[n] = self._empty_past
         feeds.update(self._adapter_feeds())
-        return self.dec.run(["hidden_states"], feeds)[0]
+        return feeds
+
+    def _hidden(self, ids: list[int]) -> np.ndarray:
+        """decoder.onnx on ids at positions 0..T-1, empty past: hidden_states [S, T, H]."""
+        return self.dec.run(["hidden_states"], self._prefill_feeds(ids, 1))[0]
 
     def _train_binding(self, y: list[int], teacher: np.ndarray):
         io = self.train.io_binding()
@@ -543,13 +547,7 @@ class Stream:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """All-position logits [T, V] of ids at positions 0..T-1 with the current adapters (for checks)."""
-        T = len(ids)
-        feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(T, dtype=np.int64)[None],
-                 "logits_to_keep": np.asarray(0, np.int64)}
-        for n in self._past_names:
-            feeds[n] = self._empty_past
-        feeds.update(self._adapter_feeds())
-        return self.dec.run(["logits"], feeds)[0][0]
+        return self.dec.run(["logits"], self._prefill_feeds(ids, 0))[0][0]
 
     # ---------------------------------------------------------------------------------------------- reporting
     def adapters(self) -> dict[str, np.ndarray]:
