@@ -1,7 +1,8 @@
 """One absorption round: AdamW on the adapters for at most K steps, early stop under eps, NaN rollback.
 
-The optimizer (and its moments) persists across rounds: absorbed knowledge accumulates in the adapters and
-the next round's teacher is the updated model (the paper's W <- W*).
+The optimizer (and its moments) persists across rounds (unless cfg.reset says otherwise): absorbed knowledge
+accumulates in the adapters. The teacher is the base model with X in context (cfg.teacher="base", the default),
+or the updated model (teacher="current", the paper's W <- W*, which drifts over rounds: benchmarks/eval.md).
 """
 from __future__ import annotations
 
@@ -31,12 +32,27 @@ class Absorption:
                                      weight_decay=cfg.weight_decay)
         self.rounds = 0
         self.rollbacks = 0
+        self.initial = [p.detach().clone() for p in self.params] if cfg.reset == "adapters" else None
+        self.b_params = [p for n, p in lora.adapters(model).items() if n.endswith(".lora_B")]
+
+    @torch.no_grad()
+    def _before_round(self) -> None:
+        """The anti-drift options of AbsorberConfig (reset, decay), applied before the teacher pass."""
+        cfg = self.cfg
+        if cfg.reset == "adapters":
+            for p, v in zip(self.params, self.initial):
+                p.copy_(v)
+        if cfg.reset in ("adapters", "moments"):
+            self.opt.state.clear()
+        if cfg.decay > 0:
+            for p in self.b_params:
+                p.mul_(1.0 - cfg.decay)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, t: sync.Teacher | None) -> torch.Tensor:
         if self.method == "ttt":
             return sync.next_token_loss(self.model, x)
         hs, logits = sync.forward_states(self.model, y, self.layers, with_logits=self.cfg.kl_weight > 0)
-        return sync.sync_loss(hs, t.hidden, self.cfg.loss, logits, t.logprobs, self.cfg.kl_weight)
+        return sync.sync_loss(hs, t.hidden, self.cfg.loss, logits, t.logprobs, self.cfg.kl_weight, self.cfg.sync_skip)
 
     def _save(self):
         return ([p.detach().clone() for p in self.params],
@@ -57,8 +73,10 @@ class Absorption:
         """x: [1, n] ids to absorb; y: [1, m] ids that follow. Returns the round's record."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        self._before_round()
         if self.method == "absorber" and teacher is None:
-            teacher = sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0)
+            teacher = sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0,
+                                   base=cfg.teacher == "base")
         t1 = time.perf_counter()
         losses: list[float] = []
         rolled_back = False

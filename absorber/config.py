@@ -36,14 +36,23 @@ class AbsorberConfig:
     loss: str = "l1"             # "l1" (paper) or "l2"
     loss_layers: tuple[int, ...] | None = None   # hidden_states indices matched; None = 1..L (h^0 is context-free)
     kl_weight: float = 0.0       # add KL(teacher || student) on next-token distributions (paper: worse; ablation)
+    # --- against drift of the accumulated adapters over many rounds (benchmarks/eval.md measures each) ---
+    sync_skip: int = 0           # leading Y positions left out of the sync loss (Y's first token is the
+                                 # student's attention sink: its L1 is ~65x the median, see benchmarks/eval.md)
+    reset: str = "none"          # before each round: "none" (paper: adapters and AdamW moments carry over),
+                                 # "moments" (fresh AdamW moments), "adapters" (fresh adapters: a diagnosis)
+    decay: float = 0.0           # before each round scale every lora_B by (1 - decay): older text fades
+    teacher: str = "base"        # "base": the frozen model with X in context (adapters off) is the target;
+                                 # "current": base + current adapters (the paper's W <- W*). "current" drifts:
+                                 # each round chases the previous rounds' errors (benchmarks/eval.md, drift)
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     @classmethod
     def paper(cls) -> "AbsorberConfig":
-        """The paper's settings (LLaMA-2-7B on a GPU): r=64, lr 5e-4, n=1024, m=2048."""
-        return cls(n=1024, m=2048, lr=5e-4, lora=LoraConfig(rank=64, alpha=128.0))
+        """The paper's settings (LLaMA-2-7B on a GPU): r=64, lr 5e-4, n=1024, m=2048, teacher = current model."""
+        return cls(n=1024, m=2048, lr=5e-4, teacher="current", lora=LoraConfig(rank=64, alpha=128.0))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,5 +72,13 @@ class AbsorberConfig:
             raise AbsorberError(f"k must be >= 0 (got {self.k})")
         if self.loss not in ("l1", "l2"):
             raise AbsorberError(f"loss must be l1 or l2 (got {self.loss!r})")
+        if not 0 <= self.sync_skip < self.m:
+            raise AbsorberError(f"sync_skip must be in 0..m-1 (got {self.sync_skip}, m={self.m})")
+        if self.reset not in ("none", "moments", "adapters"):
+            raise AbsorberError(f"reset must be none, moments or adapters (got {self.reset!r})")
+        if not 0.0 <= self.decay < 1.0:
+            raise AbsorberError(f"decay must be in [0, 1) (got {self.decay})")
+        if self.teacher not in ("current", "base"):
+            raise AbsorberError(f"teacher must be current or base (got {self.teacher!r})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")

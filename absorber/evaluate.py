@@ -58,6 +58,7 @@ class EvalSettings:
     max_context: int | None = None        # cap of `full`'s context (None: the model's max positions)
     passkey_lengths: tuple[int, ...] = (1024,)        # haystack lengths in tokens (empty: no passkey test)
     passkey_depths: tuple[float, ...] = (0.1, 0.3)    # where the needle goes, as a fraction of the haystack
+    passkey_trials: int = 1               # keys per (length, depth); trial j uses text j (mod the texts) as haystack
     bootstrap: int = 2000                 # bootstrap resamples for the intervals
     seed: int = 0
 
@@ -82,9 +83,9 @@ def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
     if len(target) > max_len:
         raise ValueError(f"target of {len(target)} tokens does not fit max_len={max_len}")
     context = list(context)[max(0, len(context) - (max_len - len(target))):]
-    ids = torch.tensor([context + target])
+    ids = torch.tensor([context + target], device=next(model.parameters()).device)
     keep = len(target) + (1 if context else 0)
-    out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).unsqueeze(0),
+    out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device).unsqueeze(0),
                 attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=keep)
     logits = out.logits[0, :-1].float()             # predictions for the next `keep - 1` tokens
     tgt = ids[0, ids.shape[1] - logits.shape[0]:]
@@ -152,8 +153,10 @@ def num_rounds(length: int, cfg: AbsorberConfig, settings: EvalSettings) -> int:
 
 
 def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, method: str,
-                settings: EvalSettings, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Stream one text through one method; one record per round (= scored segment)."""
+                settings: EvalSettings, log: Callable[[str], None] | None = None,
+                on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Stream one text through one method; one record per round (= scored segment).
+    on_record(records so far) runs after every round (checkpoints of long streams)."""
     ids = list(ids)
     n, m = cfg.n, cfg.m
     s = settings.score_len or n
@@ -178,6 +181,8 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
             rec.update(loss_first=res.loss_first, loss_last=res.loss_last, steps=res.steps,
                        seconds=res.seconds, rolled_back=res.rolled_back)
         records.append(rec)
+        if on_record:
+            on_record(records)
         if log:
             extra = f" loss {res.loss_first:.4f}->{res.loss_last:.4f} {res.seconds:.1f}s" \
                 if method in TRAINED and res is not None and res.loss_first is not None else ""
@@ -328,16 +333,18 @@ def evaluate(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[int]]], c
                 log(f"{mth} on {name} ({len(ids)} tokens, {num_rounds(len(ids), cfg, settings)} rounds)")
             per_text[mth][name] = stream_text(pool, tok, ids, cfg, mth, settings, log)
         if tok is not None and settings.passkey_lengths and settings.passkey_depths:
-            rng = random.Random(settings.seed)
-            hay = usable[0][1]
-            for length, depth in itertools.product(settings.passkey_lengths, settings.passkey_depths):
+            rng = random.Random(settings.seed)   # same keys for every method
+            for j, length, depth in itertools.product(range(settings.passkey_trials), settings.passkey_lengths,
+                                                      settings.passkey_depths):
+                name, hay = usable[j % len(usable)]
+                key = str(rng.randrange(10000, 100000))
                 if length > len(hay):
                     continue
-                key = str(rng.randrange(10000, 100000))
-                trial = passkey_trial(pool, tok, hay[:length], cfg, mth, settings, key, depth)
+                trial = passkey_trial(pool, tok, hay[:length], cfg, mth, settings, key, depth) | {"text": name}
                 passkey[mth].append(trial)
                 if log:
-                    log(f"  {mth:8s} passkey len {length} depth {depth}: {trial['correct']} ({trial['answer']!r})")
+                    log(f"  {mth:8s} passkey {name} len {length} depth {depth}: {trial['correct']} "
+                        f"({trial['answer']!r})")
         if on_method:
             on_method(_result(usable, per_text, passkey, cfg, settings, t0, [m for m in settings.methods
                                                                             if m in per_text and per_text[m]]))
@@ -381,10 +388,10 @@ def _parse_value(key: str, v: str):
             return None if key != "lora.targets" else tuple(LoraConfig().targets)
         parts = [p for p in re.split(r"[+:/ ,]", v) if p]
         return tuple(parts) if key == "lora.targets" else tuple(int(p) for p in parts)
-    if key == "loss":
+    if key in ("loss", "reset", "teacher"):
         return v
     x = float(v)
-    return int(x) if x.is_integer() and key in ("n", "m", "k", "sink", "lora.rank") else x
+    return int(x) if x.is_integer() and key in ("n", "m", "k", "sink", "sync_skip", "lora.rank") else x
 
 
 def apply_setting(cfg: AbsorberConfig, key: str, value) -> AbsorberConfig:

@@ -7,8 +7,10 @@ that the runtime would have to reproduce. y = base(x) + (x @ A @ B) * alpha / r.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -28,12 +30,29 @@ class LoraLinear(nn.Module):
         w = base.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
         in_f, out_f = (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
-        self.lora_A = nn.Parameter(torch.randn(in_f, rank, generator=generator, dtype=w.dtype) / math.sqrt(in_f))
-        self.lora_B = nn.Parameter(torch.zeros(rank, out_f, dtype=w.dtype))
+        a = torch.randn(in_f, rank, generator=generator, dtype=w.dtype) / math.sqrt(in_f)   # CPU generator:
+        self.lora_A = nn.Parameter(a.to(w.device))                                          # same A on any device
+        self.lora_B = nn.Parameter(torch.zeros(rank, out_f, dtype=w.dtype, device=w.device))
         self.scaling = alpha / rank
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (x @ self.lora_A @ self.lora_B) * self.scaling
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: every adapter is switched off inside the block."""
+    mods = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 def _layer_index(name: str) -> int | None:

@@ -42,6 +42,7 @@ class StreamingAbsorber:
         self.tokens_absorbed = 0   # tokens that have left the window (absorbed, or dropped by the baselines)
         self.rounds: list[RoundResult] = []
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.device = next(model.parameters()).device
 
     # ---------------------------------------------------------------- capacity
     @property
@@ -100,8 +101,8 @@ class StreamingAbsorber:
             self.tokens_absorbed += n
             res = RoundResult(len(self.rounds) + 1, self.tokens_absorbed, None, None, 0, 0.0)
         else:
-            x = torch.tensor([self.window[:n]])
-            y = torch.tensor([self.window[n:n + m]])
+            x = torch.tensor([self.window[:n]], device=self.device)
+            y = torch.tensor([self.window[n:n + m]], device=self.device)
             self.tokens_absorbed += n
             res = self.absorption.round(x, y, self.tokens_absorbed)
             self.window = self.window[n:]
@@ -111,7 +112,7 @@ class StreamingAbsorber:
     # ---------------------------------------------------------------- answering
     @torch.no_grad()
     def _greedy(self, prefix: list[int], max_new: int, eos: int | None = None) -> list[int]:
-        ids = torch.tensor([prefix[-self.max_positions + max_new:]]) if prefix else None
+        ids = torch.tensor([prefix[-self.max_positions + max_new:]], device=self.device) if prefix else None
         if ids is None:
             return []
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,

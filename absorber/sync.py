@@ -1,12 +1,14 @@
 """Causal synchronization: the model *without* X must reproduce, on Y, the hidden states it had *with* X·Y.
 
-teacher = the current model (base + current adapters) on X·Y, hidden states of the chosen layers at Y's
-positions, computed once per round without gradients. student = the same model on Y alone (positions restart
+teacher = the model on X·Y, hidden states of the chosen layers at Y's positions, computed once per round without
+gradients: the base model (adapters off; AbsorberConfig.teacher="base", the default) or the current one (base +
+current adapters, "current": the paper's W <- W*). student = the same model on Y alone (positions restart
 at 0). loss = mean |student - teacher| over layers, positions and features (L1, the paper's choice; L2 and an
 added KL term on next-token distributions are kept for ablation).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +55,13 @@ class Teacher:
 
 @torch.no_grad()
 def teacher(model: nn.Module, x_ids: torch.Tensor, y_ids: torch.Tensor, layers: list[int],
-            with_logprobs: bool = False) -> Teacher:
-    """The model with X in context: its states at Y's positions (X·Y at positions 0..n+m-1)."""
+            with_logprobs: bool = False, base: bool = False) -> Teacher:
+    """The model with X in context: its states at Y's positions (X·Y at positions 0..n+m-1).
+    base=True: the base model (adapters switched off) is the teacher instead of the current one."""
+    from absorber import lora
     ids = torch.cat([x_ids, y_ids], dim=1)
-    hs, logits = forward_states(model, ids, layers, with_logits=with_logprobs)
+    with lora.disabled(model) if base else contextlib.nullcontext():
+        hs, logits = forward_states(model, ids, layers, with_logits=with_logprobs)
     m = y_ids.shape[1]
     lp = F.log_softmax(logits[-m:].float(), -1) if with_logprobs else None
     return Teacher(hs[:, -m:].contiguous(), lp)
@@ -64,8 +69,13 @@ def teacher(model: nn.Module, x_ids: torch.Tensor, y_ids: torch.Tensor, layers: 
 
 def sync_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "l1",
               student_logits: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
-              kl_weight: float = 0.0) -> torch.Tensor:
-    """Mean L1 (or L2) distance of hidden states, plus kl_weight * KL(teacher || student) per token."""
+              kl_weight: float = 0.0, skip: int = 0) -> torch.Tensor:
+    """Mean L1 (or L2) distance of hidden states [layers, m, H] over Y's positions skip..m-1, plus
+    kl_weight * KL(teacher || student) per token (over the same positions)."""
+    if skip:
+        student, target = student[:, skip:], target[:, skip:]
+        if student_logits is not None and teacher_logprobs is not None:
+            student_logits, teacher_logprobs = student_logits[skip:], teacher_logprobs[skip:]
     d = student - target
     loss = d.abs().mean() if kind == "l1" else (d * d).mean()
     if kl_weight and student_logits is not None and teacher_logprobs is not None:
@@ -78,13 +88,13 @@ class SyncLoss(nn.Module):
     """The student side as one module: forward(Y ids, Y positions, teacher hidden) -> loss.
     This is what the exporter traces into the train-step graph, so runtime and reference share one definition."""
 
-    def __init__(self, model: nn.Module, layers: list[int], kind: str = "l1"):
+    def __init__(self, model: nn.Module, layers: list[int], kind: str = "l1", skip: int = 0):
         super().__init__()
-        self.model, self.layers, self.kind = model, list(layers), kind
+        self.model, self.layers, self.kind, self.skip = model, list(layers), kind, skip
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
         hs, _ = forward_states(self.model, input_ids, self.layers, position_ids)
-        return sync_loss(hs, teacher_hidden, self.kind)
+        return sync_loss(hs, teacher_hidden, self.kind, skip=self.skip)
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

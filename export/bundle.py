@@ -250,7 +250,8 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
         init_adapters = {n: p.detach().float().numpy().copy() for n, p in adapters.items()}
         t0 = time.perf_counter()
         say("exporting train_step.onnx (forward + backward)")
-        train = graphs.export_train_step(model, layers, cfg.loss, names, frozen, opset, max_len, facts["hidden"])
+        train = graphs.export_train_step(model, layers, cfg.loss, names, frozen, opset, max_len, facts["hidden"],
+                                         cfg.sync_skip)
         t_train = time.perf_counter() - t0
         _strip_weights(train, params, store)
         say(f"  {t_train:.1f} s")
@@ -325,7 +326,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "model": traced.facts,
             "slice": traced.slice,
             "adapters_file": "adapters.safetensors",
-            "loss": {"kind": traced.cfg.loss, "layers": traced.layers},
+            "loss": {"kind": traced.cfg.loss, "layers": traced.layers, "skip": traced.cfg.sync_skip},
             "loss_layers": traced.layers,
             "quant": Q.describe(quant, qtensors),
             "session_config": dict(Q.SESSION_CONFIG),

@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
                         help="decoder layers that get adapters (default: all)")
     parser.add_argument("--loss-layers", nargs="+", type=int, default=None, metavar="I",
                         help="hidden_states indices matched by the loss (default: 1..L)")
+    parser.add_argument("--sync-skip", type=int, default=None, metavar="S",
+                        help="leading Y positions left out of the sync loss, compiled into train_step.onnx "
+                             "(default: AbsorberConfig's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
@@ -61,7 +64,8 @@ def main(args) -> int:
     lora_cfg = LoraConfig(rank=rank, alpha=alpha, targets=tuple(args.targets) if args.targets else lc.targets,
                           layers=tuple(args.layers) if args.layers else None, seed=args.seed)
     cfg = dataclasses.replace(base, lora=lora_cfg,
-                              loss_layers=tuple(args.loss_layers) if args.loss_layers else None)
+                              loss_layers=tuple(args.loss_layers) if args.loss_layers else None,
+                              sync_skip=args.sync_skip if args.sync_skip is not None else base.sync_skip)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")
     model, tok = _load(args.model)

@@ -235,8 +235,9 @@ def _quiet():
 
 
 def export_train_step(model, layers: list[int], kind: str, adapters: list[str], frozen: set[str], opset: int,
-                      max_len: int, hidden: int) -> onnx.ModelProto:
-    """loss + gradient of every adapter: inputs input_ids, position_ids, teacher_hidden, adapters."""
+                      max_len: int, hidden: int, skip: int = 0) -> onnx.ModelProto:
+    """loss + gradient of every adapter: inputs input_ids, position_ids, teacher_hidden, adapters.
+    skip: leading Y positions left out of the loss (compiled into the graph)."""
     import torch
     import torch.utils._pytree as pytree
     from torch.export.experimental import _export_forward_backward
@@ -244,12 +245,12 @@ def export_train_step(model, layers: list[int], kind: str, adapters: list[str], 
 
     from absorber.sync import SyncLoss
 
-    mod = SyncLoss(model, layers, kind)
+    mod = SyncLoss(model, layers, kind, skip)
     T = 8
     ids = torch.randint(3, int(model.config.vocab_size), (1, T), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(T).unsqueeze(0)
     th = torch.zeros(len(layers), T, hidden)
-    Td = torch.export.Dim("T", min=2, max=max(max_len, T + 1))
+    Td = torch.export.Dim("T", min=skip + 2, max=max(max_len, T + 1))   # Y longer than the skipped part
     with _quiet():
         ep = torch.export.export(mod, (ids, pos, th), dynamic_shapes=({1: Td}, {1: Td}, {1: Td}), strict=False)
         jep = _export_forward_backward(ep, joint_loss_index=0)

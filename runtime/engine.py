@@ -122,7 +122,8 @@ class Stream:
              share_weights: bool = True, verify_hashes: bool = True, save_every_round: bool = True) -> "Stream":
         """Load a bundle (verified), optionally resume from `state_dir` (refused if saved for another bundle).
 
-        config_overrides: AbsorberConfig fields (n, m, k, eps, lr, clip, weight_decay, betas, adam_eps) over the
+        config_overrides: AbsorberConfig fields (n, m, k, eps, lr, clip, weight_decay, betas, adam_eps, reset, decay,
+            teacher; sync_skip only with the value the bundle was exported with) over the
         bundle's defaults (and the profile's n/m/k). share_weights: both graphs read the frozen weights from ONE
         memory map of weights.bin (add_initializer + no pre-packing) instead of each session loading its own.
         """
@@ -139,8 +140,9 @@ class Stream:
         self.share_weights = share_weights
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.save_every_round = save_every_round
-        self.cfg = self._config(config_overrides)
         loss = bundle.manifest.get("loss") or {}
+        self.loss_skip = int(loss.get("skip", 0))   # compiled into train_step.onnx
+        self.cfg = self._config(config_overrides)
         self.loss_kind = loss.get("kind", self.cfg.loss)
         if self.cfg.kl_weight:
             raise AbsorberError("kl_weight > 0 is not supported by the runtime (hidden-state loss only)")
@@ -156,6 +158,10 @@ class Stream:
         self.param_views = self.opt.views(self.opt.params)
         self.grad_views = self.opt.views(self.opt.grads)
         self._load_initial_adapters()
+        self._initial = self.opt.params.copy() if self.cfg.reset == "adapters" else None
+        self._b_views = [v for n, v in self.param_views.items() if n.endswith(".lora_B")]
+        # teacher="base": the decoder with every adapter at zero is the base model
+        self._zero_views = self.opt.views(np.zeros(self.opt.size, np.float32)) if self.cfg.teacher == "base" else None
         # sessions
         self.providers: list[str] = []
         self._weights_maps: list[np.memmap] = []
@@ -203,6 +209,11 @@ class Stream:
             if k not in AbsorberConfig.__dataclass_fields__ or k in ("lora", "loss_layers", "loss"):
                 raise AbsorberError(f"cannot override {k!r} at run time (it is fixed by the bundle or unknown)")
             setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
+        want = (overrides or {}).get("sync_skip")
+        if want is not None and want != self.loss_skip:
+            raise AbsorberError(f"sync_skip={want} but this bundle's train step leaves {self.loss_skip} "
+                                f"position(s) out of the loss (fixed at export: absorber export --sync-skip)")
+        cfg.sync_skip = self.loss_skip
         cfg.validate()
         if cfg.n + cfg.m > self.bundle.max_positions:
             raise AbsorberError(f"n+m = {cfg.n + cfg.m} exceeds the model's {self.bundle.max_positions} positions")
@@ -371,22 +382,23 @@ class Stream:
         return done
 
     # ---------------------------------------------------------------------------------------------- one round
-    def _adapter_feeds(self) -> dict:
-        return dict(self.param_views)
+    def _adapter_feeds(self, base: bool = False) -> dict:
+        return dict(self._zero_views if base else self.param_views)
 
-    def _prefill_feeds(self, ids: list[int], logits_to_keep: int) -> dict:
-        """decoder.onnx inputs for ids at positions 0..T-1 from an empty past, with the current adapters."""
+    def _prefill_feeds(self, ids: list[int], logits_to_keep: int, base: bool = False) -> dict:
+        """decoder.onnx inputs for ids at positions 0..T-1 from an empty past, with the current adapters (or,
+        base=True, with every adapter at zero: the base model)."""
         T = len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(T, dtype=np.int64)[None],
                  "logits_to_keep": np.asarray(logits_to_keep, np.int64)}
         for n in self._past_names:
             feeds[n] = self._empty_past
-        feeds.update(self._adapter_feeds())
+        feeds.update(self._adapter_feeds(base))
         return feeds
 
-    def _hidden(self, ids: list[int]) -> np.ndarray:
+    def _hidden(self, ids: list[int], base: bool = False) -> np.ndarray:
         """decoder.onnx on ids at positions 0..T-1, empty past: hidden_states [S, T, H]."""
-        return self.dec.run(["hidden_states"], self._prefill_feeds(ids, 1))[0]
+        return self.dec.run(["hidden_states"], self._prefill_feeds(ids, 1, base))[0]
 
     def _train_binding(self, y: list[int], teacher: np.ndarray):
         io = self.train.io_binding()
@@ -402,19 +414,34 @@ class Stream:
 
     def _eval_loss(self, y: list[int], teacher: np.ndarray) -> float:
         """The final loss evaluation (forward only): the decoder's hidden states vs the teacher's."""
-        d = self._hidden(y) - teacher
+        k = self.loss_skip
+        d = self._hidden(y)[:, k:] - teacher[:, k:]
         if self.loss_kind == "l1":
             np.abs(d, out=d)
         else:
             np.multiply(d, d, out=d)
         return float(d.mean(dtype=np.float32))
 
+    def _before_round(self) -> None:
+        """AbsorberConfig's anti-drift options (reset, decay), as absorber.absorb.Absorption applies them."""
+        cfg, opt = self.cfg, self.opt
+        if cfg.reset == "adapters":
+            np.copyto(opt.params, self._initial)
+        if cfg.reset in ("adapters", "moments"):   # torch: optimizer.state.clear() (moments and step)
+            opt.exp_avg.fill(0.0)
+            opt.exp_avg_sq.fill(0.0)
+            opt.step = 0
+        if cfg.decay > 0:
+            for v in self._b_views:
+                v *= np.float32(1.0 - cfg.decay)
+
     def _round(self) -> RoundResult:
         cfg = self.cfg
         n, m = cfg.n, cfg.m
         x, y = self.window[:n], self.window[n:n + m]
         t0 = time.perf_counter()
-        teacher = np.ascontiguousarray(self._hidden(x + y)[:, n:n + m])
+        self._before_round()
+        teacher = np.ascontiguousarray(self._hidden(x + y, base=cfg.teacher == "base")[:, n:n + m])
         t1 = time.perf_counter()
         opt = self.opt
         opt.lr, opt.betas, opt.eps, opt.weight_decay = cfg.lr, tuple(cfg.betas), cfg.adam_eps, cfg.weight_decay

@@ -209,3 +209,72 @@ def test_config_roundtrip_and_validation():
     assert AbsorberConfig.from_dict(c.to_dict()) == c
     with pytest.raises(AbsorberError):
         AbsorberConfig(loss="cosine").validate()
+
+
+# ------------------------------------------------------------------ the anti-drift options
+def _random_b(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in lora.adapters(model).items():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_teacher_base_switches_the_adapters_off(tiny_model, rng_ids):
+    lora.inject(tiny_model, LoraConfig(rank=4, alpha=8))
+    layers = sync.loss_layers(tiny_model)
+    x, y = _ids(rng_ids(24, seed=1)), _ids(rng_ids(16, seed=2))
+    base_t = sync.teacher(tiny_model, x, y, layers).hidden         # B = 0: the base model
+    _random_b(tiny_model)
+    cur = sync.teacher(tiny_model, x, y, layers).hidden
+    off = sync.teacher(tiny_model, x, y, layers, base=True).hidden
+    torch.testing.assert_close(off, base_t, rtol=0, atol=0)
+    assert float((cur - base_t).abs().max()) > 1e-3                  # the adapters matter when switched on
+    assert all(m.enabled for m in tiny_model.modules() if isinstance(m, lora.LoraLinear))
+
+
+def test_sync_skip_leaves_leading_positions_out(rng_ids):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 10, 8, generator=g), torch.randn(3, 10, 8, generator=g)
+    assert float(sync.sync_loss(s, t, skip=2)) == pytest.approx(float((s[:, 2:] - t[:, 2:]).abs().mean()))
+    t2 = t.clone()
+    t2[:, :2] += 100.0                                                # changes only the skipped positions
+    assert float(sync.sync_loss(s, t2, skip=2)) == float(sync.sync_loss(s, t, skip=2))
+    assert float(sync.sync_loss(s, t2)) > float(sync.sync_loss(s, t)) + 10
+
+
+def test_decay_scales_b_before_the_round(tiny_model, rng_ids):
+    cfg = AbsorberConfig(n=16, m=8, k=0, decay=0.25, lora=LoraConfig(rank=2, alpha=4))
+    lora.inject(tiny_model, cfg.lora)
+    _random_b(tiny_model)
+    before = lora.snapshot(tiny_model)
+    Absorption(tiny_model, cfg).round(_ids(rng_ids(16)), _ids(rng_ids(8, seed=1)))
+    for n, p in lora.adapters(tiny_model).items():
+        want = before[n] * 0.75 if n.endswith("lora_B") else before[n]
+        torch.testing.assert_close(p.detach(), want)
+
+
+@pytest.mark.parametrize("reset", ["none", "moments", "adapters"])
+def test_reset_options(tiny_model, rng_ids, reset):
+    cfg = AbsorberConfig(n=16, m=8, k=3, lr=5e-3, reset=reset, lora=LoraConfig(rank=2, alpha=4))
+    lora.inject(tiny_model, cfg.lora)
+    init = lora.snapshot(tiny_model)
+    ab = Absorption(tiny_model, cfg)
+    ab.round(_ids(rng_ids(16, seed=1)), _ids(rng_ids(8, seed=2)))
+    after1 = lora.snapshot(tiny_model)
+    ab.round(_ids(rng_ids(16, seed=3)), _ids(rng_ids(8, seed=4)))
+    after2 = lora.snapshot(tiny_model)
+    step = int(next(iter(ab.opt.state.values()))["step"])
+    assert step == (6 if reset == "none" else 3)                     # AdamW's step count (bias correction)
+    if reset == "adapters":   # round 2 started from the initial adapters: same as a fresh Absorption on it
+        lora.load_state(tiny_model, init)
+        Absorption(tiny_model, cfg).round(_ids(rng_ids(16, seed=3)), _ids(rng_ids(8, seed=4)))
+        for n, v in lora.snapshot(tiny_model).items():
+            torch.testing.assert_close(v, after2[n])
+        assert any(float((after1[n] - init[n]).abs().max()) > 0 for n in init)
+
+
+def test_anti_drift_options_are_validated():
+    for bad in (dict(sync_skip=8, m=8), dict(reset="all"), dict(decay=1.0), dict(teacher="old")):
+        with pytest.raises(AbsorberError):
+            AbsorberConfig(**bad).validate()

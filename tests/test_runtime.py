@@ -137,6 +137,63 @@ def test_rounds_match_reference(bundle, rounds):
     assert s.opt.step == rounds * cfg.k
 
 
+@pytest.mark.parametrize("over", [{"teacher": "base"}, {"reset": "moments", "decay": 0.2}, {"reset": "adapters"}])
+def test_anti_drift_options_match_reference(bundle, over):
+    """teacher, reset and decay are run-time options: the runtime applies them as absorber.absorb does."""
+    import dataclasses
+
+    from absorber import lora
+    from absorber.runtime import Stream
+    from absorber.stream import StreamingAbsorber
+    model, cfg = _ref_model(bundle)
+    cfg = dataclasses.replace(cfg, **over)
+    ids = _ids(cfg.n * 3 + cfg.m + 5, seed=0)   # seed 3 shows the L1 sign amplification of TOL's comment
+    ref = StreamingAbsorber(model, None, cfg)
+    rr = ref.feed_tokens(ids)
+    s = Stream.open(bundle, config_overrides=over)
+    ro = s.feed_tokens(ids)
+    for a, b in zip(rr, ro):
+        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-4)
+        assert b.loss_last == pytest.approx(a.loss_last, rel=1e-4)
+    snap = lora.snapshot(model)
+    assert _rel(s.opt.params, np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])) < TOL
+    assert s.opt.step == (3 * cfg.k if over.get("reset", "none") == "none" else cfg.k)
+
+
+def test_sync_skip_is_fixed_by_the_bundle(bundle):
+    from absorber.runtime import Stream
+    with pytest.raises(AbsorberError, match="sync_skip"):
+        Stream.open(bundle, config_overrides={"sync_skip": 1})
+    assert Stream.open(bundle).cfg.sync_skip == 0
+
+
+def test_exported_sync_skip_matches_reference(tmp_path):
+    """A bundle exported with sync_skip=1 computes the reference loss without Y's first position."""
+    import dataclasses
+
+    from absorber import lora
+    from absorber.export import export_bundle
+    from absorber.models import tiny_llama, tiny_tokenizer
+    from absorber.runtime import Stream
+    from absorber.stream import StreamingAbsorber
+    cfg = AbsorberConfig(n=16, m=8, k=2, sync_skip=1)
+    out = export_bundle(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), tmp_path / "b", cfg=cfg)
+    model, bcfg = _ref_model(Path(out))
+    assert bcfg.sync_skip == 1
+    ids = _ids(cfg.n * 2 + cfg.m + 1, seed=4)
+    rr = StreamingAbsorber(model, None, bcfg).feed_tokens(ids)
+    s = Stream.open(out)
+    ro = s.feed_tokens(ids)
+    for a, b in zip(rr, ro):
+        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-4)
+        assert b.loss_last == pytest.approx(a.loss_last, rel=1e-4)
+    snap = lora.snapshot(model)
+    assert _rel(s.opt.params, np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])) < TOL
+    # and it differs from the loss over all positions (the option is not a no-op)
+    full = StreamingAbsorber(_ref_model(Path(out))[0], None, dataclasses.replace(bcfg, sync_skip=0))
+    assert full.feed_tokens(ids)[0].loss_first != pytest.approx(rr[0].loss_first, rel=1e-3)
+
+
 def test_answer_is_greedy_continuation(bundle):
     from absorber.runtime import Stream
     model, cfg = _ref_model(bundle)

@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--eps", type=float, default=d.eps, help="stop a round when the loss falls under this")
     p.add_argument("--rank", type=int, default=d.lora.rank)
+    p.add_argument("--teacher", default=d.teacher, choices=("current", "base"),
+                   help="teacher = base model (adapters off) or the current adapters (default %(default)s)")
+    p.add_argument("--reset", default=d.reset, choices=("none", "moments", "adapters"),
+                   help="reset before each round (default %(default)s)")
+    p.add_argument("--decay", type=float, default=d.decay, help="scale B by (1 - decay) before each round")
+    p.add_argument("--sync-skip", type=int, default=d.sync_skip,
+                   help="leading Y positions left out of the sync loss (default %(default)s)")
     p.add_argument("--paper", action="store_true", help="the paper's settings: n=1024 m=2048 r=64 lr=5e-4")
     p.add_argument("--fill", action="store_true", help="at end of input, fill Y by greedy generation and absorb")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -48,6 +55,7 @@ def config_from_args(args) -> "AbsorberConfig":
         return AbsorberConfig.paper()
     d = AbsorberConfig()
     return AbsorberConfig(n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, fill=args.fill,
+                          teacher=args.teacher, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
                           lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=d.lora.targets))
 
 

@@ -36,9 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--passkey-lengths", default="1024",
                     help="haystack lengths in tokens for the passkey test ('' : off)")
     ev.add_argument("--passkey-depths", default="0.1,0.3", help="needle depths, fractions of the haystack")
+    ev.add_argument("--passkey-trials", type=int, default=1,
+                    help="keys per (length, depth); trial j uses text j as haystack (default %(default)s)")
     ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: no intervals)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ev.add_argument("--device", default="cpu", help="torch device for the reference, e.g. cpu, cuda (default cpu)")
     mt = p.add_argument_group("method (defaults: absorber.config.AbsorberConfig)")
     mt.add_argument("--n", type=int, help="tokens absorbed per round (X)")
     mt.add_argument("--m", type=int, help="tokens synchronized per round (Y)")
@@ -48,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--rank", type=int, help="LoRA rank (alpha scales with it: alpha/rank stays fixed)")
     mt.add_argument("--loss-layers", help="hidden-state indices matched, e.g. 10,20,30 (default: all 1..L)")
     mt.add_argument("--kl-weight", type=float)
+    mt.add_argument("--sync-skip", type=int, help="leading Y positions left out of the sync loss (Y's sink)")
+    mt.add_argument("--reset", choices=("none", "moments", "adapters"), help="reset before each round")
+    mt.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
+    mt.add_argument("--teacher", choices=("current", "base"), help="teacher = current adapters or the base model")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the full result as JSON")
     out.add_argument("--plot", metavar="PNG", help="plot PPL vs stream position per method (not with --sweep)")
@@ -79,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         raise AbsorberError(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(E.METHODS)}")
 
     cfg = AbsorberConfig()
-    for key in ("n", "m", "k", "lr", "clip", "kl_weight"):
+    for key in ("n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher"):
         if getattr(args, key) is not None:
             cfg = E.apply_setting(cfg, key, getattr(args, key))
     if args.rank is not None:
@@ -91,7 +98,8 @@ def main(args: argparse.Namespace) -> int:
         settings = E.EvalSettings(methods=methods, score_len=args.score_len, segments=args.segments,
                                   recall_len=args.recall_len, max_context=args.max_context,
                                   passkey_lengths=tuple(int(x) for x in _floats(args.passkey_lengths)),
-                                  passkey_depths=_floats(args.passkey_depths), bootstrap=args.bootstrap,
+                                  passkey_depths=_floats(args.passkey_depths),
+                                  passkey_trials=args.passkey_trials, bootstrap=args.bootstrap,
                                   seed=args.seed)
     except ValueError as e:
         raise AbsorberError(f"bad number: {e}") from None
@@ -99,6 +107,10 @@ def main(args: argparse.Namespace) -> int:
 
     from absorber.models import load
     model, tok = load(args.model)
+    try:
+        model.to(args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise AbsorberError(f"device {args.device!r} is not usable: {str(e).splitlines()[0]}") from None
     texts = []
     for path in args.text or []:
         try:
