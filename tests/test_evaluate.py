@@ -156,3 +156,23 @@ def test_cli_help(capsys):
 def test_cli_needs_input():
     from absorber.cli import main
     assert main(["eval"]) == 2
+
+
+def test_cli_unusable_device_is_a_one_line_error(tmp_path, capsys):
+    from absorber.cli import main
+    f = tmp_path / "t.txt"
+    f.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["eval", "--model", "tiny", "--text", str(f), "--device", "nodevice", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nodevice" in err[0]
+
+
+def test_sweep_over_the_anti_drift_options(tiny_model, tiny_tok, rng_ids):
+    texts = [("a", rng_ids(32 + 16 + 3 * 32, seed=8))]
+    grid = E.parse_sweep(["teacher=current,base", "reset=none|moments", "sync_skip=1", "decay=0.1"])
+    assert grid == {"teacher": ["current", "base"], "reset": ["none", "moments"], "sync_skip": [1], "decay": [0.1]}
+    out = E.sweep(tiny_model, tiny_tok, texts, small_cfg(), quick(methods=("window", "full", "absorber")), grid)
+    ppls = {(p["point"]["teacher"], p["point"]["reset"]): p["methods"]["absorber"]["ppl"] for p in out["sweep"]}
+    assert len(ppls) == 4 and all(math.isfinite(v) for v in ppls.values())
+    assert ppls[("current", "none")] != ppls[("base", "none")]      # round 2+ teachers differ
+    assert out["sweep"][1]["settings"]["absorber"]["teacher"] == "current"
