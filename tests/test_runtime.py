@@ -67,6 +67,17 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
+def _assert_same_rounds(ref_rounds, rt_rounds, model, stream) -> None:
+    """Reference and runtime rounds report the same losses and end with the same adapters (TOL)."""
+    from absorber import lora
+    assert len(ref_rounds) == len(rt_rounds)
+    for a, b in zip(ref_rounds, rt_rounds):
+        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-4)
+        assert b.loss_last == pytest.approx(a.loss_last, rel=1e-4)
+    snap = lora.snapshot(model)
+    assert _rel(stream.opt.params, np.concatenate([snap[n].numpy().ravel() for n in stream.opt.names])) < TOL
+
+
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "absorber", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300, **kw)
@@ -142,7 +153,6 @@ def test_anti_drift_options_match_reference(bundle, over):
     """teacher, reset and decay are run-time options: the runtime applies them as absorber.absorb does."""
     import dataclasses
 
-    from absorber import lora
     from absorber.runtime import Stream
     from absorber.stream import StreamingAbsorber
     model, cfg = _ref_model(bundle)
@@ -152,11 +162,7 @@ def test_anti_drift_options_match_reference(bundle, over):
     rr = ref.feed_tokens(ids)
     s = Stream.open(bundle, config_overrides=over)
     ro = s.feed_tokens(ids)
-    for a, b in zip(rr, ro):
-        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-4)
-        assert b.loss_last == pytest.approx(a.loss_last, rel=1e-4)
-    snap = lora.snapshot(model)
-    assert _rel(s.opt.params, np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])) < TOL
+    _assert_same_rounds(rr, ro, model, s)
     assert s.opt.step == (3 * cfg.k if over.get("reset", "none") == "none" else cfg.k)
 
 
@@ -171,7 +177,6 @@ def test_exported_sync_skip_matches_reference(tmp_path):
     """A bundle exported with sync_skip=1 computes the reference loss without Y's first position."""
     import dataclasses
 
-    from absorber import lora
     from absorber.export import export_bundle
     from absorber.models import tiny_llama, tiny_tokenizer
     from absorber.runtime import Stream
@@ -184,11 +189,7 @@ def test_exported_sync_skip_matches_reference(tmp_path):
     rr = StreamingAbsorber(model, None, bcfg).feed_tokens(ids)
     s = Stream.open(out)
     ro = s.feed_tokens(ids)
-    for a, b in zip(rr, ro):
-        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-4)
-        assert b.loss_last == pytest.approx(a.loss_last, rel=1e-4)
-    snap = lora.snapshot(model)
-    assert _rel(s.opt.params, np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])) < TOL
+    _assert_same_rounds(rr, ro, model, s)
     # and it differs from the loss over all positions (the option is not a no-op)
     full = StreamingAbsorber(_ref_model(Path(out))[0], None, dataclasses.replace(bcfg, sync_skip=0))
     assert full.feed_tokens(ids)[0].loss_first != pytest.approx(rr[0].loss_first, rel=1e-3)
