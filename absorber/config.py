@@ -37,8 +37,10 @@ class AbsorberConfig:
     loss_layers: tuple[int, ...] | None = None   # hidden_states indices matched; None = 1..L (h^0 is context-free)
     kl_weight: float = 0.0       # add KL(teacher || student) on next-token distributions (paper: worse; ablation)
     # --- against drift of the accumulated adapters over many rounds (benchmarks/eval.md measures each) ---
-    sync_skip: int = 0           # leading Y positions left out of the sync loss (Y's first token is the
-                                 # student's attention sink: its L1 is ~65x the median, see benchmarks/eval.md)
+    sync_skip: int = 1           # leading Y positions left out of the sync loss: Y's first token is the
+                                 # student's attention sink (its L1 is ~65x the median); matching it asks the
+                                 # adapters to undo the sink. Better in all three studies of benchmarks/eval.md
+                                 # (small). Compiled into a bundle's train step at export.
     reset: str = "none"          # before each round: "none" (paper: adapters and AdamW moments carry over),
                                  # "moments" (fresh AdamW moments), "adapters" (fresh adapters: a diagnosis)
     decay: float = 0.0           # before each round scale every lora_B by (1 - decay): older text fades
@@ -52,7 +54,7 @@ class AbsorberConfig:
     @classmethod
     def paper(cls) -> "AbsorberConfig":
         """The paper's settings (LLaMA-2-7B on a GPU): r=64, lr 5e-4, n=1024, m=2048, teacher = current model."""
-        return cls(n=1024, m=2048, lr=5e-4, teacher="current", lora=LoraConfig(rank=64, alpha=128.0))
+        return cls(n=1024, m=2048, lr=5e-4, teacher="current", sync_skip=0, lora=LoraConfig(rank=64, alpha=128.0))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -92,6 +92,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
     seq = torch.tensor([ids[:tokens]])
     x, y = torch.tensor([ids[:tokens]]), torch.tensor([ids[tokens:tokens + y_len]])
     layers = man["loss_layers"]
+    skip = man["loss"].get("skip", 0)   # the train step leaves these leading Y positions out of the loss
     L, kv, hd = man["model"]["num_layers"], man["model"]["num_kv_heads"], man["model"]["head_dim"]
     # a non-trivial first step: B = 0 at init makes every grad of A exactly zero, so compare at perturbed
     # adapters too (A as exported, B small random), which exercises both halves of every adapter
@@ -110,7 +111,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
-        loss = sync.SyncLoss(model, layers)(y, sync.positions(y.shape[1]), th)
+        loss = sync.SyncLoss(model, layers, skip=skip)(y, sync.positions(y.shape[1]), th)
         loss.backward()
         grads = {n: p.grad.numpy().copy() for n, p in params.items()}
         for p in params.values():
@@ -186,7 +187,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
     params = lora.adapters(m64)
     for p in params.values():
         p.requires_grad_(True)
-    sync.SyncLoss(m64, layers)(y, sync.positions(y.shape[1]), th32.double()).backward()
+    sync.SyncLoss(m64, layers, skip=skip)(y, sync.positions(y.shape[1]), th32.double()).backward()
     g64 = {n: p.grad.numpy().copy() for n, p in params.items()}
     del m64
     noise = {"grad_relerr_max_tensor": max(_normerr(g32[n], g64[n]) for n in g64),

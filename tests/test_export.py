@@ -137,12 +137,17 @@ def test_decoder_logits_to_keep_and_adapter_swap(bundles):
 
 
 # ------------------------------------------------------------------------------------------------ train step
-def _torch_loss_grads(model, layers, y, th):
+def _sync_loss_module(model, m):
+    return sync.SyncLoss(model, m["loss_layers"], m["loss"]["kind"], m["loss"].get("skip", 0))
+
+
+def _torch_loss_grads(model, m, y, th):
+    """The reference loss and gradients with the bundle's loss settings (layers, kind, skipped positions)."""
     params = lora.adapters(model)
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
-    loss = sync.SyncLoss(model, layers)(y, sync.positions(y.shape[1]), th)
+    loss = _sync_loss_module(model, m)(y, sync.positions(y.shape[1]), th)
     loss.backward()
     return float(loss.detach()), {n: p.grad.numpy().copy() for n, p in params.items()}
 
@@ -160,7 +165,7 @@ def test_train_step_loss_and_grads_match_torch(bundles, length):
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
     x, y = _ids(17, 4), _ids(length, 5)
     th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m["loss_layers"], y, th)
+    loss, grads = _torch_loss_grads(model, m, y, th)
     sess = _session(path, "train_step")
     r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
     assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
@@ -195,7 +200,7 @@ def test_ten_step_adamw_trajectory_matches_torch(bundles):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
-    mod = sync.SyncLoss(model, m["loss_layers"])
+    mod = _sync_loss_module(model, m)
     sess = _session(path, "train_step")
     names = [o.name for o in sess.get_outputs()]
     ad = {k: v.astype(np.float32) for k, v in init.items()}
@@ -233,7 +238,7 @@ def test_quantized_bundle_grads_match_dequantized_torch(bundles, quant):
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
     x, y = _ids(15, 9), _ids(12, 10)
     th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m["loss_layers"], y, th)
+    loss, grads = _torch_loss_grads(model, m, y, th)
     sess = _session(path, "train_step")
     r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
     assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
@@ -396,7 +401,7 @@ def test_smollm2_bundle_matches_torch(tmp_path):
     assert relerr(logits[0], ref) <= TOL
     x, y = ids[:, :12], ids[:, 12:]
     th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m["loss_layers"], y, th)
+    loss, grads = _torch_loss_grads(model, m, y, th)
     r = dict(zip([o.name for o in _session(path, "train_step").get_outputs()],
                  _session(path, "train_step").run(None, _feeds(y, th, ad))))
     assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
@@ -437,7 +442,7 @@ def test_tiny_qwen2_train_step_matches_torch(tmp_path):
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
     x, y = _ids(11, 1), _ids(9, 2)
     th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m["loss_layers"], y, th)
+    loss, grads = _torch_loss_grads(model, m, y, th)
     sess = _session(path, "train_step")
     r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
     assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)

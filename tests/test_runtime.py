@@ -168,9 +168,11 @@ def test_anti_drift_options_match_reference(bundle, over):
 
 def test_sync_skip_is_fixed_by_the_bundle(bundle):
     from absorber.runtime import Stream
+    exported = json.loads((bundle / "manifest.json").read_text())["loss"]["skip"]
+    assert exported == CFG.sync_skip == 1                       # the default, compiled into train_step.onnx
     with pytest.raises(AbsorberError, match="sync_skip"):
-        Stream.open(bundle, config_overrides={"sync_skip": 1})
-    assert Stream.open(bundle).cfg.sync_skip == 0
+        Stream.open(bundle, config_overrides={"sync_skip": 0})
+    assert Stream.open(bundle).cfg.sync_skip == exported
 
 
 def test_exported_sync_skip_matches_reference(tmp_path):
