@@ -17,6 +17,12 @@ train steps / optimizer / bookkeeping, decode tokens/s, time to first token, pea
 seen on a long stream (--rss-tokens) for the runtime vs full-context transformers decoding, which grows until
 the model's context is full. Writes a JSON, a markdown table and a PNG plot.
 
+--optimum adds decode speed against optimum-onnx's ORTModelForCausalLM on the same model (fp32 and dynamic
+int8), next to each fp32/int8 --bundle, with the first --m tokens of the text as context. optimum-onnx pins
+transformers<4.58, so it runs in its own venv (~/.cache/absorber/optimum-venv), which the first such run
+creates and fills with pip (torch==2.13.0 first): minutes, and packages installed. Off by default. The same
+measurement alone: python -m absorber.optimum_peer --bundle DIR…
+
 example:
   absorber bench --bundle bundles/smollm2-int8 --bundle bundles/smollm2-fp32 --json benchmarks/bench.json \\
       --md benchmarks/bench.md --plot benchmarks/bench_rss.png
@@ -37,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--md", help="write a markdown table here")
     p.add_argument("--plot", help="write the RSS-vs-tokens plot (PNG) here")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement process")
+    p.add_argument("--optimum", action="store_true",
+                   help="also measure decode speed of optimum-onnx's ORTModelForCausalLM (fp32, int8) next to the "
+                        "fp32/int8 bundles; creates a venv with pip on first use (minutes; off by default)")
 
 
 def _fmt(x, nd=2):
@@ -71,7 +80,18 @@ def markdown(res: dict, command: str) -> str:
                          + (f" ({c['stopped']})" if c.get("stopped") else ""))
         else:
             lines.append(f"- RSS curve: {c.get('error')}")
+    if res.get("optimum"):
+        lines += optimum_section(res["optimum"])
     return "\n".join(lines) + "\n"
+
+
+def optimum_section(peer: dict) -> list[str]:
+    """The `--optimum` rows: one per engine and quant (see absorber.optimum_peer)."""
+    from absorber.optimum_peer import table_rows
+    s = peer.get("settings", {})
+    return ["", f"Decode vs optimum-onnx ORTModelForCausalLM ({peer.get('input_tokens')} input tokens: "
+                f"{s.get('context')} of context + the prompt; {s.get('new_tokens')} greedy tokens; median of "
+                f"{s.get('repeats')} after {s.get('warmup')} warm-up):", "", *table_rows(peer)]
 
 
 def plot(res: dict, path: str) -> None:
@@ -100,6 +120,8 @@ def main(args) -> int:
     common = {"n": args.n, "m": args.m, "k": args.k, "tokens": args.tokens}
     if args.tokens < args.n + args.m:
         raise AbsorberError(f"--tokens {args.tokens} is less than one window (n+m = {args.n + args.m})")
+    if args.optimum and not args.bundle:
+        raise AbsorberError("--optimum compares against this runtime's bundles: pass --bundle (fp32 and/or int8)")
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     res: dict = {"settings": {**common, "model": args.model}, "engines": []}
     say("bench: GEMM peak …")
@@ -147,6 +169,10 @@ def main(args) -> int:
             c = B.run_task("rss-full", {"model": args.model, "tokens": args.rss_tokens}, args.timeout)
             c["label"] = "transformers, full context"
             res["rss_curves"].append(c)
+    if args.optimum:
+        from absorber.optimum_peer import run_peer
+        say("bench: decode vs optimum-onnx …")
+        res["optimum"] = run_peer(args.bundle, context=args.m, say=say, command="absorber bench --optimum")
     command = "absorber bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else "absorber bench"
     res["command"] = command
     md = markdown(res, command)
