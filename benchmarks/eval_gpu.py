@@ -63,6 +63,9 @@ PLANS = {
         ("base-short", "ppl", ["full", "window", "sink"], "short", {}),
         ("abs-tbase-short", "ppl", ["absorber"], "short", {"teacher": "base"}),
         ("abs-default-long", "ppl", ["absorber"], "long", {}),
+        # more speeches without the full-context reference (it costs ~40 min per speech on this CPU): Δ vs window
+        ("base-short-window", "ppl", ["window", "sink"], "short", {}),
+        ("abs-tbase-more", "ppl", ["absorber"], "short", {"teacher": "base"}),
     ],
     "smoke": [
         ("base-short", "ppl", ["full", "window", "sink"], "short", {}),

@@ -35,13 +35,14 @@ LABELS = {   # job -> what it is (configs are in each piece's JSON)
     "abs-combo-short": "current + sync_skip=1 + reset=moments + decay=0.1",
     "abs-lr2e3-combo-short": "current + combo + lr 2e-3",
     "abs-fresh-short": "current + reset=adapters (fresh adapters every round)",
-    "abs-tbase-short": "**teacher=base (new default)**",
-    "abs-tbase-skip1-short": "teacher=base + sync_skip=1",
+    "abs-tbase-short": "teacher=base",
+    "abs-tbase-skip1-short": "**teacher=base + sync_skip=1 (the new defaults)**",
     "abs-tbase-long": "teacher=base, one stream of 16 speeches",
+    "abs-tbase-more": "teacher=base, 3 more speeches (no full-context run)",
     "abs-default-long": "teacher=current, one stream of 16 speeches",
     "ttt-default-short": "ttt (next-token loss on X, same K/AdamW/slice)",
     "absorber": "absorber, defaults", "abs-default": "absorber, teacher=current",
-    "abs-tbase": "absorber, teacher=base (default)", "abs-combo": "absorber, current + combo",
+    "abs-tbase": "absorber, teacher=base", "abs-combo": "absorber, current + combo",
     "full": "full context (≤ 8192)", "window": "window", "ttt": "ttt",
 }
 
@@ -91,6 +92,8 @@ def summarize(series: dict, name: str, base: str = "") -> dict | None:
     if not (win and var):
         return None
     keys = sorted(set(win) & set(var))
+    if full and not name.endswith(("-long", "-more")):   # R on the segments that have the full-context run
+        keys = [k for k in keys if k in full]
     if not keys:
         return None
     if not full or not set(keys) <= set(full):   # no full-context reference for every segment: no R
@@ -184,15 +187,16 @@ def markdown(rows: list[dict], pk: dict) -> str:
          "| Δ NLL/token vs window (better) | Δ vs ref [95% CI] (better) |", "|---|---|---|---|---|---|---|---|---|"]
     for d in rows:
         vw, vd = d["vs_window"], d.get("vs_default")
-        L.append(f"| {LABELS.get(d['series'], d['series'])} | {d['series']} | {d['texts']} × "
-                 f"{d['segments'] // max(d['texts'], 1)} | {d['ppl']:.3f} "
-                 f"({d['ppl_window']:.3f} / {d['ppl_full']:.3f}) | {d['recovered_fraction']:.2f}"
-                 f"{fmt_ci(d['recovered_fraction_ci95'])} | "
-                 f"{d.get('recall_recovered_fraction', float('nan')):.2f}{fmt_ci(d.get('recall_recovered_fraction_ci95'))}"
-                 f" | {d.get('loss_first', float('nan')):.3f} → {d.get('loss_last', float('nan')):.3f} | "
-                 f"{vw['mean']:+.4f} ({vw['better']}/{vw['n']}) | "
-                 + (f"{vd['mean']:+.4f} [{vd['ci95'][0]:+.4f}, {vd['ci95'][1]:+.4f}] ({vd['better']}/{vd['n']}) "
-                    f"vs {d['ref']}" if vd else "–") + " |")
+        label = LABELS.get(d["series"], d["series"])
+        rounds = d["segments"] // max(d["texts"], 1)
+        ppls = f"{d['ppl']:.3f} ({d['ppl_window']:.3f} / {d['ppl_full']:.3f})"
+        r = f"{d['recovered_fraction']:.2f}{fmt_ci(d['recovered_fraction_ci95'])}"
+        rr = f"{d.get('recall_recovered_fraction', float('nan')):.2f}{fmt_ci(d.get('recall_recovered_fraction_ci95'))}"
+        loss = f"{d['loss_first']:.3f} → {d['loss_last']:.3f}" if "loss_first" in d else "–"
+        dw = f"{vw['mean']:+.4f} [{vw['ci95'][0]:+.4f}, {vw['ci95'][1]:+.4f}] ({vw['better']}/{vw['n']})"
+        dr = (f"{vd['mean']:+.4f} [{vd['ci95'][0]:+.4f}, {vd['ci95'][1]:+.4f}] ({vd['better']}/{vd['n']}) "
+              f"vs {d['ref']}") if vd else "–"
+        L.append(f"| {label} | {d['series']} | {d['texts']} × {rounds} | {ppls} | {r} | {rr} | {loss} | {dw} | {dr} |")
     if pk:
         L += ["", "| passkey | correct / trials | needle evicted: correct / trials | by haystack length |",
               "|---|---|---|---|"]
@@ -217,7 +221,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylabel("NLL/token of the next segment − window's")
     ax.set_title("Drift: absorber variants vs the plain window (below 0 = better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
