@@ -160,8 +160,9 @@ class Stream:
         self._load_initial_adapters()
         self._initial = self.opt.params.copy() if self.cfg.reset == "adapters" else None
         self._b_views = [v for n, v in self.param_views.items() if n.endswith(".lora_B")]
-        # teacher="base": the decoder with every adapter at zero is the base model
-        self._zero_views = self.opt.views(np.zeros(self.opt.size, np.float32)) if self.cfg.teacher == "base" else None
+        # teacher="base": the decoder with every B at zero is the base model. The zero Bs are views of ONE buffer
+        # the size of the largest B (the sessions only read inputs), not a second copy of the adapters.
+        self._base_feeds = self._zero_b_feeds() if self.cfg.teacher == "base" else None
         # sessions
         self.providers: list[str] = []
         self._weights_maps: list[np.memmap] = []
@@ -382,8 +383,12 @@ class Stream:
         return done
 
     # ---------------------------------------------------------------------------------------------- one round
+    def _zero_b_feeds(self) -> dict:
+        zero = np.zeros(max(v.size for v in self._b_views), np.float32)
+        return {n: (zero[:v.size].reshape(v.shape) if n.endswith(".lora_B") else v) for n, v in self.param_views.items()}
+
     def _adapter_feeds(self, base: bool = False) -> dict:
-        return dict(self._zero_views if base else self.param_views)
+        return dict(self._base_feeds if base else self.param_views)
 
     def _prefill_feeds(self, ids: list[int], logits_to_keep: int, base: bool = False) -> dict:
         """decoder.onnx inputs for ids at positions 0..T-1 from an empty past, with the current adapters (or,
