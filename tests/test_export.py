@@ -152,6 +152,17 @@ def _torch_loss_grads(model, m, y, th):
     return float(loss.detach()), {n: p.grad.numpy().copy() for n, p in params.items()}
 
 
+def _train_step_vs_torch(path, m, model, ad, x, y):
+    """Run train_step.onnx and the torch reference on the same Y, teacher and adapters; the losses must agree.
+    Returns (onnx outputs by name, torch gradients by adapter name)."""
+    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
+    loss, grads = _torch_loss_grads(model, m, y, th)
+    sess = _session(path, "train_step")
+    r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
+    assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
+    return r, grads
+
+
 def _feeds(y, th, ad):
     return {"input_ids": y.numpy(), "position_ids": np.arange(y.shape[1])[None], "teacher_hidden": th.numpy(), **ad}
 
@@ -164,11 +175,7 @@ def test_train_step_loss_and_grads_match_torch(bundles, length):
     ad = _random_adapters(model)
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
     x, y = _ids(17, 4), _ids(length, 5)
-    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m, y, th)
-    sess = _session(path, "train_step")
-    r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
-    assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
+    r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
     assert set(r) == {"loss"} | {f"grad.{n}" for n in grads}
     for n, g in grads.items():
         assert np.abs(g).max() > 0
@@ -237,11 +244,7 @@ def test_quantized_bundle_grads_match_dequantized_torch(bundles, quant):
     ad = _random_adapters(model)
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
     x, y = _ids(15, 9), _ids(12, 10)
-    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m, y, th)
-    sess = _session(path, "train_step")
-    r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
-    assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
+    r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
     for n, g in grads.items():
         assert relerr(r[f"grad.{n}"], g) <= TOL, n
     # the decoder runs on the same quantized weights
@@ -400,11 +403,7 @@ def test_smollm2_bundle_matches_torch(tmp_path):
     logits, _, _ = _decode(_session(path, "decoder"), m, ids.numpy(), ad, prefill=ids.shape[1] - 3)
     assert relerr(logits[0], ref) <= TOL
     x, y = ids[:, :12], ids[:, 12:]
-    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m, y, th)
-    r = dict(zip([o.name for o in _session(path, "train_step").get_outputs()],
-                 _session(path, "train_step").run(None, _feeds(y, th, ad))))
-    assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
+    r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
     # 30 layers of float32 under an L1 loss: per-tensor errors sit at torch's own fp32-vs-fp64 level (~1e-3,
     # benchmarks/export.md); all gradients together must agree to 1e-4
     num = sum(float(np.sum((r[f"grad.{n}"].astype(np.float64) - g) ** 2)) for n, g in grads.items())
@@ -441,11 +440,7 @@ def test_tiny_qwen2_train_step_matches_torch(tmp_path):
     ad = _random_adapters(model)
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
     x, y = _ids(11, 1), _ids(9, 2)
-    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m, y, th)
-    sess = _session(path, "train_step")
-    r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
-    assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
+    r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
     for n, g in grads.items():
         assert relerr(r[f"grad.{n}"], g) <= TOL, n
     with torch.no_grad():
