@@ -84,3 +84,87 @@ class AbsorberConfig:
             raise AbsorberError(f"teacher must be current or base (got {self.teacher!r})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
+
+
+# ------------------------------------------------------------------------------------------------ flags -> config
+LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "layers", "seed": "seed",
+             "lora.rank": "rank", "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers",
+             "lora.seed": "seed"}
+_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "lora.rank", "lora.seed")
+_TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
+
+
+def override(cfg: AbsorberConfig, **flags) -> AbsorberConfig:
+    """A new config: `cfg` with every flag that is not None applied. The one path from command-line flags (and
+    sweep points, and run-time overrides) to an AbsorberConfig.
+
+    Keys: any AbsorberConfig field; LoRA fields as rank, alpha, targets, layers, seed (or lora.rank, ...).
+    The rank/alpha rule: when the rank changes and alpha is not given, alpha/rank (the adapters' scaling) stays
+    what it was (16/32 -> 8/16). Lists become tuples. Unknown keys raise AbsorberError."""
+    from absorber.errors import AbsorberError
+    top: dict = {}
+    lora: dict = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if key in LORA_KEYS:
+            lora[LORA_KEYS[key]] = value
+        elif key == "lora" and isinstance(value, LoraConfig):
+            top["lora"] = value
+        elif key in AbsorberConfig.__dataclass_fields__ and key != "lora":
+            top[key] = value
+        else:
+            raise AbsorberError(f"unknown setting {key!r}")
+    out = dataclasses.replace(cfg, **top)
+    if lora:
+        lc = out.lora
+        if "rank" in lora and "alpha" not in lora and lora["rank"] != lc.rank:
+            lora["alpha"] = lc.alpha * lora["rank"] / lc.rank
+        out = dataclasses.replace(out, lora=dataclasses.replace(lc, **lora))
+    return out
+
+
+def parse_value(key: str, text: str):
+    """One setting's value from text: ints for counts, tuples for layer/target lists ('all'/'none' = None)."""
+    from absorber.errors import AbsorberError
+    import re
+    key = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets", "layers": "lora.layers",
+           "seed": "lora.seed"}.get(key, key)
+    v = text.strip()
+    if key in _TUPLE_KEYS:
+        if v in ("all", "none", ""):
+            return tuple(LoraConfig().targets) if key == "lora.targets" else None
+        parts = [p for p in re.split(r"[+:/ ,]", v) if p]
+        try:
+            return tuple(parts) if key == "lora.targets" else tuple(
+                float(p) if key == "betas" else int(p) for p in parts)
+        except ValueError:
+            raise AbsorberError(f"bad value {text!r} for {key}") from None
+    if key in ("loss", "reset", "teacher"):
+        return v
+    if key == "fill":
+        return v.lower() in ("1", "true", "yes", "on")
+    try:
+        x = float(v)
+    except ValueError:
+        raise AbsorberError(f"bad value {text!r} for {key}") from None
+    return int(x) if x.is_integer() and key in _INT_KEYS else x
+
+
+def parse_sweep(specs) -> dict[str, list]:
+    """["n=128,256", "lr=1e-3,2e-3", "loss_layers=all|15,30"] -> {"n": [128, 256], ...}: a grid of override()
+    keys (lists separated by ',' or, when a value itself holds commas, by '|')."""
+    from absorber.errors import AbsorberError
+    grid: dict[str, list] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise AbsorberError(f"sweep spec {spec!r} is not key=v1,v2")
+        key, vals = spec.split("=", 1)
+        key = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets"}.get(key.strip(), key.strip())
+        if key not in LORA_KEYS and key not in AbsorberConfig.__dataclass_fields__:
+            raise AbsorberError(f"unknown setting {key!r} in sweep spec {spec!r}")
+        sep = "|" if "|" in vals else ","
+        grid[key] = [parse_value(key, v) for v in vals.split(sep)]
+    return grid

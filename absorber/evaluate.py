@@ -28,14 +28,14 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from absorber import lora
-from absorber.config import AbsorberConfig, LoraConfig
+from absorber.config import AbsorberConfig, override
 from absorber.stream import StreamingAbsorber
 
 METHODS = ("full", "window", "sink", "ttt", "absorber")    # report order
@@ -366,49 +366,6 @@ def _result(usable, per_text, passkey, cfg, settings, t0, methods_done) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- sweep
-def parse_sweep(specs: Sequence[str]) -> dict[str, list]:
-    """["n=128,256", "lr=1e-3,2e-3", "loss_layers=all|15,30"] -> {"n": [128, 256], ...}.
-    Keys: any AbsorberConfig field, or lora.rank / lora.alpha / lora.targets / lora.layers (alias rank, alpha)."""
-    from absorber.errors import AbsorberError
-    grid: dict[str, list] = {}
-    for spec in specs:
-        if "=" not in spec:
-            raise AbsorberError(f"sweep spec {spec!r} is not key=v1,v2")
-        key, vals = spec.split("=", 1)
-        key = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets"}.get(key.strip(), key.strip())
-        sep = "|" if "|" in vals else ","
-        grid[key] = [_parse_value(key, v) for v in vals.split(sep)]
-    return grid
-
-
-def _parse_value(key: str, v: str):
-    v = v.strip()
-    if key in ("loss_layers", "lora.layers", "lora.targets"):
-        if v in ("all", "none", ""):
-            return None if key != "lora.targets" else tuple(LoraConfig().targets)
-        parts = [p for p in re.split(r"[+:/ ,]", v) if p]
-        return tuple(parts) if key == "lora.targets" else tuple(int(p) for p in parts)
-    if key in ("loss", "reset", "teacher"):
-        return v
-    x = float(v)
-    return int(x) if x.is_integer() and key in ("n", "m", "k", "sink", "sync_skip", "lora.rank") else x
-
-
-def apply_setting(cfg: AbsorberConfig, key: str, value) -> AbsorberConfig:
-    from absorber.errors import AbsorberError
-    if key.startswith("lora."):
-        sub = key[5:]
-        if sub not in LoraConfig.__dataclass_fields__:
-            raise AbsorberError(f"unknown LoRA setting {sub!r}")
-        lc = replace(cfg.lora, **{sub: value})
-        if sub == "rank":   # keep alpha/rank (the scaling) fixed when only the rank moves
-            lc = replace(lc, alpha=cfg.lora.alpha * value / cfg.lora.rank)
-        return replace(cfg, lora=lc)
-    if key not in AbsorberConfig.__dataclass_fields__:
-        raise AbsorberError(f"unknown setting {key!r}")
-    return replace(cfg, **{key: value})
-
-
 def sweep(base: nn.Module, tok, texts, cfg: AbsorberConfig, settings: EvalSettings, grid: dict[str, list],
           log: Callable[[str], None] | None = None, on_point: Callable[[dict], None] | None = None) -> dict:
     """Evaluate every point of the grid; baselines (window/sink/full) are computed once per (n, m)."""
@@ -417,9 +374,7 @@ def sweep(base: nn.Module, tok, texts, cfg: AbsorberConfig, settings: EvalSettin
     points = []
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
-        c = copy.deepcopy(cfg)
-        for k, v in zip(keys, combo):
-            c = apply_setting(c, k, v)
+        c = override(copy.deepcopy(cfg), **dict(zip(keys, combo)))
         if log:
             log(f"== sweep point {dict(zip(keys, combo))}")
         base_key = (c.n, c.m, c.sink)

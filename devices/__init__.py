@@ -12,13 +12,13 @@ Stable API (imports onnxruntime, numpy, psutil and the standard library only; ne
   optimization level, session config entries; ``extra_config``, e.g. from a bundle manifest, wins).
 - ``session_kwargs(profile, device, extra_config)`` -> {sess_options, providers, provider_options} for
   ``onnxruntime.InferenceSession(path, **kwargs)``.
-- Memory planner: ``predict(manifest, n, m, k) -> Prediction`` (peak RSS, term by term),
-  ``plan(manifest, budget_bytes, k)``, ``choose_window(manifest, budget_bytes, k) -> (n, m)``,
-  ``parse_size("1.5GB") -> bytes``.
+- Memory planner: ``predict(bundle, n, m, k) -> Prediction`` (peak RSS, term by term),
+  ``plan(bundle, budget_bytes, k)``, ``choose_window(bundle, budget_bytes, k) -> (n, m)``,
+  ``parse_size("1.5GB") -> bytes``; `bundle` is an ``absorber.bundle_format.Bundle`` (``load_bundle(folder)``).
 - ``describe()``: the facts `absorber devices` prints.
 
 CLI: ``absorber devices [--json]`` (command.py), ``absorber plan BUNDLE --memory-budget 1GB`` (plan_command.py).
-Calibration of the planner: ``python -m absorber.devices.calibrate BUNDLE`` (benchmarks/planner.md).
+Calibration of the planner: ``python -m absorber.bench.calibrate BUNDLE`` (benchmarks/planner.md).
 """
 from __future__ import annotations
 

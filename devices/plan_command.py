@@ -30,30 +30,28 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from absorber.devices.planner import format_size, load_manifest, parse_size, plan, predict
+    from absorber.devices.planner import format_size, load_bundle, parse_size, plan, predict
     from absorber.devices.profiles import get_profile
     from absorber.errors import AbsorberError
 
-    manifest, wfile = load_manifest(args.bundle)
+    bundle = load_bundle(args.bundle)
     prof = get_profile(args.profile) if args.profile else None
     budget = parse_size(args.memory_budget) if args.memory_budget else (prof.memory_budget_bytes if prof else None)
     arena = (prof.enable_cpu_mem_arena if prof else True) and not args.no_arena
-    defaults = manifest.get("defaults") or {}
-    k = args.k if args.k is not None else int(defaults.get("k", prof.k if prof else 16))
+    defaults = bundle.defaults()
+    k = args.k if args.k is not None else defaults.k
     pattern = prof.enable_mem_pattern if prof else False
-    kw = {"arena": arena, "mem_pattern": pattern, "weights_file_bytes": wfile}
+    kw = {"arena": arena, "mem_pattern": pattern}
     if (args.n is None) != (args.m is None) and budget is None:
         raise AbsorberError("give both --n and --m, or a --memory-budget to plan the window")
     if args.n is not None and args.m is not None:
-        pred = predict(manifest, args.n, args.m, k, **kw)
+        pred = predict(bundle, args.n, args.m, k, **kw)
         mode = "given"
     elif budget is not None:
-        pred = plan(manifest, budget, k, ratio=args.ratio, margin=args.margin / 100, **kw)
+        pred = plan(bundle, budget, k, ratio=args.ratio, margin=args.margin / 100, **kw)
         mode = "planned"
     else:
-        n = int(defaults.get("n", prof.n if prof else 512))
-        m = int(defaults.get("m", prof.m if prof else 256))
-        pred = predict(manifest, n, m, k, **kw)
+        pred = predict(bundle, defaults.n, defaults.m, k, **kw)
         mode = "bundle defaults"
     fits = None if budget is None else pred.peak_bytes * (1 + args.margin / 100) <= budget
     if args.json:

@@ -27,11 +27,13 @@ K (optimizer steps per round) adds time, not memory (except through enable_mem_p
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import numpy as np
+
+from absorber.bundle_format import Bundle, read_manifest
 from absorber.errors import AbsorberError
 
 F32 = 4
@@ -111,80 +113,47 @@ class ModelFacts:
     notes: list[str] = field(default_factory=list)
 
 
-def _get(d: dict, *keys, default=None):
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
+def as_bundle(bundle: Bundle | dict) -> Bundle:
+    """The planner reads a manifest only through Bundle: a dict is validated against the schema first."""
+    return bundle if isinstance(bundle, Bundle) else Bundle.from_manifest(bundle)
 
 
-def model_facts(manifest: dict) -> ModelFacts:
-    """The numbers the planner needs, from a bundle manifest (docs/bundle.md). Missing optional facts are
-    derived (MLP width from the adapters' shapes) or assumed, with a note."""
-    if not isinstance(manifest, dict) or "model" not in manifest:
-        raise AbsorberError("manifest has no 'model' section (is this a bundle manifest.json?)")
-    md = manifest["model"]
+def model_facts(bundle: Bundle | dict) -> ModelFacts:
+    """The numbers the planner needs, from a bundle's manifest (docs/bundle.md). An MLP width of 0 (a config
+    without intermediate_size) is derived from the adapters' shapes, or assumed 4*hidden, with a note."""
+    b = as_bundle(bundle)
     notes: list[str] = []
-    try:
-        L = int(_get(md, "num_layers", "num_hidden_layers"))
-        H = int(_get(md, "hidden", "hidden_size"))
-        nh = int(_get(md, "num_heads", "num_attention_heads"))
-        V = int(_get(md, "vocab", "vocab_size"))
-    except (TypeError, ValueError):
-        raise AbsorberError("manifest 'model' needs num_layers, hidden, num_heads and vocab") from None
-    kv = int(_get(md, "num_kv_heads", "num_key_value_heads", default=nh))
-    hd = int(_get(md, "head_dim", default=H // nh))
-    sl = manifest.get("slice") or {}
-    tensors = sl.get("tensors") or []
-    I = _get(md, "intermediate", "intermediate_size", "ffn_hidden")
-    if I is None:
+    L, H, nh, V = b.num_layers, b.hidden, b.num_heads, b.vocab
+    tensors = b.slice_tensors
+    I = b.intermediate
+    if not I:
         for t in tensors:
-            name, shape = t.get("name", ""), t.get("shape") or []
-            if len(shape) == 2 and (t.get("target") in ("gate_proj", "up_proj") or ".gate_proj." in name
-                                    or ".up_proj." in name) and name.endswith("lora_B"):
+            name, shape, target = t["name"], t["shape"], t.get("target")
+            if target in ("gate_proj", "up_proj") and name.endswith("lora_B"):
                 I = shape[1]
                 break
-            if len(shape) == 2 and (t.get("target") == "down_proj" or ".down_proj." in name) \
-                    and name.endswith("lora_A"):
+            if target == "down_proj" and name.endswith("lora_A"):
                 I = shape[0]
                 break
-    if I is None:
+    if not I:
         I = 4 * H
         notes.append(f"MLP width not in the manifest: assumed 4*hidden = {I}")
-    I = int(I)
-    tied = bool(_get(md, "tie_word_embeddings", "tied_embeddings", "tied", default=True))
-    if not any(k in md for k in ("tie_word_embeddings", "tied_embeddings", "tied")):
-        notes.append("tie_word_embeddings not in the manifest: assumed tied (embedding counted once)")
-    ll = manifest.get("loss_layers")
-    S = len(ll) if ll else L
-    adapter_params = 0
-    for t in tensors:
-        n = 1
-        for d in t.get("shape") or []:
-            n *= int(d)
-        adapter_params += n
-    if not tensors:
-        notes.append("slice.tensors is empty: no adapter memory counted")
-    q = manifest.get("quant") or {}
-    scheme = str(q.get("scheme", "fp32")).lower()
-    if scheme not in ("fp32", "int8", "int4"):
-        raise AbsorberError(f"unknown quant scheme {scheme!r} in the manifest: expected fp32, int8 or int4")
+    tied = b.tied_embeddings
+    adapter_params = sum(int(np.prod(t.shape)) for t in b.adapters)
+    scheme = b.quant_scheme
     # the exporter: int8 per row (no blocks), int4 in blocks of 32; symmetric (no zero point)
-    block = int(q.get("block_size", 32 if scheme == "int4" else 0) or 0)
-    zp = bool(q.get("zero_point", False))
-    qnames = q.get("quantized")
-    if isinstance(qnames, list):      # the exporter lists every quantized tensor
-        q_emb = any("embed" in str(x) or str(x).startswith("wte") for x in qnames)
-        q_head = any("lm_head" in str(x) for x in qnames)
+    block = b.quant_block_size
+    qnames = b.quantized_tensors
+    if qnames is not None:            # the exporter lists every quantized tensor
+        q_emb = any("embed" in x for x in qnames)
+        q_head = any("lm_head" in x for x in qnames)
         if tied:                      # one table under either name
             q_emb = q_head = q_emb or q_head
-    else:                             # default of absorber.export: every 2-D frozen weight, tables included
-        q_emb = bool(q.get("embeddings", True))
-        q_head = bool(q.get("lm_head", True))
-    return ModelFacts(L=L, H=H, I=I, nh=nh, kv=kv, hd=hd, V=V, S=S, tied=tied, adapter_params=adapter_params,
-                      scheme=scheme, block_size=block, zero_point=zp,
-                      quantize_lm_head=q_head,
-                      quantize_embeddings=q_emb, notes=notes)
+    else:                             # every 2-D frozen weight, tables included (the exporter's rule)
+        q_emb = q_head = scheme != "fp32"
+    return ModelFacts(L=L, H=H, I=int(I), nh=nh, kv=b.num_kv_heads, hd=b.head_dim, V=V, S=len(b.loss_layers),
+                      tied=tied, adapter_params=adapter_params, scheme=scheme, block_size=block, zero_point=False,
+                      quantize_lm_head=q_head, quantize_embeddings=q_emb, notes=notes)
 
 
 def linear_shapes(f: ModelFacts) -> list[tuple[int, int]]:
@@ -241,31 +210,20 @@ class Prediction:
         return d
 
 
-def stored_tensors(manifest: dict) -> list[dict]:
-    """The external-data tensor table of a bundle manifest ([] when the manifest has none)."""
-    out = []
-    for e in manifest.get("external_data") or []:
-        if isinstance(e, dict):
-            out.extend(t for t in e.get("tensors") or [] if isinstance(t, dict))
-    return out
-
-
-def dequantized_tables(manifest: dict, f: ModelFacts) -> dict[str, float]:
+def dequantized_tables(bundle: Bundle, f: ModelFacts) -> dict[str, float]:
     """float32 bytes of the quantized vocabulary tables (embedding, lm_head) each graph dequantizes in full per
     run: a DequantizeLinear of a [V, H] table is one fp32 [V, H] tensor live during the run. The linear layers'
     dequantized weights are short-lived (one at a time) and stay inside the working-set coefficients."""
     table = float(f.V * f.H * F32)
     if f.scheme == "fp32":
         return {"decoder": 0.0, "train_step": 0.0}
-    ts = stored_tensors(manifest)
+    ts = bundle.stored_tensors
     if ts:
         dec = tr = 0.0
         for t in ts:
-            shape = t.get("shape") or t.get("dims") or []
-            if len(shape) == 2 and int(shape[0]) == f.V and str(t.get("dtype", "")).lower() not in ("float", "float32"):
-                graphs = t.get("graphs") or ["decoder", "train_step"]
-                dec += table if "decoder" in graphs else 0.0
-                tr += table if "train_step" in graphs else 0.0
+            if len(t.shape) == 2 and t.shape[0] == f.V and t.dtype.lower() not in ("float", "float32"):
+                dec += table if "decoder" in t.graphs else 0.0
+                tr += table if "train_step" in t.graphs else 0.0
         return {"decoder": dec, "train_step": tr}
     # no table: the embedding (decoder) and the lm_head (both graphs; the same tensor when tied)
     dec = (table if f.quantize_embeddings else 0.0) + (table if f.quantize_lm_head and not f.tied else 0.0)
@@ -273,7 +231,7 @@ def dequantized_tables(manifest: dict, f: ModelFacts) -> dict[str, float]:
     return {"decoder": dec, "train_step": tr}
 
 
-def predict(manifest: dict, n: int, m: int, k: int = 16, *, arena: bool = True, mem_pattern: bool = False,
+def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool = True, mem_pattern: bool = False,
             logits_kept: int = 1, weights_file_bytes: int | None = None, coeffs: dict | None = None) -> Prediction:
     """Peak RSS of one absorption round (teacher pass on X.Y, K train steps on Y, the final loss evaluation)
     of the runtime, term by term.
@@ -288,12 +246,13 @@ def predict(manifest: dict, n: int, m: int, k: int = 16, *, arena: bool = True, 
         raise AbsorberError(f"window must have n >= 0 and m >= 1 (got n={n}, m={m})")
     c = dict(COEFFS)
     c.update(coeffs or {})
-    f = model_facts(manifest)
+    b = as_bundle(bundle)
+    f = model_facts(b)
     notes = list(f.notes)
     T = n + m
     wb = weight_bytes(f)
     w_facts = sum(wb.values())
-    table = sum(float(t.get("length", 0) or 0) for t in stored_tensors(manifest))
+    table = float(b.stored_bytes)
     if weights_file_bytes:
         w_one = float(weights_file_bytes)
         src = "the bundle's weight files"
@@ -304,7 +263,7 @@ def predict(manifest: dict, n: int, m: int, k: int = 16, *, arena: bool = True, 
     if src and abs(w_one - w_facts) > 0.02 * w_facts:
         notes.append(f"weights from {src}: {format_size(w_one)} (the model facts give {format_size(w_facts)}"
                      + ("; a tied table stored twice?)" if w_one > 1.1 * w_facts else ")"))
-    dq = dequantized_tables(manifest, f)
+    dq = dequantized_tables(b, f)
     # int4 (block-wise DequantizeLinear, not fused by ORT here): part of the linear layers' fp32 copies stay live
     lin_fp32 = f.L * sum(r * cc for r, cc in linear_shapes(f)) * F32 if f.scheme == "int4" else 0.0
     ad = f.adapter_params * F32
@@ -365,32 +324,24 @@ def predict(manifest: dict, n: int, m: int, k: int = 16, *, arena: bool = True, 
 
 
 # ---------------------------------------------------------------------------------------------------- planning
-def _ratio(manifest: dict) -> float:
-    d = manifest.get("defaults") or {}
-    try:
-        n, m = int(d.get("n", 512)), int(d.get("m", 256))
-        return n / m if m else 2.0
-    except (TypeError, ValueError):
-        return 2.0
-
-
-def plan(manifest: dict, budget_bytes: int, k: int = 16, *, ratio: float | None = None, step: int = 16,
+def plan(bundle: Bundle | dict, budget_bytes: int, k: int = 16, *, ratio: float | None = None, step: int = 16,
          max_m: int | None = None, margin: float = 0.10, **kw) -> Prediction:
     """The largest window (n = ratio * m, m a multiple of `step`) whose predicted peak, plus a safety `margin`
     (10 %: the calibration's largest error is ~7 %), fits budget_bytes. ratio defaults to the manifest defaults'
     n/m (2 when absent); m is capped so that n + m <= max_positions. Keyword arguments go to predict().
     Raises AbsorberError when even the smallest window does not fit (the line says what the floor is)."""
     budget = int(budget_bytes)
-    r = _ratio(manifest) if ratio is None else float(ratio)
+    bd = as_bundle(bundle)
+    d = bd.defaults()
+    r = d.n / d.m if ratio is None else float(ratio)
     if r < 0:
         raise AbsorberError(f"n/m ratio must be >= 0 (got {r})")
-    md = manifest.get("model") or {}
-    max_pos = int(_get(md, "max_positions", "max_position_embeddings", default=0) or 0)
+    max_pos = bd.max_positions
     cap = max_m or (int(max_pos / (1 + r)) if max_pos else 1 << 16)
     cap = max(step, cap - cap % step)
 
     def at(mm: int) -> Prediction:
-        return predict(manifest, int(round(r * mm)), mm, k, **kw)
+        return predict(bd, int(round(r * mm)), mm, k, **kw)
 
     def fits(p: Prediction) -> bool:
         return p.peak_bytes * (1 + margin) <= budget
@@ -415,31 +366,12 @@ def plan(manifest: dict, budget_bytes: int, k: int = 16, *, ratio: float | None 
     return at(a * step)
 
 
-def choose_window(manifest: dict, budget_bytes: int, k: int = 16, **kw) -> tuple[int, int]:
+def choose_window(bundle: Bundle | dict, budget_bytes: int, k: int = 16, **kw) -> tuple[int, int]:
     """(n, m) of plan(): the largest window that fits the budget. For `--memory-budget` in run/bench."""
-    p = plan(manifest, budget_bytes, k, **kw)
+    p = plan(bundle, budget_bytes, k, **kw)
     return p.n, p.m
 
 
-def load_manifest(bundle: str | Path) -> tuple[dict, int | None]:
-    """(manifest, bytes of its external weight files or None) from a bundle folder or a manifest.json path."""
-    p = Path(bundle)
-    mpath = p / "manifest.json" if p.is_dir() else p
-    if not mpath.is_file():
-        raise AbsorberError(f"no manifest.json in {bundle}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError as e:
-        raise AbsorberError(f"{mpath}: not valid JSON ({e})") from None
-    root = mpath.parent
-    if stored_tensors(manifest):      # exact bytes per tensor: better than file sizes (which include padding)
-        return manifest, None
-    files = [e.get("file") for e in manifest.get("external_data") or [] if isinstance(e, dict)]
-    if not files and (root / "weights.bin").is_file():
-        files = ["weights.bin"]
-    total = 0
-    for fn in files:
-        fp = root / str(fn)
-        if fp.is_file():
-            total += fp.stat().st_size
-    return manifest, (total or None)
+def load_bundle(bundle: str | os.PathLike) -> Bundle:
+    """A bundle folder's (or manifest.json's) manifest, validated, as a Bundle; no other file is read."""
+    return read_manifest(bundle)

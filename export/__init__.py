@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["export_bundle", "export_bundles", "is_bundle", "SCHEMES"]
 
-SCHEMES = ("fp32", "int8", "int4")
+from absorber.bundle_format import QUANT_SCHEMES as SCHEMES
 
 
 def export_bundle(model, tokenizer, out_dir, quant: str = "fp32", lora_cfg=None, cfg=None, opset: int = 21,

@@ -6,7 +6,6 @@ renamed into place at the end, so a failure never leaves a half-written bundle b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -20,24 +19,16 @@ from onnx import numpy_helper
 
 from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
-from absorber.export.schema import FORMAT, validate_manifest
+from absorber import bundle_format as F
+from absorber.bundle_format import ALIGN, MANIFEST, WEIGHTS_FILE
 
-WEIGHTS_FILE = "weights.bin"
-ALIGN = 4096                   # every tensor in weights.bin starts on a page boundary (mmap-friendly)
 DEFAULT_OPSET = 21             # DequantizeLinear with int4 and block_size needs 21
 MIN_OPSET = 18
-MANIFEST = "manifest.json"
 
 
 def is_bundle(path: Path) -> bool:
-    m = Path(path) / MANIFEST
-    if not m.is_file():
-        return False
-    try:
-        d = json.loads(m.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and "format" in d
+    """A folder that an export wrote (of any format version): safe to replace."""
+    return F.is_bundle_folder(path)
 
 
 def _check_out(out: Path) -> None:
@@ -49,14 +40,6 @@ def _check_out(out: Path) -> None:
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
         raise AbsorberError(f"cannot create --out {out}: {parent} is not a writable folder")
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -131,7 +114,7 @@ def _tokenizer_files(tokenizer, folder: Path) -> dict | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise AbsorberError("the tokenizer has no fast backend (tokenizers library); cannot write tokenizer.json")
-    (folder / "tokenizer.json").write_text(backend.to_str())
+    (folder / F.TOKENIZER_FILE).write_text(backend.to_str())
     conf = {"tokenizer_class": type(tokenizer).__name__}
     for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
         v = getattr(tokenizer, k, None)
@@ -142,8 +125,8 @@ def _tokenizer_files(tokenizer, folder: Path) -> dict | None:
     conf["model_max_length"] = int(mml) if isinstance(mml, int) and mml < 1 << 40 else None
     conf["chat_template"] = getattr(tokenizer, "chat_template", None) if isinstance(
         getattr(tokenizer, "chat_template", None), str) else None
-    (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
-    return {"file": "tokenizer.json", "config": "tokenizer_config.json"}
+    (folder / F.TOKENIZER_CONFIG_FILE).write_text(json.dumps(conf, indent=2))
+    return {"file": F.TOKENIZER_FILE, "config": F.TOKENIZER_CONFIG_FILE}
 
 
 def _io_shapes_ok(mp: onnx.ModelProto) -> None:
@@ -202,8 +185,9 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
 
     say = progress or (lambda msg: None)
     cfg = cfg if cfg is not None else AbsorberConfig()
-    lora_cfg = lora_cfg if lora_cfg is not None else cfg.lora
-    cfg = dataclasses.replace(cfg, lora=lora_cfg)
+    if lora_cfg is not None:        # a convenience of the Python API: the slice given on its own
+        cfg = dataclasses.replace(cfg, lora=lora_cfg)
+    lora_cfg = cfg.lora
     cfg.validate()
     if cfg.kl_weight:
         raise AbsorberError("kl_weight > 0 is not supported by the exported train step (hidden-state loss only)")
@@ -250,8 +234,7 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
         init_adapters = {n: p.detach().float().numpy().copy() for n, p in adapters.items()}
         t0 = time.perf_counter()
         say("exporting train_step.onnx (forward + backward)")
-        train = graphs.export_train_step(model, layers, cfg.loss, names, frozen, opset, max_len, facts["hidden"],
-                                         cfg.sync_skip)
+        train = graphs.export_train_step(model, cfg, layers, names, frozen, opset, max_len)
         t_train = time.perf_counter() - t0
         _strip_weights(train, params, store)
         say(f"  {t_train:.1f} s")
@@ -309,7 +292,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
     try:
         say(f"writing {WEIGHTS_FILE}")
         table = _externalize({"decoder": dec, "train_step": train}, weight_names, tmp, traced.store)
-        graph_files = {"decoder": "decoder.onnx", "train_step": "train_step.onnx"}
+        graph_files = F.GRAPH_FILES
         graphs_desc = {}
         from absorber.export import graphs
         for gname, mp in (("decoder", dec), ("train_step", train)):
@@ -319,18 +302,17 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
                                   "opset": max(o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")),
                                   "ir_version": int(mp.ir_version)}
         from safetensors.numpy import save_file
-        save_file(traced.adapters, str(tmp / "adapters.safetensors"))
+        save_file(traced.adapters, str(tmp / F.ADAPTERS_FILE))
         tok = _tokenizer_files(tokenizer, tmp)
         manifest = {
-            "format": FORMAT,
+            "format": F.FORMAT,
             "model": traced.facts,
             "slice": traced.slice,
-            "adapters_file": "adapters.safetensors",
-            "loss": {"kind": traced.cfg.loss, "layers": traced.layers, "skip": traced.cfg.sync_skip},
-            "loss_layers": traced.layers,
+            "adapters_file": F.ADAPTERS_FILE,
+            "loss": F.loss_entry(traced.cfg, traced.layers),
             "quant": Q.describe(quant, qtensors),
             "session_config": dict(Q.SESSION_CONFIG),
-            "defaults": traced.cfg.to_dict(),
+            "defaults": F.defaults_entry(traced.cfg),
             "graphs": graphs_desc,
             "external_data": [{"file": WEIGHTS_FILE, "align": ALIGN, "tensors": table}],
             "shared_initializers": [t["name"] for t in table if len(t["graphs"]) > 1],
@@ -338,10 +320,10 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "max_len": traced.max_len,
             "exporter": {**_versions(), "opset": traced.opset, "seconds": dict(traced.seconds)},
         }
-        manifest["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+        manifest["files"] = {p.name: F.sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         manifest["exporter"]["seconds"]["write"] = round(time.perf_counter() - t_start, 2)
         manifest = json.loads(json.dumps(manifest, default=_json_default))
-        validate_manifest(manifest)
+        F.validate_manifest(manifest, "exported manifest")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for p in tmp.iterdir():
             os.chmod(p, 0o644)

@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quant", default="fp32", choices=["fp32", "int8", "int4"],
                         help="frozen base weights: fp32, int8 per-row, int4 block-wise (default fp32)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: AbsorberConfig's, 16)")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="LoRA alpha (default: alpha/rank stays AbsorberConfig's, 32/16, so 2 x rank)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
                         help="LoRA target modules (default: all linear layers of the attention and MLP)")
     parser.add_argument("--layers", nargs="+", type=int, default=None, metavar="I",
@@ -31,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sync-skip", type=int, default=None, metavar="S",
                         help="leading Y positions left out of the sync loss, compiled into train_step.onnx "
                              "(default: AbsorberConfig's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the adapters' initial A (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
                                                                    "(default: the model's max positions)")
@@ -47,29 +48,22 @@ def _load(spec: str):
 
 
 def main(args) -> int:
-    import dataclasses
     import os
     import sys
-
-    from absorber.config import AbsorberConfig, LoraConfig
-    from absorber.export.bundle import _check_args, _check_out, export_bundle
     from pathlib import Path
+
+    from absorber.config import AbsorberConfig, override
+    from absorber.export.bundle import _check_args, _check_out, export_bundle
 
     _check_args(args.quant, args.opset)          # fail fast, before loading a model
     _check_out(Path(os.path.abspath(args.out)))
-    base = AbsorberConfig()
-    lc = base.lora
-    rank = args.rank if args.rank is not None else lc.rank
-    alpha = args.alpha if args.alpha is not None else (2.0 * rank if args.rank is not None else lc.alpha)
-    lora_cfg = LoraConfig(rank=rank, alpha=alpha, targets=tuple(args.targets) if args.targets else lc.targets,
-                          layers=tuple(args.layers) if args.layers else None, seed=args.seed)
-    cfg = dataclasses.replace(base, lora=lora_cfg,
-                              loss_layers=tuple(args.loss_layers) if args.loss_layers else None,
-                              sync_skip=args.sync_skip if args.sync_skip is not None else base.sync_skip)
+    cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
+                   seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip)
+    cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")
     model, tok = _load(args.model)
-    path = export_bundle(model, tok, args.out, quant=args.quant, lora_cfg=lora_cfg, cfg=cfg, opset=args.opset,
-                         max_len=args.max_len, progress=say)
+    path = export_bundle(model, tok, args.out, quant=args.quant, cfg=cfg, opset=args.opset, max_len=args.max_len,
+                         progress=say)
     print(path)
     return 0

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from absorber import bundle_format as F
 from absorber.errors import AbsorberError
 
 WRAP_PREFIX = "model."   # both torch wrappers hold the CausalLM as `self.model`
@@ -234,10 +235,11 @@ def _quiet():
     return stack
 
 
-def export_train_step(model, layers: list[int], kind: str, adapters: list[str], frozen: set[str], opset: int,
-                      max_len: int, hidden: int, skip: int = 0) -> onnx.ModelProto:
+def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen: set[str], opset: int,
+                      max_len: int) -> onnx.ModelProto:
     """loss + gradient of every adapter: inputs input_ids, position_ids, teacher_hidden, adapters.
-    skip: leading Y positions left out of the loss (compiled into the graph)."""
+    cfg (AbsorberConfig): its loss kind and sync_skip (leading Y positions left out of the loss) are compiled
+    into the graph; layers = the hidden_states indices matched (absorber.sync.loss_layers of cfg.loss_layers)."""
     import torch
     import torch.utils._pytree as pytree
     from torch.export.experimental import _export_forward_backward
@@ -245,6 +247,7 @@ def export_train_step(model, layers: list[int], kind: str, adapters: list[str], 
 
     from absorber.sync import SyncLoss
 
+    kind, skip, hidden = cfg.loss, cfg.sync_skip, int(model.config.hidden_size)
     mod = SyncLoss(model, layers, kind, skip)
     T = 8
     ids = torch.randint(3, int(model.config.vocab_size), (1, T), generator=torch.Generator().manual_seed(0))
@@ -278,20 +281,20 @@ def export_train_step(model, layers: list[int], kind: str, adapters: list[str], 
                                  verbose=False)
     mp = prog.model_proto
     g = mp.graph
-    if [i.name for i in g.input] != ["input_ids", "position_ids", "teacher_hidden"]:
+    if [i.name for i in g.input] != [F.INPUT_IDS, F.POSITION_IDS, F.TEACHER_HIDDEN]:
         raise AbsorberError(f"unexpected train-step inputs {[i.name for i in g.input]}")
-    _rename_values(g, {o.name: n for o, n in zip(g.output, ["loss"] + [f"grad.{a}" for a in grads])})
+    _rename_values(g, {o.name: n for o, n in zip(g.output, [F.LOSS] + [F.grad_name(a) for a in grads])})
     mp = finish_graph(mp, adapters, frozen)
     # outputs in adapter order
     outs = {o.name: o for o in mp.graph.output}
-    order = [outs["loss"]] + [outs[f"grad.{a}"] for a in adapters]
+    order = [outs[F.LOSS]] + [outs[F.grad_name(a)] for a in adapters]
     order = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in order]
     del mp.graph.output[:]
     mp.graph.output.extend(order)
     for v in mp.graph.input:
-        if v.name in ("input_ids", "position_ids"):
+        if v.name in (F.INPUT_IDS, F.POSITION_IDS):
             set_io_shape(v, [1, "T"])
-        elif v.name == "teacher_hidden":
+        elif v.name == F.TEACHER_HIDDEN:
             set_io_shape(v, [len(layers), "T", hidden])
     set_io_shape(mp.graph.output[0], [])
     return mp
@@ -327,21 +330,20 @@ def export_decoder(model, layers: list[int], adapters: list[str], frozen: set[st
     ids = torch.randint(3, facts["vocab"], (1, T0), generator=g)
     pos = torch.arange(P0, P0 + T0).unsqueeze(0)
     past = [torch.zeros(1, facts["num_kv_heads"], P0, facts["head_dim"]) for _ in range(2 * L)]
-    past_names = [f"past_{k}.{i}" for i in range(L) for k in ("key", "value")]
-    pres_names = [f"present_{k}.{i}" for i in range(L) for k in ("key", "value")]
+    past_names, pres_names = F.past_names(L), F.present_names(L)
     Td = torch.export.Dim("T", min=1, max=max_len)
     Pd = torch.export.Dim("P", min=0, max=max_len)
     dyn = ({1: Td}, {1: Td}, [{2: Pd} for _ in range(2 * L)])
     with _quiet():
         prog = torch.onnx.export(Decoder(model).eval(), (ids, pos, past), None, dynamo=True, opset_version=opset,
-                                 input_names=["input_ids", "position_ids", *past_names],
-                                 output_names=["final_hidden", "hidden_states", *pres_names],
+                                 input_names=[F.INPUT_IDS, F.POSITION_IDS, *past_names],
+                                 output_names=["final_hidden", F.HIDDEN_STATES, *pres_names],
                                  dynamic_shapes=dyn, optimize=False, verbose=False)
     mp = prog.model_proto
     mp = finish_graph(mp, adapters, frozen)
     g = mp.graph
     # logits = Gemm(Slice(final_hidden, -k_eff:), W_lm, transB) with k_eff = T if logits_to_keep == 0 else k
-    g.input.insert(2, _value_info("logits_to_keep", TensorProto.INT64, []))
+    g.input.insert(2, _value_info(F.LOGITS_TO_KEEP, TensorProto.INT64, []))
     inits = {t.name for t in g.initializer}
     # tied embeddings: the exporter names the one tensor by either alias; reuse whichever is there
     aliases = [lm_head_name] + [n for n, p in model.named_parameters(remove_duplicate=False)
@@ -359,33 +361,33 @@ def export_decoder(model, layers: list[int], adapters: list[str], frozen: set[st
     c("lk.end", [np.iinfo(np.int64).max])
     nodes = [
         helper.make_node("Shape", ["final_hidden"], ["lk.T"], start=1, end=2),
-        helper.make_node("Equal", ["logits_to_keep", "lk.zero"], ["lk.is0"]),
-        helper.make_node("Reshape", ["logits_to_keep", "lk.one"], ["lk.k1"]),
+        helper.make_node("Equal", [F.LOGITS_TO_KEEP, "lk.zero"], ["lk.is0"]),
+        helper.make_node("Reshape", [F.LOGITS_TO_KEEP, "lk.one"], ["lk.k1"]),
         helper.make_node("Where", ["lk.is0", "lk.T", "lk.k1"], ["lk.keff"]),
         helper.make_node("Neg", ["lk.keff"], ["lk.start"]),
         helper.make_node("Slice", ["final_hidden", "lk.start", "lk.end", "lk.axis1"], ["lk.h"]),
         helper.make_node("Squeeze", ["lk.h", "lk.axis0"], ["lk.h2"]),
         helper.make_node("Gemm", ["lk.h2", lm_head_name], ["lk.logits2"], transB=1),
-        helper.make_node("Unsqueeze", ["lk.logits2", "lk.axis0"], ["logits"]),
+        helper.make_node("Unsqueeze", ["lk.logits2", "lk.axis0"], [F.LOGITS]),
     ]
     g.node.extend(nodes)
     outs = {o.name: o for o in g.output}
-    logits = _value_info("logits", TensorProto.FLOAT, [1, "T_logits", facts["vocab"]])
-    new_out = [logits] + [outs[n] for n in pres_names] + [outs["hidden_states"]]
+    logits = _value_info(F.LOGITS, TensorProto.FLOAT, [1, "T_logits", facts["vocab"]])
+    new_out = [logits] + [outs[n] for n in pres_names] + [outs[F.HIDDEN_STATES]]
     new_out = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in new_out]
     del g.output[:]
     g.output.extend(new_out)
     # input order: ids, positions, logits_to_keep, past KV, adapters (already so); canonical shapes
     kv, hd = facts["num_kv_heads"], facts["head_dim"]
     for v in g.input:
-        if v.name in ("input_ids", "position_ids"):
+        if v.name in (F.INPUT_IDS, F.POSITION_IDS):
             set_io_shape(v, [1, "T"])
-        elif v.name.startswith("past_"):
+        elif v.name in past_names:
             set_io_shape(v, [1, kv, "P", hd])
     for v in g.output:
-        if v.name.startswith("present_"):
+        if v.name in pres_names:
             set_io_shape(v, [1, kv, "P+T", hd])
-        elif v.name == "hidden_states":
+        elif v.name == F.HIDDEN_STATES:
             set_io_shape(v, [len(layers), "T", facts["hidden"]])
     return mp
 

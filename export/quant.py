@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-SCHEMES = ("fp32", "int8", "int4")
-INT4_BLOCK = 32
+from absorber.bundle_format import INT4_BLOCK, QUANT_SCHEMES as SCHEMES, quantized_names
+
 # ONNX Runtime fuses DequantizeLinear(int4) + MatMul into MatMulNBits with int8 activations by default (a few %
 # error in the gradients); accuracy level 1 keeps float activations and matches the dequantized float model.
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
@@ -34,11 +34,11 @@ class QTensor:
 
     @property
     def q_name(self) -> str:
-        return f"{self.name}.q{self.bits}"
+        return quantized_names(self.name, self.bits)[0]
 
     @property
     def scale_name(self) -> str:
-        return f"{self.name}.scale"
+        return quantized_names(self.name, self.bits)[1]
 
     def dequantized(self) -> np.ndarray:
         if self.block_size:
@@ -133,6 +133,7 @@ def describe(scheme: str, qtensors: dict[str, QTensor]) -> dict:
                    f"int4 block-wise along axis 1 (block {INT4_BLOCK}), symmetric",
         "op": "DequantizeLinear (opset 21), output keeps the float weight's name",
         "quantized": sorted(qtensors),
+        "block_size": INT4_BLOCK if scheme == "int4" else 0,
         "kept_float": "1-D tensors (norm weights) and non-weight constants",
         "session_config": dict(SESSION_CONFIG),
     })

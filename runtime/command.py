@@ -65,7 +65,7 @@ def _progress(args):
 
 
 def main(args) -> int:
-    from absorber.runtime.engine import Stream, rss_mb
+    from absorber.runtime.stream import Stream, rss_mb
     from absorber.runtime.inputs import Reader
 
     overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "reset", "decay") if getattr(args, k) is not None}
@@ -102,15 +102,7 @@ def main(args) -> int:
     try:
         if args.input is not None:
             reader = Reader(args.input, args.format)
-            counted = 0
-            for piece in reader:
-                replayed = len(piece) <= stream._replay      # consumed before a resume: counted back then
-                if not replayed:
-                    stream.invalid_bytes += reader.invalid_bytes - counted
-                counted = reader.invalid_bytes
-                stream.input_bytes = max(stream.input_bytes, reader.bytes_read)
-                stream.feed(piece, on_round=on_round)
-            stream.invalid_bytes += reader.invalid_bytes - counted
+            stream.feed_reader(reader, on_round=on_round)
             if reader.pieces == 0:
                 what = "stdin" if args.input == "-" else args.input
                 print(f"absorber run: input {what} is empty (no text to absorb)", file=sys.stderr)

@@ -179,15 +179,32 @@ def test_parse_size_errors(text):
 
 
 # ------------------------------------------------------------------------------------------------- planner
+def _tensor(name, shape, target="q_proj", layer=0):
+    return {"name": name, "shape": shape, "dtype": "float32", "target": target, "layer": layer}
+
+
+_GRAPH = {"file": "g.onnx", "inputs": [], "outputs": [], "opset": 21}
+# a schema-valid manifest of a tiny model (the planner reads it through absorber.bundle_format.Bundle)
 TINY = {
-    "format": 1,
-    "model": {"num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 16,
-              "vocab": 32, "max_positions": 4096, "tie_word_embeddings": True},
-    "slice": {"rank": 2, "tensors": [{"name": "model.layers.0.self_attn.q_proj.lora_A", "shape": [8, 2]},
-                                     {"name": "model.layers.0.self_attn.q_proj.lora_B", "shape": [2, 8]}]},
-    "loss_layers": [1, 2],
+    "format": 2,
+    "model": {"architecture": "llama", "model_type": "llama", "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+              "head_dim": 4, "hidden": 8, "intermediate": 16, "vocab": 32, "max_positions": 4096,
+              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None},
+    "slice": {"rank": 2, "alpha": 4.0, "scaling": 2.0, "targets": ["q_proj"], "layers": None,
+              "tensors": [_tensor("model.layers.0.self_attn.q_proj.lora_A", [8, 2]),
+                          _tensor("model.layers.0.self_attn.q_proj.lora_B", [2, 8])]},
+    "adapters_file": "adapters.safetensors",
+    "loss": {"kind": "l1", "layers": [1, 2], "skip": 1},
     "quant": {"scheme": "fp32"},
-    "defaults": {"n": 4, "m": 2, "k": 3},
+    "session_config": {},
+    "defaults": {"n": 4, "m": 2, "k": 3, "lr": 1e-3, "lora": {"rank": 2, "alpha": 4.0}},
+    "graphs": {"decoder": _GRAPH, "train_step": _GRAPH},
+    "external_data": [{"file": "weights.bin", "tensors": []}],
+    "shared_initializers": [],
+    "tokenizer": None,
+    "exporter": {k: "test" for k in ("absorber", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")}
+    | {"opset": 21},
+    "files": {},
 }
 UNIT = {"baseline_bytes": 1000, "baseline_per_layer": 0, "weight_copies": 1, "adapter_copies": 4, "c_out_copies": 1, "c_scores": 1,
         "c_tok": 1, "c_saved_h": 1, "c_saved_i": 1, "c_saved_scores": 1, "c_dq": 1, "c_noarena": 1}
@@ -219,13 +236,13 @@ def test_planner_arithmetic_by_hand():
 def test_planner_dequantized_tables_from_external_table():
     # an int8 bundle that stores the tied table twice (lm_head for both graphs, embedding for the decoder)
     tab = [{"name": "lm_head.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder", "train_step"],
-            "length": 256},
+            "length": 256, "offset": 0},
            {"name": "lm_head.weight.scale", "dtype": "float", "shape": [32], "graphs": ["decoder", "train_step"],
-            "length": 128},
+            "length": 128, "offset": 4096},
            {"name": "model.embed_tokens.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder"],
-            "length": 256},
+            "length": 256, "offset": 8192},
            {"name": "model.layers.0.mlp.up_proj.base.weight.q8", "dtype": "int8", "shape": [16, 8],
-            "graphs": ["decoder", "train_step"], "length": 128}]
+            "graphs": ["decoder", "train_step"], "length": 128, "offset": 12288}]
     man = dict(TINY, quant={"scheme": "int8"}, external_data=[{"file": "weights.bin", "tensors": tab}])
     p = predict(man, 4, 2, coeffs=UNIT)
     assert p.detail["weights.stored"] == 256 + 128 + 256 + 128     # the table's lengths, not the model facts
@@ -262,8 +279,8 @@ def test_planner_quant_schemes_and_untied_head():
 
 
 def test_planner_weights_file_and_derived_mlp_width():
-    man = dict(TINY, model={k: v for k, v in TINY["model"].items() if k != "intermediate"},
-               slice={"tensors": [{"name": "model.layers.0.mlp.up_proj.lora_B", "shape": [2, 16]}]})
+    man = dict(TINY, model=dict(TINY["model"], intermediate=0),      # a config without intermediate_size
+               slice=dict(TINY["slice"], tensors=[_tensor("model.layers.0.mlp.up_proj.lora_B", [2, 16], "up_proj")]))
     p = predict(man, 4, 2, coeffs=UNIT)
     assert p.detail["weights.layers"] == 4608                      # I = 16 read from the adapter's shape
     assert predict(TINY, 4, 2, coeffs=UNIT, weights_file_bytes=10_000).terms["weights"] == 10_000
@@ -291,10 +308,12 @@ def test_plan_budget_too_small_says_the_floor():
 
 
 def test_bad_manifest():
-    with pytest.raises(AbsorberError, match="no 'model'"):
+    with pytest.raises(AbsorberError, match="missing key 'format'"):
         predict({}, 4, 2)
-    with pytest.raises(AbsorberError, match="quant scheme"):
+    with pytest.raises(AbsorberError, match=r"\$\.quant\.scheme: 'fp8' not one of"):
         predict(dict(TINY, quant={"scheme": "fp8"}), 4, 2)
+    with pytest.raises(AbsorberError, match="unsupported bundle format 1"):
+        predict(dict(TINY, format=1), 4, 2)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from absorber import evaluate as E  # noqa: E402
-from absorber.config import AbsorberConfig, LoraConfig  # noqa: E402
+from absorber.config import AbsorberConfig, LoraConfig, override, parse_sweep  # noqa: E402
 
 
 def small_cfg(**kw) -> AbsorberConfig:
@@ -128,7 +128,7 @@ def test_json_shape_and_plot(tiny_model, tiny_tok, rng_ids, tmp_path):
 
 def test_sweep_reuses_baselines(tiny_model, tiny_tok, rng_ids):
     texts = [("a", rng_ids(32 + 16 + 2 * 32, seed=7))]
-    grid = E.parse_sweep(["lr=1e-3,2e-3", "loss_layers=all|2,4", "rank=2"])
+    grid = parse_sweep(["lr=1e-3,2e-3", "loss_layers=all|2,4", "rank=2"])
     assert grid == {"lr": [1e-3, 2e-3], "loss_layers": [None, (2, 4)], "lora.rank": [2]}
     out = E.sweep(tiny_model, tiny_tok, texts, small_cfg(), quick(methods=("window", "full", "absorber")), grid)
     assert len(out["sweep"]) == 4
@@ -169,7 +169,7 @@ def test_cli_unusable_device_is_a_one_line_error(tmp_path, capsys):
 
 def test_sweep_over_the_anti_drift_options(tiny_model, tiny_tok, rng_ids):
     texts = [("a", rng_ids(32 + 16 + 3 * 32, seed=8))]
-    grid = E.parse_sweep(["teacher=current,base", "reset=none|moments", "sync_skip=1", "decay=0.1"])
+    grid = parse_sweep(["teacher=current,base", "reset=none|moments", "sync_skip=1", "decay=0.1"])
     assert grid == {"teacher": ["current", "base"], "reset": ["none", "moments"], "sync_skip": [1], "decay": [0.1]}
     out = E.sweep(tiny_model, tiny_tok, texts, small_cfg(), quick(methods=("window", "full", "absorber")), grid)
     ppls = {(p["point"]["teacher"], p["point"]["reset"]): p["methods"]["absorber"]["ppl"] for p in out["sweep"]}

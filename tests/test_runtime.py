@@ -50,8 +50,8 @@ def _ref_model(bundle: Path):
 
     from absorber import lora
     from absorber.models import tiny_llama
-    man = json.loads((bundle / "manifest.json").read_text())
-    cfg = AbsorberConfig.from_dict(man["defaults"])
+    from absorber.bundle_format import read_manifest
+    cfg = read_manifest(bundle).defaults()
     model = tiny_llama(seed=0, vocab=512)
     lora.inject(model, cfg.lora)
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in load_file(str(bundle / "adapters.safetensors")).items()})
@@ -203,7 +203,7 @@ def test_answer_is_greedy_continuation(bundle):
     s = Stream.open(bundle)
     ids = _ids(20, seed=5)
     s.feed_tokens(ids)
-    got = s._generate(s.window, 6, stop_at_eos=False)
+    got = s.generate_ids(s.window, 6, stop_at_eos=False)
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, 20, dtype=torch.long),
                              max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -392,7 +392,7 @@ def test_graph_manifest_mismatch(bundle_copy):
 def test_external_data_outside_bundle(bundle_copy, location):
     onnx = pytest.importorskip("onnx")
     from absorber.runtime import open_bundle
-    from absorber.runtime.bundle import sha256_file
+    from absorber.bundle_format import sha256_file
     g = bundle_copy / "decoder.onnx"
     mp = onnx.load(str(g), load_external_data=False)
     for t in mp.graph.initializer:
@@ -517,7 +517,7 @@ def test_cli_bad_format_and_missing_input(bundle, tmp_path):
 
 
 def test_split_text_is_deterministic_from_any_cut():
-    from absorber.runtime.engine import split_text
+    from absorber.runtime.stream import split_text
     text = ("word " * 50 + "\n") * 40 + "x" * 700
     pieces = list(split_text(text, 128))
     assert "".join(pieces) == text and all(len(p) <= 128 for p in pieces)

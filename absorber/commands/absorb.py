@@ -30,19 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="absorber", choices=["absorber", "ttt", "window", "sink", "full"])
     p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="question to answer at the end")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--n", type=int, default=d.n, help="tokens absorbed per round (default %(default)s)")
-    p.add_argument("--m", type=int, default=d.m, help="tokens synchronized per round (default %(default)s)")
-    p.add_argument("--k", type=int, default=d.k, help="max optimizer steps per round (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--eps", type=float, default=d.eps, help="stop a round when the loss falls under this")
-    p.add_argument("--rank", type=int, default=d.lora.rank)
-    p.add_argument("--teacher", default=d.teacher, choices=("current", "base"),
-                   help="teacher = base model (adapters off) or the current adapters (default %(default)s)")
-    p.add_argument("--reset", default=d.reset, choices=("none", "moments", "adapters"),
-                   help="reset before each round (default %(default)s)")
-    p.add_argument("--decay", type=float, default=d.decay, help="scale B by (1 - decay) before each round")
-    p.add_argument("--sync-skip", type=int, default=d.sync_skip,
-                   help="leading Y positions left out of the sync loss (default %(default)s)")
+    # flags default to None (not given): override() applies only what was given, over --paper or the defaults
+    p.add_argument("--n", type=int, help=f"tokens absorbed per round (default {d.n})")
+    p.add_argument("--m", type=int, help=f"tokens synchronized per round (default {d.m})")
+    p.add_argument("--k", type=int, help=f"max optimizer steps per round (default {d.k})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--eps", type=float, help="stop a round when the loss falls under this (default: off)")
+    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.lora.rank}; alpha/rank stays fixed)")
+    p.add_argument("--teacher", choices=("current", "base"),
+                   help=f"teacher = base model (adapters off) or the current adapters (default {d.teacher})")
+    p.add_argument("--reset", choices=("none", "moments", "adapters"),
+                   help=f"reset before each round (default {d.reset})")
+    p.add_argument("--decay", type=float, help="scale B by (1 - decay) before each round (default 0)")
+    p.add_argument("--sync-skip", type=int,
+                   help=f"leading Y positions left out of the sync loss (default {d.sync_skip})")
     p.add_argument("--paper", action="store_true", help="the paper's settings: n=1024 m=2048 r=64 lr=5e-4")
     p.add_argument("--fill", action="store_true", help="at end of input, fill Y by greedy generation and absorb")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -50,13 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> "AbsorberConfig":
-    from absorber.config import AbsorberConfig, LoraConfig
-    if args.paper:
-        return AbsorberConfig.paper()
-    d = AbsorberConfig()
-    return AbsorberConfig(n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, fill=args.fill,
-                          teacher=args.teacher, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
-                          lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=d.lora.targets))
+    from absorber.config import AbsorberConfig, override
+    base = AbsorberConfig.paper() if args.paper else AbsorberConfig()
+    return override(base, n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, rank=args.rank,
+                    teacher=args.teacher, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
+                    fill=True if args.fill else None)
 
 
 def read_lines(path: str):

@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from absorber import evaluate as E
-    from absorber.config import AbsorberConfig
+    from absorber.config import AbsorberConfig, override, parse_sweep, parse_value
     from absorber.errors import AbsorberError
 
     if args.threads:
@@ -85,14 +85,9 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise AbsorberError(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(E.METHODS)}")
 
-    cfg = AbsorberConfig()
-    for key in ("n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher"):
-        if getattr(args, key) is not None:
-            cfg = E.apply_setting(cfg, key, getattr(args, key))
-    if args.rank is not None:
-        cfg = E.apply_setting(cfg, "lora.rank", args.rank)
-    if args.loss_layers:
-        cfg = E.apply_setting(cfg, "loss_layers", E._parse_value("loss_layers", args.loss_layers))
+    cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
+        "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "rank")},
+        loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:
         settings = E.EvalSettings(methods=methods, score_len=args.score_len, segments=args.segments,
@@ -103,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
                                   seed=args.seed)
     except ValueError as e:
         raise AbsorberError(f"bad number: {e}") from None
-    grid = E.parse_sweep(args.sweep) if args.sweep else None
+    grid = parse_sweep(args.sweep) if args.sweep else None
 
     from absorber.models import load
     model, tok = load(args.model)

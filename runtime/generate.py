@@ -1,0 +1,122 @@
+"""Decoder passes of a stream: prefill (hidden states, logits) and token generation with a KV cache.
+
+The adapters are graph inputs: every function takes the stream's adapter feeds (numpy views or OrtValues over
+its own buffers), so one Model's decoder session serves any number of streams.
+
+    gen = Generator(model, adapter_values)       # explicit step loop, as onnxruntime-genai's Generator
+    gen.append(prompt_ids)
+    while not gen.done:
+        gen.step()                               # one decoder call: the next token
+    gen.tokens
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from absorber import bundle_format as F
+
+
+def prefill_feeds(model, ids: list[int], adapters: dict, logits_to_keep: int) -> dict:
+    """decoder.onnx inputs for ids at positions 0..T-1 from an empty past, with the given adapter feeds."""
+    T = len(ids)
+    feeds = {F.INPUT_IDS: np.asarray([ids], np.int64), F.POSITION_IDS: np.arange(T, dtype=np.int64)[None],
+             F.LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64)}
+    for n in model.past_names:
+        feeds[n] = model.empty_past
+    feeds.update(adapters)
+    return feeds
+
+
+def hidden_states(model, ids: list[int], adapters: dict) -> np.ndarray:
+    """decoder.onnx on ids at positions 0..T-1, empty past: hidden_states [S, T, H]."""
+    return model.decoder.run([F.HIDDEN_STATES], prefill_feeds(model, ids, adapters, 1))[0]
+
+
+def all_logits(model, ids: list[int], adapters: dict) -> np.ndarray:
+    """Logits [T, V] at every position of ids (positions 0..T-1)."""
+    return model.decoder.run([F.LOGITS], prefill_feeds(model, ids, adapters, 0))[0][0]
+
+
+def pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    """Greedy at temperature 0, else a sample from the (top-p truncated) softmax."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        c = np.cumsum(p[order])
+        cut = int(np.searchsorted(c, top_p)) + 1
+        keep = order[:cut]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+class Generator:
+    """Token-by-token decoding with the KV cache, over one stream's adapters (bound once)."""
+
+    def __init__(self, model, adapter_values: dict[str, ort.OrtValue], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True):
+        self.model = model
+        self.max_new = int(max_new_tokens)
+        self.temperature, self.top_p, self.stop_at_eos = temperature, top_p, stop_at_eos
+        self.rng = np.random.default_rng(seed)
+        self.io = model.decoder.io_binding()
+        for n, ov in adapter_values.items():
+            self.io.bind_ortvalue_input(n, ov)
+        self._keep = ort.OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64))
+        self._past = {n: ort.OrtValue.ortvalue_from_numpy(model.empty_past) for n in model.past_names}
+        self._pending: np.ndarray | None = None
+        self.pos = 0
+        self.tokens: list[int] = []
+        self.done = self.max_new <= 0
+
+    def append(self, ids: list[int]) -> None:
+        """The prompt (or more context): consumed by the next step."""
+        limit = self.model.max_positions
+        ids = list(ids)[-max(limit - self.max_new, 1):]
+        self._pending = np.asarray([ids], np.int64)
+        if not ids:
+            self.done = True
+
+    def step(self) -> int:
+        """One decoder call: feeds what is pending (the prompt, or the last token) and picks the next token."""
+        m, io = self.model, self.io
+        ids = self._pending
+        T = ids.shape[1]
+        io.bind_cpu_input(F.INPUT_IDS, ids)
+        io.bind_cpu_input(F.POSITION_IDS, np.arange(self.pos, self.pos + T, dtype=np.int64)[None])
+        io.bind_ortvalue_input(F.LOGITS_TO_KEEP, self._keep)
+        for n, ov in self._past.items():
+            io.bind_ortvalue_input(n, ov)
+        for n in m.decoder_outputs:   # ORT allocates outputs of this step's shape
+            io.bind_output(n, "cpu")
+        m.decoder.run_with_iobinding(io)
+        outs = dict(zip(m.decoder_outputs, io.get_outputs()))
+        tok = pick(outs[F.LOGITS].numpy()[0, -1], self.temperature, self.top_p, self.rng)
+        self.tokens.append(tok)
+        self.pos += T
+        if (self.stop_at_eos and tok in m.eos_ids) or len(self.tokens) >= self.max_new or self.pos >= m.max_positions:
+            self.done = True
+        self._past = {pn: outs[qn] for pn, qn in zip(m.past_names, m.present_names)}
+        self._pending = np.asarray([[tok]], np.int64)
+        return tok
+
+
+def generate(model, adapter_values: dict, prefix: list[int], max_new: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
+    """Continue `prefix` by up to max_new tokens (greedy by default); on_token(tok) after each."""
+    if max_new <= 0 or not prefix:
+        return []
+    gen = Generator(model, adapter_values, max_new, temperature, top_p, seed, stop_at_eos)
+    gen.append(prefix)
+    while not gen.done:
+        tok = gen.step()
+        if on_token is not None:
+            on_token(tok)
+    return gen.tokens

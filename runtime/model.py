@@ -1,0 +1,145 @@
+"""`Model`: a verified bundle opened once per process — sessions, shared weights, tokenizer, I/O names.
+
+    model = Model.open("bundle/", device="cpu", profile="laptop-cpu")
+    a, b = Stream(model, state_dir="a/"), Stream(model, state_dir="b/")   # two streams, one copy of the weights
+
+Everything here is read-only after open and shared by every `Stream` of the model (the onnxruntime-genai
+shape: Model -> Generator). A stream owns only what is its own: adapters, AdamW moments, window, counters.
+The adapters are graph inputs, so a second stream costs its adapters, moments and window, not another copy of
+the weights or another session.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from absorber import bundle_format as F
+from absorber.bundle_format import Bundle
+from absorber.config import AbsorberConfig, override
+from absorber.errors import AbsorberError
+from absorber.runtime.bundle import open_bundle
+from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
+
+# settings a stream may change at run time; the others are compiled into the graphs or the slice
+RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
+                    "teacher", "sink", "fill", "sync_skip")
+
+
+class Model:
+    """One bundle, opened and verified: both ONNX Runtime sessions over one map of the weights, the tokenizer,
+    the initial adapters and the graph I/O names."""
+
+    def __init__(self, bundle: Bundle, sessions: Sessions, tokenizer, profile=None, device: str = "cpu",
+                 open_seconds: float = 0.0):
+        self.bundle = bundle
+        self.sessions = sessions
+        self.tokenizer = tokenizer
+        self.profile = profile
+        self.device = device
+        self.open_seconds = open_seconds
+        L = bundle.num_layers
+        self.past_names = F.past_names(L)
+        self.present_names = F.present_names(L)
+        self.decoder_outputs = [F.LOGITS, F.HIDDEN_STATES] + self.present_names
+        self.eos_ids = bundle.eos_ids
+        self.adapter_specs = bundle.adapters
+        self.adapter_names = [s.name for s in self.adapter_specs]
+        self.empty_past = np.zeros((1, bundle.num_kv_heads, 0, bundle.head_dim), np.float32)
+        self.initial_adapters = self._read_initial_adapters()
+        # teacher="base": the decoder with every B at zero is the base model. The zero Bs are views of ONE
+        # read-only buffer the size of the largest B (sessions only read inputs), shared by every stream.
+        b_sizes = [int(np.prod(s.shape)) for s in self.adapter_specs if s.name.endswith(".lora_B")]
+        self._zero_b = np.zeros(max(b_sizes, default=0), np.float32)
+        self._zero_b.flags.writeable = False
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, bundle_dir: str | os.PathLike, device: str = "cpu", profile=None, share_weights: bool = True,
+             verify_hashes: bool = True) -> "Model":
+        """Verify a bundle (hashes, external data inside it, graph I/O) and open its sessions on `device`.
+
+        profile: a device profile name or JSON file (`absorber devices`), or a Profile. share_weights: both
+        graphs read the frozen weights from ONE memory map of weights.bin instead of each session its own."""
+        t0 = time.perf_counter()
+        bundle = open_bundle(bundle_dir, verify_hashes=verify_hashes)
+        profile = resolve_profile(profile)
+        tokenizer = _load_tokenizer(bundle)
+        sessions = open_sessions(bundle, device=device, profile=profile, share_weights=share_weights)
+        return cls(bundle, sessions, tokenizer, profile=profile, device=device,
+                   open_seconds=time.perf_counter() - t0)
+
+    def _read_initial_adapters(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+        b = self.bundle
+        try:
+            init = load_file(str(b.adapters_path))
+        except Exception as e:  # noqa: BLE001
+            raise AbsorberError(f"bundle {b.path}: cannot read {b.adapters_path.name} ({type(e).__name__})") from None
+        for s in self.adapter_specs:
+            if s.name not in init or tuple(init[s.name].shape) != s.shape:
+                raise AbsorberError(f"bundle {b.path}: {b.adapters_path.name} lacks {s.name} {s.shape}")
+            init[s.name].flags.writeable = False
+        return {s.name: init[s.name] for s in self.adapter_specs}
+
+    # ------------------------------------------------------------------ facts shared by streams
+    @property
+    def decoder(self):
+        return self.sessions.decoder
+
+    @property
+    def train_step(self):
+        return self.sessions.train_step
+
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions.providers
+
+    @property
+    def max_positions(self) -> int:
+        return self.bundle.max_positions
+
+    def config(self, overrides: dict | None = None) -> AbsorberConfig:
+        """A stream's settings: the bundle's defaults, then the profile's n/m/k, then `overrides` (None values
+        are ignored). The loss (kind, layers, sync_skip) and the slice are fixed by the bundle."""
+        cfg = self.bundle.defaults()
+        if self.profile is not None:
+            cfg = override(cfg, **{k: getattr(self.profile, k, None) for k in ("n", "m", "k")})
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        bad = [k for k in overrides if k not in RUNTIME_SETTINGS]
+        if bad:
+            raise AbsorberError(f"cannot override {bad[0]!r} at run time (it is fixed by the bundle or unknown)")
+        skip = self.bundle.loss_skip
+        if overrides.get("sync_skip", skip) != skip:
+            raise AbsorberError(f"sync_skip={overrides['sync_skip']} but this bundle's train step leaves {skip} "
+                                f"position(s) out of the loss (fixed at export: absorber export --sync-skip)")
+        cfg = override(cfg, **overrides)
+        cfg.validate()
+        if cfg.kl_weight:
+            raise AbsorberError("kl_weight > 0 is not supported by the runtime (hidden-state loss only)")
+        if cfg.n + cfg.m > self.max_positions:
+            raise AbsorberError(f"n+m = {cfg.n + cfg.m} exceeds the model's {self.max_positions} positions")
+        return cfg
+
+    def zero_b(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A read-only zero array of `shape` (a view of the shared zero-B buffer)."""
+        return self._zero_b[:int(np.prod(shape))].reshape(shape)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+
+    def close(self) -> None:
+        self.sessions.close()
+
+
+def _load_tokenizer(bundle: Bundle):
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(bundle.tokenizer_path))
+    except Exception as e:  # noqa: BLE001
+        raise AbsorberError(f"bundle {bundle.path}: cannot read {bundle.tokenizer_path.name} "
+                            f"({type(e).__name__})") from None

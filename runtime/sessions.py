@@ -1,0 +1,110 @@
+"""The two ONNX Runtime sessions of a bundle over ONE memory map of its frozen weights.
+
+Both graphs (decoder.onnx, train_step.onnx) name the same frozen tensors in weights.bin. Left alone, each
+InferenceSession would load (and pre-pack) its own copy. Instead the file is mapped once, read-only, every tensor
+numpy can view becomes one OrtValue over the map, and both sessions get those OrtValues through
+`SessionOptions.add_initializer` with pre-packing off: the weights are resident once, shared by the sessions
+and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left to ONNX Runtime.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from absorber.bundle_format import Bundle
+from absorber.devices import get_profile, session_kwargs
+from absorber.errors import AbsorberError
+from absorber.runtime.bundle import check_session_io
+
+NP_OF = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8, "int32": np.int32,
+         "int64": np.int64, "float64": np.float64, "int16": np.int16, "uint16": np.uint16}
+
+
+@contextlib.contextmanager
+def ort_errors(what: str):
+    """ONNX Runtime failures at run time (out of memory, a bad graph) -> one AbsorberError line."""
+    try:
+        yield
+    except AbsorberError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT's exception classes do not share a public base
+        if type(e).__module__.startswith("onnxruntime") or isinstance(e, MemoryError) or (
+                isinstance(e, RuntimeError) and ("onnxruntime" in str(e) or "Error in execution" in str(e))):
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AbsorberError(f"ONNX Runtime failed during {what}: {msg[:300]}") from None
+        raise
+
+
+def resolve_profile(profile):
+    """A device profile given by name (or JSON path) -> Profile; a Profile or None is returned as it is."""
+    return get_profile(profile) if isinstance(profile, str) else profile
+
+
+@dataclass
+class Sessions:
+    """decoder + train_step sessions of one bundle, sharing one read-only map of the weights."""
+    decoder: ort.InferenceSession
+    train_step: ort.InferenceSession
+    providers: list[str]
+    maps: list[np.memmap] = field(default_factory=list)
+    shared: dict[str, ort.OrtValue] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.decoder = self.train_step = None
+        self.shared.clear()
+        self.maps.clear()
+
+
+def _shared_initializers(bundle: Bundle, graph: str, maps: list[np.memmap],
+                         shared: dict[str, ort.OrtValue]) -> dict[str, ort.OrtValue]:
+    """OrtValues over ONE read-only memory map per external file, the same objects for both sessions."""
+    out = {}
+    for t in bundle.graph_info[graph].external:
+        dt = NP_OF.get(t.dtype)
+        if dt is None:     # int4/bfloat16...: numpy cannot view them; ORT loads (and maps) those itself
+            continue
+        key = f"{t.location}:{t.offset}:{t.name}"
+        if key not in shared:
+            mm = next((m for m in maps if m.filename and Path(m.filename).name == t.location), None)
+            if mm is None:
+                mm = np.memmap(bundle.path / t.location, dtype=np.uint8, mode="r")
+                maps.append(mm)
+            count = int(np.prod(t.dims)) if t.dims else 1
+            arr = np.frombuffer(mm, dtype=dt, count=count, offset=t.offset).reshape(t.dims)
+            shared[key] = ort.OrtValue.ortvalue_from_numpy(arr)
+        out[t.name] = shared[key]
+    return out
+
+
+def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps, shared):
+    extra = bundle.session_config
+    inits = _shared_initializers(bundle, graph, maps, shared) if share else {}
+    if inits:
+        # pre-packing would copy every shared weight into each session's own layout
+        extra["session.disable_prepacking"] = "1"
+    kw = session_kwargs(profile, device, extra)
+    so = kw["sess_options"]
+    so.log_severity_level = max(so.log_severity_level, 3)   # no warnings about unused initializers
+    for name, ov in inits.items():
+        so.add_initializer(name, ov)
+    try:
+        sess = ort.InferenceSession(str(bundle.graph_file(graph)), **kw)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AbsorberError(f"bundle {bundle.path}: ONNX Runtime cannot load {graph}: {msg[:300]}") from None
+    check_session_io(bundle, graph, sess)
+    return sess, kw["providers"]
+
+
+def open_sessions(bundle: Bundle, device: str = "cpu", profile=None, share_weights: bool = True) -> Sessions:
+    """Both sessions of a verified bundle (open_bundle), on `device` with the profile's session options."""
+    profile = resolve_profile(profile)
+    maps: list[np.memmap] = []
+    shared: dict[str, ort.OrtValue] = {}
+    dec, providers = _session(bundle, "decoder", profile, device, share_weights, maps, shared)
+    train, _ = _session(bundle, "train_step", profile, device, share_weights, maps, shared)
+    return Sessions(dec, train, providers, maps, shared)
