@@ -138,3 +138,26 @@ def test_bench_help_mentions_optimum_and_it_needs_a_bundle():
                        text=True, timeout=120)
     assert r.returncode == 2 and "--optimum" in r.stderr and "Traceback" not in r.stderr
 
+
+# ---------------------------------------------------------------------------------------- planner calibration
+def test_calibrate_measures_one_round_of_the_runtime(tiny_bundle, tmp_path):
+    """`python -m absorber.bench.calibrate`: one window, one round of the real runtime in a fresh process, its
+    peak RSS next to the planner's prediction for the same bundle, window and profile."""
+    from absorber.bench.calibrate import predicted
+    from absorber.devices import get_profile
+    from absorber.runtime.bundle import open_bundle
+    out, md = tmp_path / "cal.json", tmp_path / "cal.md"
+    r = subprocess.run([sys.executable, "-m", "absorber.bench.calibrate", str(tiny_bundle), "--windows", "32x16",
+                        "--k", "1", "--profile", "laptop-cpu", "--json", str(out), "--md", str(md)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [row] = json.loads(out.read_text())
+    assert (row["n"], row["m"], row["k"], row["steps"]) == (32, 16, 1, 1)
+    assert row["peak_bytes"] > 0 and row["peak_bytes"] > row["rss_import"] > 0
+    assert row["peak_bytes"] >= row["rss_round"] >= row["rss_open"] > row["rss_import"]
+    want = predicted(open_bundle(tiny_bundle, verify_hashes=False), 32, 16, 1, get_profile("laptop-cpu"))
+    assert row["predicted_bytes"] == want.peak_bytes > 0
+    assert row["error"] == pytest.approx((want.peak_bytes - row["peak_bytes"]) / row["peak_bytes"])
+    text = md.read_text()
+    assert text.startswith("Command: `python -m absorber.bench.calibrate ") and "| 32 | 16 |" in text
+    assert "| 32 | 16 |" in r.stdout
