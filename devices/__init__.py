@@ -18,7 +18,8 @@ Stable API (imports onnxruntime, numpy, psutil and the standard library only; ne
 - ``describe()``: the facts `absorber devices` prints.
 
 CLI: ``absorber devices [--json]`` (command.py), ``absorber plan BUNDLE --memory-budget 1GB`` (plan_command.py).
-Calibration of the planner: ``python -m absorber.bench.calibrate BUNDLE`` (benchmarks/planner.md).
+Calibration of the planner (measures the runtime; lives with the benchmarks, which this package never imports):
+``python -m absorber.bench.calibrate BUNDLE`` (benchmarks/planner.md).
 """
 from __future__ import annotations
 

@@ -4,18 +4,30 @@
 #  2. stream Clinton's 1994 State of the Union line by line, as a live transcript, through the torch-free
 #     runtime (`absorber run`): every time the window is full its oldest tokens are absorbed into LoRA weights;
 #  3. ask about the speech's opening, which left the window long before the end.
+# It prints the elapsed time of each phase (export, streaming + answers) and the export's peak RSS: the timings
+# quoted in README.md come from these lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${ABSORBER_BUNDLE:-$HOME/.cache/absorber/smollm2-135m-int8}
 LINES=${ABSORBER_DEMO_LINES:-40}        # lines of the speech streamed (the whole speech: 0)
+elapsed() { printf '%d min %d s' $(($1 / 60)) $(($1 % 60)); }
 if [ ! -f "$BUNDLE/manifest.json" ]; then
   echo "== exporting the default model as an int8 bundle into $BUNDLE (once)" >&2
   mkdir -p "$(dirname "$BUNDLE")"
-  absorber export smollm2-135m --out "$BUNDLE" --quant int8
+  SECONDS=0
+  if [ -x /usr/bin/time ]; then   # GNU time: the export's peak RSS too
+    /usr/bin/time -f "== export peak RSS: %M kB" absorber export smollm2-135m --out "$BUNDLE" --quant int8
+  else
+    absorber export smollm2-135m --out "$BUNDLE" --quant int8
+  fi
+  echo "== export took $(elapsed $SECONDS)" >&2
+else
+  echo "== export: skipped, $BUNDLE is already there" >&2
 fi
 STATE=$(mktemp -d)
 trap 'rm -rf "$STATE"' EXIT
 echo "== streaming a spoken State of the Union transcript into $BUNDLE (live, line by line)" >&2
+SECONDS=0
 python3 - "$LINES" <<'PY' | absorber run "$BUNDLE" --input - --format txt --state "$STATE" \
     --max-new-tokens 24 --ask "Tip O'Neill liked to call himself" \
     --ask "Question: Whose memory did the President ask Congress to recall at the start of the speech? Answer:"
@@ -28,3 +40,4 @@ for line in lines[:n] if n else lines:
     sys.stdout.flush()
     time.sleep(0.05)          # a speech recognizer emits lines as they are spoken
 PY
+echo "== streaming and answers took $(elapsed $SECONDS)" >&2

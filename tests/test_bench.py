@@ -36,10 +36,10 @@ def test_bench_rejects_a_folder_that_is_not_a_bundle(tmp_path):
 
 # ---------------------------------------------------------------------------------------- --optimum (no network)
 def _peer_result() -> dict:
-    """What absorber.optimum_peer.run_peer returns, trimmed to what the report reads."""
+    """What absorber.bench.optimum_peer.run_peer returns, trimmed to what the report reads."""
     load = {"load_before": [0.5, 0.4, 0.3], "load_after": [0.75, 0.5, 0.3]}
     return {"settings": {"context": 256, "new_tokens": 32, "repeats": 3, "warmup": 1}, "input_tokens": 269,
-            "command": "python -m absorber.optimum_peer --bundle b", "threads": {"threads": 2, "profile": "laptop-cpu"},
+            "command": "python -m absorber.bench.optimum_peer --bundle b", "threads": {"threads": 2, "profile": "laptop-cpu"},
             "main_versions": {"absorber": "0.1.0", "onnxruntime": "1.32.0"},
             "optimum_env": {"versions": {"optimum-onnx": "0.1.0", "optimum": "2.1.0", "transformers": "4.57.6",
                                          "onnxruntime": "1.32.0"}},
@@ -56,8 +56,8 @@ def _peer_result() -> dict:
 
 def test_optimum_peer_markdown_rows_from_results():
     from absorber.commands.bench import markdown
-    from absorber.optimum_peer import markdown as peer_markdown
-    from absorber.optimum_peer import table_rows
+    from absorber.bench.optimum_peer import markdown as peer_markdown
+    from absorber.bench.optimum_peer import table_rows
     rows = table_rows(_peer_result())
     assert len(rows) == 2 + 3 and all(r.count("|") >= 9 or "failed" in r for r in rows[2:])
     assert rows[2] == ("| optimum-onnx | int8 | dynamic int8 | optimum-onnx 0.1.0, optimum 2.1.0, transformers 4.57.6, "
@@ -66,7 +66,7 @@ def test_optimum_peer_markdown_rows_from_results():
                               "26.1 | 16.0, 26.1, 26.3 | 32 |")
     assert "failed: runtime-decode failed: boom" in rows[4]
     md = peer_markdown(_peer_result())
-    assert "`python -m absorber.optimum_peer --bundle b`" in md and "269 tokens" in md and "threads: 2" in md
+    assert "`python -m absorber.bench.optimum_peer --bundle b`" in md and "269 tokens" in md and "threads: 2" in md
     assert "int8: absorber / optimum-onnx decode 0.57×, TTFT 2.00×; same greedy answer: no" in md
     bench = {"gemm": {"size": 8}, "engines": [], "optimum": _peer_result()}
     out = markdown(bench, "absorber bench --optimum")
@@ -76,7 +76,7 @@ def test_optimum_peer_markdown_rows_from_results():
 
 def test_optimum_peer_not_installed_is_one_line(tiny_bundle, monkeypatch):
     """A failed install is a result (one line, in md and JSON); this runtime is still measured, for real."""
-    from absorber import optimum_peer as P
+    from absorber.bench import optimum_peer as P
 
     def no_install(*a, **k):
         raise RuntimeError("optimum-onnx does not install: pip install optimum-onnx: ERROR: No matching distribution")
@@ -95,7 +95,7 @@ def test_optimum_peer_not_installed_is_one_line(tiny_bundle, monkeypatch):
 
 
 def test_measure_protocol_warmup_median_and_rate(monkeypatch):
-    from absorber import optimum_peer as P
+    from absorber.bench import optimum_peer as P
     clock = {"t": 0.0}
     monkeypatch.setattr(P.time, "perf_counter", lambda: clock["t"])
     calls = []
@@ -117,7 +117,7 @@ def test_measure_protocol_warmup_median_and_rate(monkeypatch):
 
 def test_fix_hf_folder_for_transformers4(tmp_path):
     """transformers 5 keeps the RoPE base in rope_parameters; 4.5x would silently use 10000 without rope_theta."""
-    from absorber.optimum_peer import fix_hf_folder_for_transformers4
+    from absorber.bench.optimum_peer import fix_hf_folder_for_transformers4
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32",
                                                       "rope_parameters": {"rope_theta": 100000.0,
                                                                           "rope_type": "default"}}))
@@ -137,3 +137,27 @@ def test_bench_help_mentions_optimum_and_it_needs_a_bundle():
     r = subprocess.run([sys.executable, "-m", "absorber", "bench", "--optimum", "--no-torch"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--optimum" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------- planner calibration
+def test_calibrate_measures_one_round_of_the_runtime(tiny_bundle, tmp_path):
+    """`python -m absorber.bench.calibrate`: one window, one round of the real runtime in a fresh process, its
+    peak RSS next to the planner's prediction for the same bundle, window and profile."""
+    from absorber.bench.calibrate import predicted
+    from absorber.devices import get_profile
+    from absorber.runtime.bundle import open_bundle
+    out, md = tmp_path / "cal.json", tmp_path / "cal.md"
+    r = subprocess.run([sys.executable, "-m", "absorber.bench.calibrate", str(tiny_bundle), "--windows", "32x16",
+                        "--k", "1", "--profile", "laptop-cpu", "--json", str(out), "--md", str(md)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [row] = json.loads(out.read_text())
+    assert (row["n"], row["m"], row["k"], row["steps"]) == (32, 16, 1, 1)
+    assert row["peak_bytes"] > 0 and row["peak_bytes"] > row["rss_import"] > 0
+    assert row["peak_bytes"] >= row["rss_round"] >= row["rss_open"] > row["rss_import"]
+    want = predicted(open_bundle(tiny_bundle, verify_hashes=False), 32, 16, 1, get_profile("laptop-cpu"))
+    assert row["predicted_bytes"] == want.peak_bytes > 0
+    assert row["error"] == pytest.approx((want.peak_bytes - row["peak_bytes"]) / row["peak_bytes"])
+    text = md.read_text()
+    assert text.startswith("Command: `python -m absorber.bench.calibrate ") and "| 32 | 16 |" in text
+    assert "| 32 | 16 |" in r.stdout

@@ -68,7 +68,25 @@ def test_wheel_maps_the_four_folders_into_one_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("absorber/__init__.py", "absorber/runtime/__init__.py", "absorber/export/__init__.py",
               "absorber/devices/__init__.py", "absorber/cli.py",
-              "absorber/commands/absorb.py", "absorber/commands/bench.py", "absorber/devices/profiles.json"):
+              "absorber/commands/absorb.py", "absorber/commands/bench.py", "absorber/devices/profiles.json",
+              "absorber/bench/__init__.py", "absorber/bench/speed.py", "absorber/bench/calibrate.py"):
         assert f in names, f
     top = {n.split("/")[0] for n in names}
     assert top <= {"absorber"} | {n.split("/")[0] for n in names if ".dist-info" in n}, top
+
+
+def test_only_the_bench_verb_imports_absorber_bench():
+    """The dependency rule: the method (absorber/), export/, runtime/ and devices/ never import absorber.bench;
+    only the CLI verb absorber/commands/bench.py (and benchmarks/scripts/, outside the package) may."""
+    import re
+    pat = re.compile(r"^\s*(from\s+absorber\.bench\b|import\s+absorber\.bench\b|from\s+absorber\s+import\s+.*\bbench\b)"
+                     r"|[\"']absorber\.bench\b", re.M)   # imports, and module names in strings (importlib, -m)
+    allowed = {ROOT / "absorber" / "commands" / "bench.py"}
+    bad = []
+    for folder in ("absorber", "export", "runtime", "devices"):
+        for f in (ROOT / folder).rglob("*.py"):
+            if f in allowed or (ROOT / "absorber" / "bench") in f.parents:
+                continue
+            if pat.search(f.read_text(encoding="utf-8")):
+                bad.append(str(f.relative_to(ROOT)))
+    assert not bad, bad

@@ -1,4 +1,7 @@
-"""`absorber bench`: speed and memory of the ONNX runtime vs the PyTorch reference, side by side."""
+"""`absorber bench`: speed and memory of the ONNX runtime vs the PyTorch reference, side by side.
+
+The CLI verb over `absorber.bench` (speed, plot, optimum_peer): the only module outside absorber/bench/ and
+benchmarks/scripts/ that may import it."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +24,7 @@ the model's context is full. Writes a JSON, a markdown table and a PNG plot.
 int8), next to each fp32/int8 --bundle, with the first --m tokens of the text as context. optimum-onnx pins
 transformers<4.58, so it runs in its own venv (~/.cache/absorber/optimum-venv), which the first such run
 creates and fills with pip (torch==2.13.0 first): minutes, and packages installed. Off by default. The same
-measurement alone: python -m absorber.optimum_peer --bundle DIR…
+measurement alone: python -m absorber.bench.optimum_peer --bundle DIR…
 
 example:
   absorber bench --bundle bundles/smollm2-int8 --bundle bundles/smollm2-fp32 --json benchmarks/bench.json \\
@@ -86,34 +89,16 @@ def markdown(res: dict, command: str) -> str:
 
 
 def optimum_section(peer: dict) -> list[str]:
-    """The `--optimum` rows: one per engine and quant (see absorber.optimum_peer)."""
-    from absorber.optimum_peer import table_rows
+    """The `--optimum` rows: one per engine and quant (see absorber.bench.optimum_peer)."""
+    from absorber.bench.optimum_peer import table_rows
     s = peer.get("settings", {})
     return ["", f"Decode vs optimum-onnx ORTModelForCausalLM ({peer.get('input_tokens')} input tokens: "
                 f"{s.get('context')} of context + the prompt; {s.get('new_tokens')} greedy tokens; median of "
                 f"{s.get('repeats')} after {s.get('warmup')} warm-up):", "", *table_rows(peer)]
 
 
-def plot(res: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for c in res.get("rss_curves", []):
-        if "curve" in c:
-            xs, ys = zip(*c["curve"])
-            ax.plot(xs, ys, label=c.get("label", c["engine"]))
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("RSS (MB)")
-    ax.set_title("Memory against stream length")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(args) -> int:
-    from absorber import benchmark as B
+    from absorber.bench import speed as B
     for b in args.bundle:
         if not (Path(b) / "manifest.json").is_file():
             raise AbsorberError(f"not a bundle (no manifest.json): {b}")
@@ -170,7 +155,7 @@ def main(args) -> int:
             c["label"] = "transformers, full context"
             res["rss_curves"].append(c)
     if args.optimum:
-        from absorber.optimum_peer import run_peer
+        from absorber.bench.optimum_peer import run_peer
         say("bench: decode vs optimum-onnx …")
         res["optimum"] = run_peer(args.bundle, context=args.m, say=say, command="absorber bench --optimum")
     command = "absorber bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else "absorber bench"
@@ -182,5 +167,6 @@ def main(args) -> int:
     if args.md:
         Path(args.md).write_text(md)
     if args.plot and res.get("rss_curves"):
+        from absorber.bench.plot import plot
         plot(res, args.plot)
     return 0

@@ -5,8 +5,8 @@ script only schedules (job, text) pieces over worker processes that share one GP
 mostly idle, so several processes interleave well), checkpoints every record as JSON, and stops at the budget:
 whatever finished is kept, per text and per round. `eval_gpu_report.py` turns the JSON into tables and plots.
 
-    python benchmarks/eval_gpu.py --out /tmp/evalgpu --device cuda --workers 8 --budget 420
-    python benchmarks/eval_gpu.py --out /tmp/smoke --model tiny --plan smoke --budget 60     # any machine
+    python benchmarks/scripts/eval_gpu.py --out /tmp/evalgpu --device cuda --workers 8 --budget 420
+    python benchmarks/scripts/eval_gpu.py --out /tmp/smoke --model tiny --plan smoke --budget 60     # any machine
 
 Texts: SHORT = the 12 most recent spoken State of the Union speeches, each streamed on its own (fresh
 adapters per speech, its first 12 rounds scored); LONG = 16 earlier spoken speeches (1990-2011) joined into one
@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
 
 PASSKEY = {"passkey_lengths": [1024, 2048, 4096], "passkey_depths": [0.1, 0.5], "passkey_trials": 4}
 COMBO = {"sync_skip": 1, "reset": "moments", "decay": 0.1}

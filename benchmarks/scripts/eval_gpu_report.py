@@ -1,6 +1,6 @@
 """Tables and a drift plot from the per-piece JSON that `eval_gpu.py` writes (or a .tar.gz of its folder).
 
-    python benchmarks/eval_gpu_report.py RESULTS_DIR_OR_TAR --json benchmarks/eval_gpu.json \
+    python benchmarks/scripts/eval_gpu_report.py RESULTS_DIR_OR_TAR --json benchmarks/eval_gpu.json \
         --md benchmarks/eval_gpu_tables.md --plot benchmarks/eval_drift.png
 
 Only (text, round) segments present for window, full and the variant are compared (a budget cut leaves some
@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
 
 from absorber.evaluate import bootstrap, ppl, recovered_fraction  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Export benchmark on a real model: sizes, logit error and top-1 agreement vs torch, first-step gradient error,
 export time and peak RSS, for fp32 / int8 / int4 bundles.
 
-    nice python -m absorber.export.benchmark --model smollm2-135m --out /tmp/bench-bundles --md benchmarks/export.md
+    nice python -m absorber.bench.export_quality --model smollm2-135m --out /tmp/bench-bundles --md benchmarks/export.md
 
 Phase 1 (a child process, so that its peak RSS is the export's alone): load the model and write the three bundles
 from one trace. Phase 2 (this process): compare every bundle with PyTorch on `--tokens` tokens of a real speech.
@@ -45,13 +45,20 @@ print(json.dumps({{"load_s": t_load, "export_s": time.perf_counter() - t1, "rss_
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _bundle(path: Path):
+    from absorber.runtime.bundle import open_bundle
+    return open_bundle(path, verify_hashes=False)
+
+
 def _session(path: Path, graph: str):
+    """A plain session (no weight sharing) on one graph of the bundle, with the manifest's session config."""
     import onnxruntime as ort
+    b = _bundle(path)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    for k, v in json.loads((path / "manifest.json").read_text())["session_config"].items():
+    for k, v in (b.manifest.get("session_config") or {}).items():   # TODO(bundle): session_config
         so.add_session_config_entry(k, v)
-    return ort.InferenceSession(str(path / f"{graph}.onnx"), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(b.graph_file(graph)), so, providers=["CPUExecutionProvider"])
 
 
 def _relerr(a, b) -> float:
@@ -81,19 +88,21 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load(model_spec)
-    man = json.loads((out / "fp32" / "manifest.json").read_text())
+    b32 = _bundle(out / "fp32")
+    man = b32.manifest
     sl = man["slice"]
     from absorber.config import LoraConfig
     lora.inject(model, LoraConfig(rank=sl["rank"], alpha=sl["alpha"], targets=tuple(sl["targets"]),
                                   layers=tuple(sl["layers"]) if sl["layers"] else None, seed=sl["seed"]))
-    init = load_file(str(out / "fp32" / "adapters.safetensors"))
+    init = load_file(str(b32.adapters_path))
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in init.items()})
     ids = tok.encode(get_speech(speech).text(), add_special_tokens=False)[: tokens + y_len]
     seq = torch.tensor([ids[:tokens]])
     x, y = torch.tensor([ids[:tokens]]), torch.tensor([ids[tokens:tokens + y_len]])
-    layers = man["loss_layers"]
+    layers = b32.loss_layers
+    # TODO(bundle): loss_skip
     skip = man["loss"].get("skip", 0)   # the train step leaves these leading Y positions out of the loss
-    L, kv, hd = man["model"]["num_layers"], man["model"]["num_kv_heads"], man["model"]["head_dim"]
+    L, kv, hd = b32.num_layers, b32.num_kv_heads, b32.head_dim
     # a non-trivial first step: B = 0 at init makes every grad of A exactly zero, so compare at perturbed
     # adapters too (A as exported, B small random), which exercises both halves of every adapter
     g = np.random.default_rng(0)
@@ -202,7 +211,7 @@ def to_markdown(exp: dict, ev: dict, cmd: str) -> str:
     lines = [
         "# Export benchmark (SmolLM2-135M-Instruct)",
         "",
-        f"Produced by `{cmd}` (script: `export/benchmark.py`).",
+        f"Produced by `{cmd}` (script: `absorber/bench/export_quality.py`).",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (timings are indicative); "
         f"torch {e['torch']}, transformers {e['transformers']}, onnx {e['onnx']}, onnxscript {e['onnxscript']}, "
         f"onnxruntime {e['onnxruntime']}, opset {e['opset']}.",
@@ -265,7 +274,8 @@ def to_markdown(exp: dict, ev: dict, cmd: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m absorber.bench.export_quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="/tmp/absorber-export-bench")
     ap.add_argument("--rank", type=int, default=16)
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
         exp_file.write_text(json.dumps(exp))
     print(json.dumps(exp), file=sys.stderr, flush=True)
     ev = evaluate(a.model, out, a.tokens, a.y_len, a.speech)
-    cmd = "nice python -m absorber.export.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "nice python -m absorber.bench.export_quality " + " ".join(argv if argv is not None else sys.argv[1:])
     md = to_markdown(exp, ev, cmd.strip())
     if a.md:
         Path(a.md).write_text(md)

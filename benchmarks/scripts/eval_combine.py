@@ -1,9 +1,13 @@
 """Pool the defaults and the fresh-adapters runs over 4 speeches (12 segments): R, recall R, paired difference.
-usage: python benchmarks/eval_combine.py (after eval_main.json, eval_more_texts*.json, eval_reset.json exist)"""
-import json, random
-from absorber import evaluate as E
+usage: python benchmarks/scripts/eval_combine.py (after eval_main.json, eval_more_texts*.json, eval_reset.json exist
+in benchmarks/; read from there whatever the current directory)"""
+import json, random, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
+from absorber import evaluate as E  # noqa: E402
+RESULTS = Path(__file__).resolve().parents[1]   # benchmarks/
 def load(p, m):
-    r = json.load(open(p)); return r["segments"].get(m, {})
+    r = json.load(open(RESULTS / Path(p).name)); return r["segments"].get(m, {})
 base = {m: {**load("benchmarks/eval_main.json", m), **load("benchmarks/eval_more_texts.json", m)} for m in ("window", "full")}
 default = {**load("benchmarks/eval_main.json", "absorber"), **load("benchmarks/eval_more_texts.json", "absorber")}
 reset = {**load("benchmarks/eval_reset.json", "absorber"), **load("benchmarks/eval_more_texts_reset.json", "absorber")}

@@ -1,5 +1,10 @@
-"""RSS of Stream.open + one short round, with and without weight sharing (run each mode in a fresh process)."""
+"""RSS of Stream.open + one short round, with and without weight sharing (run each mode in a fresh process).
+
+    python benchmarks/scripts/runtime_share_rss.py BUNDLE share|noshare [profile] [k]
+"""
 import sys, time, json, resource
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
 import psutil
 from absorber.runtime import Stream
 from absorber.data import speech

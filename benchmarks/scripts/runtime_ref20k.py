@@ -1,5 +1,8 @@
-"""The PyTorch reference on the runtime's 20k-token stream (k=2), for the drift comparison: python benchmarks/runtime_ref20k.py sotu_20k.txt"""
-import time, torch, json
+"""The PyTorch reference on the runtime's 20k-token stream (k=2), for the drift comparison: python benchmarks/scripts/runtime_ref20k.py sotu_20k.txt"""
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
+import time, torch, json  # noqa: E402
 from absorber.models import load
 from absorber.config import AbsorberConfig
 from absorber.stream import StreamingAbsorber

@@ -8,7 +8,7 @@ the CPU wheel this machine has locally; any other torch request pulls a multi-GB
 
 This file runs in two interpreters:
 
-* the main environment (``python -m absorber.optimum_peer`` or ``absorber bench --optimum``): creates the venv,
+* the main environment (``python -m absorber.bench.optimum_peer`` or ``absorber bench --optimum``): creates the venv,
   writes SmolLM2-135M-Instruct as a plain Hugging Face folder (safetensors + config + tokenizer), measures this
   runtime's bundles, writes the JSON and markdown;
 * the venv (``VENV/bin/python THIS_FILE venv-export|venv-measure JSON``): exports with optimum-onnx, quantizes
@@ -16,7 +16,7 @@ This file runs in two interpreters:
   therefore stdlib only: the venv has no absorber.
 
 Protocol (both engines, each in its own process, one after the other on the same machine): the input is the
-first ``context`` tokens of spoken State of the Union text (``absorber.benchmark.stream_text``) followed by the
+first ``context`` tokens of spoken State of the Union text (``absorber.bench.speed.stream_text``) followed by the
 prompt of ``absorber bench`` (``PROMPT``). Time to first token = one prefill call producing the first token;
 decode tok/s = (produced-1) / (time for ``new_tokens`` greedy tokens - TTFT), KV cache on; one warm-up run,
 then the median of ``repeats`` runs. Both use the intra-op thread count of this runtime's default profile.
@@ -175,7 +175,7 @@ def venv_python(venv: Path = VENV) -> Path:
 
 def run_in_venv(task: str, a: dict, venv: Path = VENV, timeout: float = 1800) -> dict:
     """Run one venv task in the venv; the last stdout line is its JSON. This very file is loaded by path under
-    another name, in isolated mode (-I), so that absorber/'s sibling modules (config.py, data.py, …) cannot
+    another name, in isolated mode (-I), so that no module of this checkout (absorber/, absorber/bench/) can
     shadow a top-level module of the venv."""
     r = subprocess.run([str(venv_python(venv)), "-I", "-c", _VENV_BOOT, os.path.abspath(__file__), task, json.dumps(a)],
                        capture_output=True, text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -289,7 +289,7 @@ def runtime_threads() -> dict:
 
 def context_ids(bundle: str, context: int) -> dict:
     """The first `context` tokens of the bench text and the prompt's tokens, with the bundle's tokenizer."""
-    from absorber.benchmark import stream_text
+    from absorber.bench.speed import stream_text
     from absorber.runtime import Stream
     tok = Stream.open(bundle).tokenizer
     ids = tok.encode(stream_text(context), add_special_tokens=False).ids[:context]
@@ -310,6 +310,7 @@ def task_runtime_decode(a: dict) -> dict:
         return s.last_answer_tokens
 
     res = measure_protocol(lambda: ask(1), lambda: ask(int(a["new_tokens"])), int(a["repeats"]), int(a["warmup"]))
+    # TODO(bundle): quant_scheme
     return res | {"open_s": open_s, "answer": last["text"], "window": len(s.window),
                   "quant": s.bundle.manifest.get("quant", {}).get("scheme", "fp32")}
 
@@ -319,7 +320,7 @@ def run_main_task(task: str, a: dict, timeout: float = 1800) -> dict:
     import absorber
     root = str(Path(absorber.__file__).resolve().parent.parent)
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "absorber.optimum_peer", task, json.dumps(a)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "absorber.bench.optimum_peer", task, json.dumps(a)], capture_output=True,
                        text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{task} failed: {one_line(r.stderr or r.stdout or 'no output')}")
@@ -327,8 +328,10 @@ def run_main_task(task: str, a: dict, timeout: float = 1800) -> dict:
 
 
 def _bundle_quant(bundle: str) -> str:
-    m = json.loads((Path(bundle) / "manifest.json").read_text())
-    return m.get("quant", {}).get("scheme", "fp32")
+    from absorber.runtime.bundle import open_bundle
+    b = open_bundle(bundle, verify_hashes=False)
+    # TODO(bundle): quant_scheme
+    return b.manifest.get("quant", {}).get("scheme", "fp32")
 
 
 def _engine(engine: str, quant: str, fn: Callable[[], dict], processes: int = 1) -> dict:
@@ -454,7 +457,7 @@ def markdown(res: dict) -> str:
     s = res.get("settings", {})
     th = res.get("threads", {})
     lines = ["# Decode speed: absorber runtime vs optimum-onnx `ORTModelForCausalLM` (SmolLM2-135M-Instruct)", "",
-             f"Command: `{res.get('command') or 'python -m absorber.optimum_peer'}`", "",
+             f"Command: `{res.get('command') or 'python -m absorber.bench.optimum_peer'}`", "",
              f"Input: {res.get('input_tokens')} tokens (the first {s.get('context')} tokens of spoken State of the "
              f"Union text + the bench prompt); {s.get('new_tokens')} new tokens, greedy, KV cache; "
              f"{s.get('warmup')} warm-up run, then the median of {s.get('repeats')} runs; {s.get('processes', 1)} fresh "
@@ -475,7 +478,7 @@ def markdown(res: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m absorber.optimum_peer", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m absorber.bench.optimum_peer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", action="append", default=[], help="this runtime's bundle (repeat: fp32, int8)")
     p.add_argument("--context", type=int, default=256, help="context tokens before the prompt (default: m=256)")
@@ -490,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m absorber.optimum_peer") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m absorber.bench.optimum_peer") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in VENV_TASKS:          # venv side
         print(json.dumps(VENV_TASKS[argv[0]](json.loads(argv[1]))))

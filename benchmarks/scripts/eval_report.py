@@ -1,14 +1,17 @@
 """Print the markdown tables of benchmarks/eval.md from the JSON files written by `absorber eval`.
 
-usage: python benchmarks/eval_report.py benchmarks/eval_main.json benchmarks/eval_sweep_*.json
+usage: python benchmarks/scripts/eval_report.py benchmarks/eval_main.json benchmarks/eval_sweep_*.json
 """
 from __future__ import annotations
 
 import json
 import math
 import sys
+from pathlib import Path
 
-from absorber import evaluate as E
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
+
+from absorber import evaluate as E  # noqa: E402
 
 
 def per_text(result: dict) -> str:

@@ -1,6 +1,6 @@
 """Speed and memory of the ONNX runtime against the PyTorch reference, measured side by side.
 
-Every measurement runs in its own subprocess (`python -m absorber.benchmark TASK JSON`), so that each peak RSS
+Every measurement runs in its own subprocess (`python -m absorber.bench.speed TASK JSON`), so that each peak RSS
 (ru_maxrss) belongs to one engine only. Tasks: `torch` / `runtime` (absorb a real text at the same n, m, K;
 per-phase seconds; decode speed and time to first token), `rss-runtime` (RSS against tokens seen on a long
 stream), `rss-full` (RSS of full-context transformers decoding until the model's context is full), `gemm`
@@ -146,6 +146,7 @@ def task_runtime(a: dict) -> dict:
     t1 = time.perf_counter(); s.ask(q, max_new_tokens=n_new); t_total = time.perf_counter() - t1
     produced = getattr(s, "last_answer_tokens", n_new)
     res = _summary("runtime", rounds, wall, s.cfg) | _decode_numbers(ttft, t_total, produced)
+    # TODO(bundle): quant_scheme
     res.update(peak_rss_mb=peak_rss_mb(), open_s=getattr(s, "open_seconds", None),
                quant=s.bundle.manifest.get("quant", {}).get("scheme"))
     return res
@@ -195,7 +196,7 @@ TASKS = {"gemm": task_gemm, "torch": task_torch, "runtime": task_runtime, "rss-r
 
 def run_task(name: str, args: dict, timeout: float = 3600) -> dict:
     """Run one task in a fresh interpreter; its last stdout line is the JSON result."""
-    r = subprocess.run([sys.executable, "-m", "absorber.benchmark", name, json.dumps(args)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "absorber.bench.speed", name, json.dumps(args)], capture_output=True,
                        text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -227,5 +228,8 @@ def flops_train_round(f: dict, m: int, k: int) -> float:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in TASKS:
+        print(f"usage: python -m absorber.bench.speed {{{','.join(TASKS)}}} [JSON]\n\n{__doc__}", file=sys.stderr)
+        raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     name, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     print(json.dumps(TASKS[name](args)))
