@@ -54,8 +54,7 @@ def measure_round(bundle: str, n: int, m: int, k: int, profile: str | None, seed
     st = Stream.open(bundle, profile=profile, config_overrides={"n": n, "m": m, "k": k}, verify_hashes=False)
     open_s = time.perf_counter() - t0
     marks["open"] = _mark()
-    # TODO(bundle): vocab
-    vocab = int(st.bundle.manifest["model"]["vocab"])
+    vocab = st.bundle.vocab
     ids = np.random.default_rng(seed).integers(10, vocab - 10, size=n + m).tolist()
     t0 = time.perf_counter()
     res = st.feed_tokens(ids)
@@ -100,7 +99,7 @@ def weights_file_bytes(bundle) -> int | None:
 def predicted(bundle, n: int, m: int, k: int, profile):
     """The planner's prediction for this bundle and window, with the profile's arena and mem-pattern settings."""
     from absorber.devices.planner import predict
-    return predict(bundle.manifest, n, m, k, arena=profile.enable_cpu_mem_arena, mem_pattern=profile.enable_mem_pattern,
+    return predict(bundle, n, m, k, arena=profile.enable_cpu_mem_arena, mem_pattern=profile.enable_mem_pattern,
                    weights_file_bytes=weights_file_bytes(bundle))
 
 
@@ -122,8 +121,7 @@ def calibrate(bundle_dir: str, windows: list[tuple[int, int]], k: int, profile: 
     from absorber.runtime.bundle import open_bundle
     b = open_bundle(bundle_dir, verify_hashes=False)
     prof = get_profile(profile)
-    # TODO(bundle): quant_scheme
-    quant = (b.manifest.get("quant") or {}).get("scheme", "fp32")
+    quant = b.quant_scheme
     lines = [f"bundle {bundle_dir} quant={quant} profile={prof.name} "
              f"arena={'on' if prof.enable_cpu_mem_arena else 'off'} "
              f"mem_pattern={'on' if prof.enable_mem_pattern else 'off'} k={k} (one round of absorber.runtime.Stream)",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from absorber import bundle_format as F
+
 SCHEMES = ("fp32", "int8", "int4")
 
 
@@ -56,7 +58,7 @@ def _session(path: Path, graph: str):
     b = _bundle(path)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    for k, v in (b.manifest.get("session_config") or {}).items():   # TODO(bundle): session_config
+    for k, v in b.session_config.items():
         so.add_session_config_entry(k, v)
     return ort.InferenceSession(str(b.graph_file(graph)), so, providers=["CPUExecutionProvider"])
 
@@ -100,8 +102,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
     seq = torch.tensor([ids[:tokens]])
     x, y = torch.tensor([ids[:tokens]]), torch.tensor([ids[tokens:tokens + y_len]])
     layers = b32.loss_layers
-    # TODO(bundle): loss_skip
-    skip = man["loss"].get("skip", 0)   # the train step leaves these leading Y positions out of the loss
+    skip = b32.loss_skip   # the train step leaves these leading Y positions out of the loss
     L, kv, hd = b32.num_layers, b32.num_kv_heads, b32.head_dim
     # a non-trivial first step: B = 0 at init makes every grad of A exactly zero, so compare at perturbed
     # adapters too (A as exported, B small random), which exercises both halves of every adapter
@@ -143,12 +144,12 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
                 for n, w in fp32.items():
                     model.get_parameter(n).copy_(w)
         dec = _session(path, "decoder")
-        past = {f"past_{k}.{i}": np.zeros((1, kv, 0, hd), np.float32) for i in range(L) for k in ("key", "value")}
-        feeds = {"input_ids": seq.numpy(), "position_ids": np.arange(tokens)[None],
-                 "logits_to_keep": np.array(0, np.int64), **past, **init}
-        dec.run(["logits"], feeds)
+        past = {n: np.zeros((1, kv, 0, hd), np.float32) for n in F.past_names(L)}
+        feeds = {F.INPUT_IDS: seq.numpy(), F.POSITION_IDS: np.arange(tokens)[None],
+                 F.LOGITS_TO_KEEP: np.array(0, np.int64), **past, **init}
+        dec.run([F.LOGITS], feeds)
         t0 = time.perf_counter()
-        logits = dec.run(["logits"], feeds)[0][0]
+        logits = dec.run([F.LOGITS], feeds)[0][0]
         row["prefill_ms"] = (time.perf_counter() - t0) * 1000
         row["logit_relerr_vs_torch_fp32"] = _relerr(logits, ref["init"][0])
         row["top1_vs_torch_fp32"] = float((logits.argmax(-1) == ref["init"][0].argmax(-1)).mean())
@@ -163,22 +164,22 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
             _, th, loss_t, grads_t = ref[which]
             th_b = deq[which][1] if deq else th
             ad = init if which == "init" else pert
-            f = {"input_ids": y.numpy(), "position_ids": np.arange(y_len)[None], "teacher_hidden": th_b.numpy(), **ad}
+            f = {F.INPUT_IDS: y.numpy(), F.POSITION_IDS: np.arange(y_len)[None], F.TEACHER_HIDDEN: th_b.numpy(), **ad}
             t0 = time.perf_counter()
             r = dict(zip(names, tr.run(None, f)))
             if which == "pert":
                 row["train_step_ms"] = (time.perf_counter() - t0) * 1000
             nz = [n for n in grads_t if np.abs(grads_t[n]).max() > 0]
-            row[f"grad_relerr_vs_torch_fp32_{which}"] = max(_normerr(r[f"grad.{n}"], grads_t[n]) for n in nz)
-            row[f"grad_relerr_global_vs_torch_fp32_{which}"] = _global({n: r[f"grad.{n}"] for n in nz},
+            row[f"grad_relerr_vs_torch_fp32_{which}"] = max(_normerr(r[F.grad_name(n)], grads_t[n]) for n in nz)
+            row[f"grad_relerr_global_vs_torch_fp32_{which}"] = _global({n: r[F.grad_name(n)] for n in nz},
                                                                       {n: grads_t[n] for n in nz})
-            row[f"loss_relerr_vs_torch_fp32_{which}"] = abs(float(r["loss"]) - loss_t) / abs(loss_t)
+            row[f"loss_relerr_vs_torch_fp32_{which}"] = abs(float(r[F.LOSS]) - loss_t) / abs(loss_t)
             if deq:
                 _, _, loss_d, grads_d = deq[which]
-                row[f"grad_relerr_vs_torch_dequant_{which}"] = max(_normerr(r[f"grad.{n}"], grads_d[n]) for n in nz)
-                row[f"grad_relerr_global_vs_torch_dequant_{which}"] = _global({n: r[f"grad.{n}"] for n in nz},
+                row[f"grad_relerr_vs_torch_dequant_{which}"] = max(_normerr(r[F.grad_name(n)], grads_d[n]) for n in nz)
+                row[f"grad_relerr_global_vs_torch_dequant_{which}"] = _global({n: r[F.grad_name(n)] for n in nz},
                                                                              {n: grads_d[n] for n in nz})
-                row[f"loss_relerr_vs_torch_dequant_{which}"] = abs(float(r["loss"]) - loss_d) / abs(loss_d)
+                row[f"loss_relerr_vs_torch_dequant_{which}"] = abs(float(r[F.LOSS]) - loss_d) / abs(loss_d)
             row[f"zero_grads_{which}"] = len(grads_t) - len(nz)
         del tr
         rows.append(row)

@@ -310,9 +310,8 @@ def task_runtime_decode(a: dict) -> dict:
         return s.last_answer_tokens
 
     res = measure_protocol(lambda: ask(1), lambda: ask(int(a["new_tokens"])), int(a["repeats"]), int(a["warmup"]))
-    # TODO(bundle): quant_scheme
     return res | {"open_s": open_s, "answer": last["text"], "window": len(s.window),
-                  "quant": s.bundle.manifest.get("quant", {}).get("scheme", "fp32")}
+                  "quant": s.bundle.quant_scheme}
 
 
 def run_main_task(task: str, a: dict, timeout: float = 1800) -> dict:
@@ -330,8 +329,7 @@ def run_main_task(task: str, a: dict, timeout: float = 1800) -> dict:
 def _bundle_quant(bundle: str) -> str:
     from absorber.runtime.bundle import open_bundle
     b = open_bundle(bundle, verify_hashes=False)
-    # TODO(bundle): quant_scheme
-    return b.manifest.get("quant", {}).get("scheme", "fp32")
+    return b.quant_scheme
 
 
 def _engine(engine: str, quant: str, fn: Callable[[], dict], processes: int = 1) -> dict:

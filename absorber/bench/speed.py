@@ -146,9 +146,8 @@ def task_runtime(a: dict) -> dict:
     t1 = time.perf_counter(); s.ask(q, max_new_tokens=n_new); t_total = time.perf_counter() - t1
     produced = getattr(s, "last_answer_tokens", n_new)
     res = _summary("runtime", rounds, wall, s.cfg) | _decode_numbers(ttft, t_total, produced)
-    # TODO(bundle): quant_scheme
     res.update(peak_rss_mb=peak_rss_mb(), open_s=getattr(s, "open_seconds", None),
-               quant=s.bundle.manifest.get("quant", {}).get("scheme"))
+               quant=s.bundle.quant_scheme)
     return res
 
 
