@@ -76,7 +76,8 @@ class Absorption:
         self._before_round()
         if self.method == "absorber" and teacher is None:
             teacher = sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0,
-                                   base=cfg.teacher == "base")
+                                   base=cfg.teacher == "base",
+                                   gamma=cfg.gamma if cfg.teacher == "compose" else None)
         t1 = time.perf_counter()
         losses: list[float] = []
         rolled_back = False

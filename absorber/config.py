@@ -46,7 +46,11 @@ class AbsorberConfig:
     decay: float = 0.0           # before each round scale every lora_B by (1 - decay): older text fades
     teacher: str = "base"        # "base": the frozen model with X in context (adapters off) is the target;
                                  # "current": base + current adapters (the paper's W <- W*). "current" drifts:
-                                 # each round chases the previous rounds' errors (benchmarks/eval.md, drift)
+                                 # each round chases the previous rounds' errors (benchmarks/eval.md, drift);
+                                 # "compose": h_base(X.Y) + gamma * (h_current(Y) - h_base(Y)) at Y: what the
+                                 # adapters add on Y alone, on top of the base model with X in context (the
+                                 # adapters never run with X in context)
+    gamma: float = 1.0           # teacher="compose": 1 accumulates, < 1 fades older absorbed content
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -80,8 +84,10 @@ class AbsorberConfig:
             raise AbsorberError(f"reset must be none, moments or adapters (got {self.reset!r})")
         if not 0.0 <= self.decay < 1.0:
             raise AbsorberError(f"decay must be in [0, 1) (got {self.decay})")
-        if self.teacher not in ("current", "base"):
-            raise AbsorberError(f"teacher must be current or base (got {self.teacher!r})")
+        if self.teacher not in ("current", "base", "compose"):
+            raise AbsorberError(f"teacher must be current, base or compose (got {self.teacher!r})")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise AbsorberError(f"gamma must be in [0, 1] (got {self.gamma})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
 

@@ -55,16 +55,38 @@ class Teacher:
 
 @torch.no_grad()
 def teacher(model: nn.Module, x_ids: torch.Tensor, y_ids: torch.Tensor, layers: list[int],
-            with_logprobs: bool = False, base: bool = False) -> Teacher:
+            with_logprobs: bool = False, base: bool = False, gamma: float | None = None) -> Teacher:
     """The model with X in context: its states at Y's positions (X·Y at positions 0..n+m-1).
-    base=True: the base model (adapters switched off) is the teacher instead of the current one."""
+    base=True: the base model (adapters switched off) is the teacher instead of the current one.
+    gamma (the compositional teacher): h_base(X·Y) + gamma * (h_current(Y) - h_base(Y)) at Y's positions, Y
+    alone at positions 0..m-1: the base model with X in context plus what the adapters add on Y without X."""
     from absorber import lora
     ids = torch.cat([x_ids, y_ids], dim=1)
-    with lora.disabled(model) if base else contextlib.nullcontext():
-        hs, logits = forward_states(model, ids, layers, with_logits=with_logprobs)
     m = y_ids.shape[1]
+    with lora.disabled(model) if (base or gamma is not None) else contextlib.nullcontext():
+        hs, logits = forward_states(model, ids, layers, with_logits=with_logprobs)
+    hs = hs[:, -m:]
+    if gamma is not None:
+        hs = compose_target(hs, *own_contribution(model, y_ids, layers), gamma)
+        if with_logprobs:
+            raise ValueError("the compositional teacher has no logits target (kl_weight must be 0)")
     lp = F.log_softmax(logits[-m:].float(), -1) if with_logprobs else None
-    return Teacher(hs[:, -m:].contiguous(), lp)
+    return Teacher(hs.contiguous(), lp)
+
+
+@torch.no_grad()
+def own_contribution(model: nn.Module, y_ids: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_current(Y), h_base(Y)): Y alone at positions 0..m-1, with the adapters and without."""
+    from absorber import lora
+    cur, _ = forward_states(model, y_ids, layers)
+    with lora.disabled(model):
+        base, _ = forward_states(model, y_ids, layers)
+    return cur, base
+
+
+def compose_target(base_xy: torch.Tensor, cur_y: torch.Tensor, base_y: torch.Tensor, gamma: float) -> torch.Tensor:
+    """T = h_base(X·Y) + gamma * (h_current(Y) - h_base(Y)), elementwise over [layers, m, H]."""
+    return base_xy + gamma * (cur_y - base_y)
 
 
 def sync_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "l1",

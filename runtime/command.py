@@ -38,8 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--k", type=int, help="optimizer steps per round (default: bundle)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: bundle)")
     p.add_argument("--eps", type=float, help="stop a round early when the loss is under eps")
-    p.add_argument("--teacher", choices=("current", "base"),
-                   help="teacher = base model (adapters off) or current adapters (default: bundle)")
+    p.add_argument("--teacher", choices=("current", "base", "compose"),
+                   help="teacher = base model (adapters off), current adapters, or compose: base with X + "
+                        "gamma x the adapters' own contribution on Y (default: bundle)")
+    p.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' contribution (default 1)")
     p.add_argument("--reset", choices=("none", "moments", "adapters"), help="reset before each round (default: bundle)")
     p.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
@@ -68,7 +70,7 @@ def main(args) -> int:
     from absorber.runtime.stream import Stream, rss_mb
     from absorber.runtime.inputs import Reader
 
-    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "reset", "decay") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "gamma", "reset", "decay") if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")
     out = sys.stdout

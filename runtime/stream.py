@@ -317,8 +317,13 @@ class Stream:
         x, y = self.window[:n], self.window[n:n + m]
         t0 = time.perf_counter()
         self._before_round()
-        feeds = self._base_feeds if cfg.teacher == "base" else self.param_views
+        feeds = self.param_views if cfg.teacher == "current" else self._base_feeds
         teacher = np.ascontiguousarray(G.hidden_states(self.model, x + y, feeds)[:, n:n + m])
+        if cfg.teacher == "compose":    # + gamma * (what the adapters add on Y alone): absorber.sync.teacher
+            own = G.hidden_states(self.model, y, self.param_views)
+            own -= G.hidden_states(self.model, y, self._base_feeds)
+            own *= np.float32(cfg.gamma)
+            teacher += own
         t1 = time.perf_counter()
         opt = self.opt
         opt.lr, opt.betas, opt.eps, opt.weight_decay = cfg.lr, tuple(cfg.betas), cfg.adam_eps, cfg.weight_decay

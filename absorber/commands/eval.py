@@ -54,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--sync-skip", type=int, help="leading Y positions left out of the sync loss (Y's sink)")
     mt.add_argument("--reset", choices=("none", "moments", "adapters"), help="reset before each round")
     mt.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
-    mt.add_argument("--teacher", choices=("current", "base"), help="teacher = current adapters or the base model")
+    mt.add_argument("--teacher", choices=("current", "base", "compose"),
+                    help="teacher = current adapters, the base model, or compose (base with X + gamma x the "
+                         "adapters' own contribution on Y)")
+    mt.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' contribution")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the full result as JSON")
     out.add_argument("--plot", metavar="PNG", help="plot PPL vs stream position per method (not with --sweep)")
@@ -86,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         raise AbsorberError(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(E.METHODS)}")
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
-        "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "rank")},
+        "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "rank")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:

@@ -1,0 +1,224 @@
+"""The forgetting curve: do facts said long ago stay in the weights after they leave the window?
+
+For one real transcript and one method (the reference's StreamingAbsorber):
+  * `facts.make_facts` invents F facts; `facts.plant` spreads their statements over the first `plant_rounds`
+    X chunks of the stream, after sentence ends;
+  * the stream runs round by round; fact f leaves the window in round e(f) (the first round whose X holds its
+    last token);
+  * at every round c = e(f) + d, d in `distances` (1, 2, 4, 8, 16, 32), the answer to f's question (worded
+    differently from the statement) is scored by teacher-forced NLL after the question prompt, three ways:
+      window  the base model with the method's current window as context;
+      method  the method's model (window + adapters);
+      full    the base model with the planted passage (the first plant_rounds*n tokens of the stream, which
+              hold every fact) placed before the window and the question: the fact in context.
+  * retention(d) = (sum NLL_window - sum NLL_method) / (sum NLL_window - sum NLL_full) over the facts (and
+    the texts) at that distance, with a percentile bootstrap interval over facts: 1 = the fact is as well
+    known as with it in context, 0 = no better than the window, < 0 = worse than the window.
+  * damage: the perplexity of a held-out speech (unrelated to the stream) under the method's model, with no
+    stream context, against the base model's, at the same rounds.
+No generation: a 135M model answers weakly, but its likelihoods are informative.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from absorber import facts as FX
+from absorber import lora
+from absorber.config import AbsorberConfig
+from absorber.evaluate import ModelPool, make_streamer, model_max_positions, score_nll, EvalSettings
+
+DISTANCES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class RetentionSettings:
+    facts: int = 20                     # facts planted per stream
+    plant_rounds: int = 2               # X chunks (of n tokens) the facts are spread over
+    distances: tuple[int, ...] = DISTANCES   # rounds since eviction at which facts are scored
+    heldout_tokens: int = 256           # tokens of the held-out speech scored for damage (0: off)
+    bootstrap: int = 2000
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eviction_round(fact_end: int, n: int) -> int:
+    """The round whose X holds stream index fact_end - 1 (round r absorbs X = stream[(r-1)n : rn])."""
+    return (fact_end - 1) // n + 1
+
+
+def prepare(tok, text_ids: Sequence[int], cfg: AbsorberConfig, rs: RetentionSettings, seed: int):
+    """Plant the facts; returns (ids, facts, spans, eviction rounds, planted passage ids)."""
+    fs = FX.make_facts(rs.facts, seed=seed)
+    span = rs.plant_rounds * cfg.n
+    ids, spans = FX.plant(tok, list(text_ids), fs, span - 48, FX.sentence_end_ids(tok), start=16)
+    ev = [eviction_round(e, cfg.n) for _, e in spans]
+    planted_end = max(e for _, e in spans)
+    passage = ids[:max(planted_end, span)]
+    return ids, fs, spans, ev, passage
+
+
+@torch.no_grad()
+def _answer_nll(model: nn.Module, tok, context: list[int], fact: FX.Fact, max_len: int) -> float:
+    q, a = FX.prompt_ids(tok, fact)
+    nll, _ = score_nll(model, list(context) + q, a, max_len)
+    return nll
+
+
+def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Sequence[int], cfg: AbsorberConfig,
+                 method: str, rs: RetentionSettings, seed: int, log: Callable[[str], None] | None = None,
+                 baselines: dict | None = None) -> dict:
+    """One stream through one method; per (fact, distance) the three NLLs. `baselines`: window/full NLLs
+    and the base held-out NLL from an earlier call on the same text and settings (they do not depend on the
+    method), reused and returned."""
+    ids, fs, spans, ev, passage = prepare(tok, text_ids, cfg, rs, seed)
+    n, m = cfg.n, cfg.m
+    last_round = max(ev) + max(rs.distances)
+    need = n + m + (last_round - 1) * n
+    if len(ids) < need:
+        from absorber.errors import AbsorberError
+        raise AbsorberError(f"text too short for the forgetting curve: {len(ids)} tokens, need {need} "
+                            f"({last_round} rounds of n={n})")
+    due: dict[int, list[tuple[int, int]]] = {}
+    for j, e in enumerate(ev):
+        for d in rs.distances:
+            due.setdefault(e + d, []).append((j, d))
+    settings = EvalSettings(methods=(method,))
+    sa = make_streamer(pool, tok, cfg, method, settings)
+    base_model = pool.base
+    max_len = model_max_positions(base_model)
+    baselines = baselines if baselines is not None else {}
+    records: list[dict] = []
+    damage: list[dict] = []
+    pos = 0
+    for r in range(1, last_round + 1):
+        chunk = ids[pos:n + m] if r == 1 else ids[pos:pos + n]
+        done = sa.feed_tokens(chunk)
+        pos += len(chunk)
+        if r not in due:
+            continue
+        ctx = sa.context()
+        res = done[-1] if done else None
+        for j, d in due[r]:
+            key = (j, d)
+            if key not in baselines:
+                w = _answer_nll(base_model, tok, ctx, fs[j], max_len)
+                f_ = _answer_nll(base_model, tok, passage + ctx, fs[j], max_len)
+                baselines[key] = (w, f_)
+            w, f_ = baselines[key]
+            mth = w if method == "window" else _answer_nll(sa.model, tok, ctx, fs[j], max_len)
+            records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
+                            "nll_method": mth, "nll_full": f_})
+        if rs.heldout_tokens and heldout_ids:
+            h = list(heldout_ids[:rs.heldout_tokens])
+            if "heldout" not in baselines:
+                baselines["heldout"] = score_nll(base_model, [], h, max_len)
+            bn, bc = baselines["heldout"]
+            hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, [], h, max_len)
+            damage.append({"round": r, "nll_base": bn, "nll_method": hn, "count": hc})
+        if log:
+            done_d = sorted({d for _, d in due[r]})
+            sub = [x for x in records if x["round"] == r]
+            ret = retention(sub)
+            extra = f" loss {res.loss_first:.4f}->{res.loss_last:.4f}" if res is not None and res.loss_first else ""
+            log(f"  {method} round {r:2d} distances {done_d}: retention {ret:.3f}{extra}")
+    return {"facts": [f.to_dict() for f in fs], "spans": spans, "eviction_rounds": ev, "records": records,
+            "damage": damage, "baselines": baselines}
+
+
+def retention(records: list[dict]) -> float:
+    w = sum(r["nll_window"] for r in records)
+    mth = sum(r["nll_method"] for r in records)
+    f = sum(r["nll_full"] for r in records)
+    gap = w - f
+    return (w - mth) / gap if records and gap > 0 else float("nan")
+
+
+def bootstrap_ci(records: list[dict], draws: int, seed: int, unit=("text", "fact")) -> tuple[float, float] | None:
+    """95 % percentile interval of retention, resampling facts (the (text, fact) pairs) with replacement."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(u) for u in unit), []).append(r)
+    keys = list(groups)
+    if len(keys) < 2 or not draws:
+        return None
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(draws):
+        sample = [x for _ in keys for x in groups[keys[rng.randrange(len(keys))]]]
+        v = retention(sample)
+        if math.isfinite(v):
+            vals.append(v)
+    if len(vals) < draws // 2:
+        return None
+    vals.sort()
+    return vals[int(0.025 * (len(vals) - 1))], vals[int(0.975 * (len(vals) - 1))]
+
+
+def curve(records: list[dict], rs: RetentionSettings) -> list[dict]:
+    """Retention per distance, with intervals over facts."""
+    out = []
+    for d in rs.distances:
+        sub = [r for r in records if r["distance"] == d]
+        out.append({"distance": d, "facts": len(sub), "retention": retention(sub),
+                    "ci95": bootstrap_ci(sub, rs.bootstrap, rs.seed),
+                    "nll_window": sum(r["nll_window"] for r in sub), "nll_method": sum(r["nll_method"] for r in sub),
+                    "nll_full": sum(r["nll_full"] for r in sub)})
+    return out
+
+
+def damage_summary(damage: list[dict]) -> dict:
+    if not damage:
+        return {}
+    last = max(d["round"] for d in damage)
+    at = [d for d in damage if d["round"] == last]
+    worst = max(math.exp(d["nll_method"] / d["count"]) / math.exp(d["nll_base"] / d["count"]) - 1 for d in damage)
+    end = sum(math.exp(d["nll_method"] / d["count"]) / math.exp(d["nll_base"] / d["count"]) - 1 for d in at) / len(at)
+    return {"ppl_change_at_end": end, "ppl_change_worst": worst, "round_end": last}
+
+
+def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[int]]],
+                     heldout: Sequence[int], runs: Sequence[tuple[str, str, AbsorberConfig]],
+                     rs: RetentionSettings | None = None, log: Callable[[str], None] | None = None,
+                     pool: ModelPool | None = None, on_run: Callable[[dict], None] | None = None) -> dict:
+    """Every run (label, method, config) on every text; the curve per run pooled over texts. The window and
+    full NLLs do not depend on the run: they are computed once per (text, n, m) and shared."""
+    rs = rs or RetentionSettings()
+    pool = pool or ModelPool(base)
+    per: dict[str, dict] = {}
+    base_cache: dict[tuple, dict] = {}
+    for label, mth, cfg in runs:
+        recs, dmg = [], []
+        for ti, (name, ids) in enumerate(texts):
+            if log:
+                log(f"{label} ({mth}) on {name}: {rs.facts} facts in the first {rs.plant_rounds} rounds")
+            out = stream_facts(pool, tok, ids, heldout, cfg, mth, rs, seed=rs.seed + 1000 * ti, log=log,
+                               baselines=base_cache.setdefault((name, cfg.n, cfg.m), {}))
+            recs += [dict(r, text=name) for r in out["records"]]
+            dmg += [dict(d, text=name) for d in out["damage"]]
+        per[label] = {"method": mth, "config": cfg.to_dict(), "curve": curve(recs, rs),
+                      "damage": damage_summary(dmg), "records": recs, "damage_records": dmg}
+        if on_run:
+            on_run({"methods": per, "partial": True})
+    return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}
+
+
+def format_curve(result: dict) -> str:
+    ds = result["settings"]["retention"]["distances"]
+    lines = ["| method | " + " | ".join(f"d={d}" for d in ds) + " | damage (end) |",
+             "|---|" + "---|" * (len(ds) + 1)]
+    for mth, d in result["methods"].items():
+        cells = []
+        for c in d["curve"]:
+            ci = c["ci95"]
+            cells.append(f"{c['retention']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        dm = d["damage"].get("ppl_change_at_end")
+        lines.append(f"| {mth} | " + " | ".join(cells) + f" | {'–' if dm is None else f'{dm:+.1%}'} |")
+    return "\n".join(lines)

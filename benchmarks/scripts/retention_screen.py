@@ -1,0 +1,78 @@
+"""Forgetting curve of planted facts, per variant, on real spoken transcripts (benchmarks/retention.md).
+
+    nice python benchmarks/scripts/retention_screen.py --n 128 --m 64 --k 8 --speeches 3 --facts 20 \
+        --plant-rounds 6 --variants window,base,compose,current --json benchmarks/retention_screen.json
+
+Variants: window (no absorption), base (the shipped teacher), compose (compositional teacher, gamma=1),
+compose0.5, current (the paper's teacher), ttt. Each variant streams every speech with fresh adapters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "window": ("window", {}),
+    "base": ("absorber", {"teacher": "base"}),
+    "compose": ("absorber", {"teacher": "compose", "gamma": 1.0}),
+    "compose0.5": ("absorber", {"teacher": "compose", "gamma": 0.5}),
+    "current": ("absorber", {"teacher": "current"}),
+    "ttt": ("ttt", {}),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--m", type=int, default=64)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--speeches", type=int, default=3, help="the N most recent spoken SOTU speeches")
+    p.add_argument("--heldout", default="1961-Kennedy", help="speech fileid prefix for the damage check")
+    p.add_argument("--facts", type=int, default=20)
+    p.add_argument("--plant-rounds", type=int, default=6)
+    p.add_argument("--distances", default="1,2,4,8,16,32")
+    p.add_argument("--variants", default="window,base,compose,current")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", dest="json_out", required=True)
+    a = p.parse_args(argv)
+    import torch
+
+    from absorber import data, retention as RT
+    from absorber.config import AbsorberConfig, override
+    from absorber.models import load
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, tok = load(a.model)
+    spoken = data.speeches("spoken")
+    texts = [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in spoken[-a.speeches:][::-1]]
+    held = next((s for s in data.speeches(None) if s.fileid.startswith(a.heldout)), spoken[0])
+    heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
+    base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr)
+    runs = [(v, VARIANTS[v][0], override(base, **VARIANTS[v][1])) for v in a.variants.split(",")]
+    rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds,
+                              distances=tuple(int(x) for x in a.distances.split(",")))
+    cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.perf_counter()
+
+    def save(res: dict) -> None:
+        slim = {k: {kk: vv for kk, vv in v.items()} for k, v in res["methods"].items()}
+        Path(a.json_out).write_text(json.dumps({"command": cmd, "heldout": held.fileid, "seconds": time.perf_counter() - t0,
+                                                "texts": [n for n, _ in texts], "settings": rs.to_dict(),
+                                                "partial": res.get("partial", False), "methods": slim},
+                                               indent=1, default=str))
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    res = RT.forgetting_curve(model, tok, texts, heldout, runs, rs, log=log, on_run=save)
+    save(res)
+    print(RT.format_curve(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

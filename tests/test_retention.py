@@ -1,0 +1,162 @@
+"""The forgetting-curve measurement (planted facts) and the compositional teacher, on tiny models."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from absorber import facts as FX  # noqa: E402
+from absorber import retention as RT  # noqa: E402
+from absorber.config import AbsorberConfig  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ facts
+def test_facts_are_distinct_and_questions_are_reworded():
+    fs = FX.make_facts(30, seed=3)
+    assert len(fs) == 30 and len({f.statement for f in fs}) == 30
+    assert FX.make_facts(30, seed=3) == fs and FX.make_facts(30, seed=4) != fs      # seeded
+    for f in fs:
+        assert f.answer.strip() and f.answer.strip() in f.statement                 # the answer is said
+        q_words = set(f.question.lower().replace("?", "").split())
+        s_words = set(f.statement.lower().replace(".", "").replace(",", "").split())
+        assert len(q_words & s_words) < len(q_words)                                # not a copy of the statement
+        assert f.statement.lower() not in f.question.lower()
+
+
+def test_plant_puts_every_statement_inside_the_span_after_a_sentence_end(tiny_tok):
+    text = tiny_tok.encode("We met today. The weather was fine. " * 40, add_special_tokens=False)
+    fs = FX.make_facts(5, seed=0)
+    ends = FX.sentence_end_ids(tiny_tok)
+    assert ends      # '.' is a token of the byte tokenizer
+    ids, spans = FX.plant(tiny_tok, text, fs, span=600, sentence_end_ids=ends, start=10)
+    assert len(ids) == len(text) + sum(len(tiny_tok.encode(f.statement, add_special_tokens=False)) for f in fs)
+    for f, (a, b) in zip(fs, spans):
+        assert tiny_tok.decode(ids[a:b]) == f.statement
+        assert ids[a - 1] in ends          # right after a sentence end
+    assert [a for a, _ in spans] == sorted(a for a, _ in spans)
+    assert spans[-1][1] <= 600 + 10 + sum(b - a for a, b in spans)
+
+
+def test_eviction_round():
+    # round r absorbs stream[(r-1)n : rn]; a fact ending at index e (exclusive) leaves in the round holding e-1
+    assert RT.eviction_round(1, 32) == 1 and RT.eviction_round(32, 32) == 1 and RT.eviction_round(33, 32) == 2
+
+
+def test_retention_arithmetic_and_interval():
+    recs = [{"text": "a", "fact": j, "nll_window": 10.0, "nll_method": 10.0 - 4 * (j % 2), "nll_full": 2.0}
+            for j in range(10)]
+    # window 100, full 20, method 100 - 4*5 = 80: (100 - 80) / (100 - 20)
+    assert RT.retention(recs) == pytest.approx(0.25)
+    lo, hi = RT.bootstrap_ci(recs, 500, 0)
+    assert lo < 0.25 < hi and lo >= 0.0 and hi <= 0.5
+    assert math.isnan(RT.retention([]))
+    same = [dict(r, nll_method=r["nll_window"]) for r in recs]
+    assert RT.retention(same) == 0.0
+    assert RT.retention([dict(r, nll_method=r["nll_full"]) for r in recs]) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ compose teacher
+def test_compose_target_arithmetic():
+    from absorber import sync
+    g = torch.Generator().manual_seed(0)
+    bxy, cy, by = (torch.randn(3, 4, 5, generator=g) for _ in range(3))
+    assert torch.allclose(sync.compose_target(bxy, cy, by, 1.0), bxy + (cy - by), atol=0, rtol=0)
+    assert torch.allclose(sync.compose_target(bxy, cy, by, 0.5), bxy + 0.5 * (cy - by))
+    assert torch.equal(sync.compose_target(bxy, cy, by, 0.0), bxy)
+
+
+def test_compose_teacher_equals_base_teacher_with_fresh_adapters(tiny_model, rng_ids):
+    """B = 0: the adapters add nothing on Y, so the compositional target is the base teacher's; after a round
+    they do, and the target moves by exactly gamma * (h_cur(Y) - h_base(Y))."""
+    from absorber import lora, sync
+    from absorber.stream import StreamingAbsorber
+    cfg = AbsorberConfig(n=32, m=16, k=3, teacher="compose")
+    sa = StreamingAbsorber(tiny_model, None, cfg)
+    layers = sync.loss_layers(tiny_model)
+    x, y = torch.tensor([rng_ids(32, seed=1)]), torch.tensor([rng_ids(16, seed=2)])
+    t_base = sync.teacher(tiny_model, x, y, layers, base=True).hidden
+    t_comp = sync.teacher(tiny_model, x, y, layers, gamma=1.0).hidden
+    assert torch.allclose(t_base, t_comp, atol=1e-6)
+    sa.feed_tokens(rng_ids(48, seed=3))                      # one round: B != 0 now
+    assert any(float(p.detach().abs().max()) > 0 for n, p in lora.adapters(tiny_model).items() if n.endswith("lora_B"))
+    t_base = sync.teacher(tiny_model, x, y, layers, base=True).hidden
+    cur, base = sync.own_contribution(tiny_model, y, layers)
+    for gamma in (1.0, 0.5):
+        t = sync.teacher(tiny_model, x, y, layers, gamma=gamma).hidden
+        assert torch.allclose(t, t_base + gamma * (cur - base), atol=1e-5)
+    assert float((cur - base).abs().max()) > 1e-4          # the check above is not vacuous
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_runtime_compose_teacher_matches_reference(tiny_bundle, gamma):
+    from safetensors.numpy import load_file
+
+    from absorber import lora
+    from absorber.bundle_format import read_manifest
+    from absorber.models import tiny_llama
+    from absorber.runtime import Stream
+    from absorber.stream import StreamingAbsorber
+    cfg = dataclasses.replace(read_manifest(tiny_bundle).defaults(), teacher="compose", gamma=gamma)
+    model = tiny_llama(seed=0, vocab=512)
+    lora.inject(model, cfg.lora)
+    lora.load_state(model, {k: torch.from_numpy(v) for k, v in load_file(str(tiny_bundle / "adapters.safetensors")).items()})
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 259, (cfg.n * 3 + cfg.m + 5,), generator=g).tolist()
+    rr = StreamingAbsorber(model, None, cfg).feed_tokens(ids)
+    s = Stream.open(tiny_bundle, config_overrides={"teacher": "compose", "gamma": gamma})
+    ro = s.feed_tokens(ids)
+    assert len(rr) == len(ro) == 3
+    for a, b in zip(rr, ro):
+        assert b.loss_first == pytest.approx(a.loss_first, rel=1e-4)
+        assert b.loss_last == pytest.approx(a.loss_last, rel=1e-4)
+    snap = lora.snapshot(model)
+    flat = np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])
+    assert np.linalg.norm(s.opt.params - flat) / np.linalg.norm(flat) < 1e-4
+    # and it is not the base teacher's trajectory (round 2+ targets differ)
+    base = Stream.open(tiny_bundle, config_overrides={"teacher": "base"}).feed_tokens(ids)
+    assert base[2].loss_first != pytest.approx(ro[2].loss_first, rel=1e-4)
+
+
+def test_bad_gamma_and_teacher_are_one_line_errors():
+    from absorber.errors import AbsorberError
+    with pytest.raises(AbsorberError, match="gamma"):
+        AbsorberConfig(teacher="compose", gamma=1.5).validate()
+    with pytest.raises(AbsorberError, match="teacher must be"):
+        AbsorberConfig(teacher="other").validate()
+
+
+# ------------------------------------------------------------------------------------------------ the curve
+def test_forgetting_curve_end_to_end_on_a_tiny_model(tiny_model, tiny_tok):
+    text = tiny_tok.encode("The council met on a cold morning. Everyone spoke at length. " * 60,
+                           add_special_tokens=False)
+    held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
+    cfg = AbsorberConfig(n=64, m=32, k=2)
+    rs = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=64, bootstrap=50)
+    runs = [("window", "window", cfg), ("absorber", "absorber", cfg)]
+    res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, runs, rs)
+    for label in ("window", "absorber"):
+        c = res["methods"][label]["curve"]
+        assert [x["distance"] for x in c] == [1, 2] and all(x["facts"] == 3 for x in c)
+    # the window method is its own baseline (a random tiny model may have no window-full gap: NaN then)
+    assert all(r["nll_method"] == r["nll_window"] for r in res["methods"]["window"]["records"])
+    assert all(x["retention"] == 0.0 or math.isnan(x["retention"]) for x in res["methods"]["window"]["curve"])
+    # the window and full NLLs are shared between runs (computed once per text): identical records
+    w = {(r["fact"], r["distance"]): (r["nll_window"], r["nll_full"]) for r in res["methods"]["window"]["records"]}
+    a = {(r["fact"], r["distance"]): (r["nll_window"], r["nll_full"]) for r in res["methods"]["absorber"]["records"]}
+    assert w == a
+    # absorption changes the answers' NLL and the held-out text's
+    assert any(r["nll_method"] != r["nll_window"] for r in res["methods"]["absorber"]["records"])
+    assert res["methods"]["absorber"]["damage"]["ppl_change_at_end"] != 0.0
+    assert "| absorber |" in RT.format_curve(res)
+
+
+def test_too_short_text_is_one_line_error(tiny_model, tiny_tok):
+    from absorber.errors import AbsorberError
+    text = tiny_tok.encode("Short. " * 30, add_special_tokens=False)
+    rs = RT.RetentionSettings(facts=2, plant_rounds=1, distances=(1, 32))
+    with pytest.raises(AbsorberError, match="too short"):
+        RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], [], [("w", "window", AbsorberConfig(n=32, m=16))], rs)
