@@ -152,6 +152,18 @@ def num_rounds(length: int, cfg: AbsorberConfig, settings: EvalSettings) -> int:
     return min(r, settings.segments) if settings.segments else r
 
 
+def stream_rounds(sa: StreamingAbsorber, ids: Sequence[int], rounds: int):
+    """Feed a stream round by round: the first n+m tokens (round 1 runs), then n more per round. Yields
+    (round, tokens fed so far, the RoundResults of that feed)."""
+    n, m = sa.cfg.n, sa.cfg.m
+    pos = 0
+    for r in range(1, rounds + 1):
+        chunk = ids[pos:n + m] if r == 1 else ids[pos:pos + n]
+        done = sa.feed_tokens(chunk)
+        pos += len(chunk)
+        yield r, pos, done
+
+
 def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, method: str,
                 settings: EvalSettings, log: Callable[[str], None] | None = None,
                 on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -164,11 +176,7 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     sa = make_streamer(pool, tok, cfg, method, settings)
     max_len = sa.max_positions if method == "full" else model_max_positions(sa.model)
     records: list[dict] = []
-    pos = 0
-    for r in range(1, rounds + 1):
-        chunk = ids[pos:n + m] if r == 1 else ids[pos:pos + n]
-        done = sa.feed_tokens(chunk)
-        pos += len(chunk)
+    for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
         nll, cnt = score_nll(sa.model, ctx, ids[pos:pos + s], max_len)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
@@ -230,13 +238,20 @@ def bootstrap(per_method: dict[str, list[dict]], stat: Callable[[dict[str, tuple
     k = lens.pop()
     if k < 2:
         return None
+    def one(idx):
+        return stat({mth: (sum(recs[i][nll_key] for i in idx), sum(recs[i][cnt_key] for i in idx))
+                     for mth, recs in per_method.items()})
+    return percentile_interval(one, k, draws, seed)
+
+
+def percentile_interval(stat_of: Callable[[list[int]], float], k: int, draws: int,
+                        seed: int) -> tuple[float, float] | None:
+    """95 % percentile bootstrap interval: stat_of(indices drawn with replacement from range(k)), `draws`
+    times; None when fewer than half the draws give a finite value."""
     rng = random.Random(seed)
     vals = []
     for _ in range(draws):
-        idx = [rng.randrange(k) for _ in range(k)]
-        pooled = {mth: (sum(recs[i][nll_key] for i in idx), sum(recs[i][cnt_key] for i in idx))
-                  for mth, recs in per_method.items()}
-        v = stat(pooled)
+        v = stat_of([rng.randrange(k) for _ in range(k)])
         if math.isfinite(v):
             vals.append(v)
     if len(vals) < draws // 2:

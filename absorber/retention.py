@@ -9,8 +9,8 @@ For one real transcript and one method (the reference's StreamingAbsorber):
     differently from the statement) is scored by teacher-forced NLL after the question prompt, three ways:
       window  the base model with the method's current window as context;
       method  the method's model (window + adapters);
-      full    the base model with the planted passage (the first plant_rounds*n tokens of the stream, which
-              hold every fact) placed before the window and the question: the fact in context.
+      full    the base model with the passage that holds the fact (the X chunk it leaves the window with)
+              placed before the window and the question: the fact in context.
   * retention(d) = (sum NLL_window - sum NLL_method) / (sum NLL_window - sum NLL_full) over the facts (and
     the texts) at that distance, with a percentile bootstrap interval over facts: 1 = the fact is as well
     known as with it in context, 0 = no better than the window, < 0 = worse than the window.
@@ -21,7 +21,6 @@ No generation: a 135M model answers weakly, but its likelihoods are informative.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -31,7 +30,8 @@ from torch import nn
 from absorber import facts as FX
 from absorber import lora
 from absorber.config import AbsorberConfig
-from absorber.evaluate import ModelPool, make_streamer, model_max_positions, score_nll, EvalSettings
+from absorber.evaluate import (EvalSettings, ModelPool, make_streamer, model_max_positions, percentile_interval,
+                               score_nll, stream_rounds)
 
 DISTANCES = (1, 2, 4, 8, 16, 32)
 
@@ -55,14 +55,15 @@ def eviction_round(fact_end: int, n: int) -> int:
 
 
 def prepare(tok, text_ids: Sequence[int], cfg: AbsorberConfig, rs: RetentionSettings, seed: int):
-    """Plant the facts; returns (ids, facts, spans, eviction rounds, planted passage ids)."""
+    """Plant the facts; returns (ids, facts, spans, eviction rounds, the passage holding each fact)."""
     fs = FX.make_facts(rs.facts, seed=seed)
     span = rs.plant_rounds * cfg.n
     ids, spans = FX.plant(tok, list(text_ids), fs, span - 48, FX.sentence_end_ids(tok), start=16)
     ev = [eviction_round(e, cfg.n) for _, e in spans]
-    planted_end = max(e for _, e in spans)
-    passage = ids[:max(planted_end, span)]
-    return ids, fs, spans, ev, passage
+    # the passage that holds fact j: the X chunk it is absorbed with (from that chunk's start to the fact's end,
+    # at least one whole chunk), placed before the window for the `full` condition
+    passages = [ids[(r - 1) * cfg.n:max(e, r * cfg.n)] for r, (_, e) in zip(ev, spans)]
+    return ids, fs, spans, ev, passages
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
     """One stream through one method; per (fact, distance) the three NLLs. `baselines`: window/full NLLs
     and the base held-out NLL from an earlier call on the same text and settings (they do not depend on the
     method), reused and returned."""
-    ids, fs, spans, ev, passage = prepare(tok, text_ids, cfg, rs, seed)
+    ids, fs, spans, ev, passages = prepare(tok, text_ids, cfg, rs, seed)
     n, m = cfg.n, cfg.m
     last_round = max(ev) + max(rs.distances)
     need = n + m + (last_round - 1) * n
@@ -97,11 +98,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
     baselines = baselines if baselines is not None else {}
     records: list[dict] = []
     damage: list[dict] = []
-    pos = 0
-    for r in range(1, last_round + 1):
-        chunk = ids[pos:n + m] if r == 1 else ids[pos:pos + n]
-        done = sa.feed_tokens(chunk)
-        pos += len(chunk)
+    for r, _, done in stream_rounds(sa, ids, last_round):
         if r not in due:
             continue
         ctx = sa.context()
@@ -110,7 +107,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             key = (j, d)
             if key not in baselines:
                 w = _answer_nll(base_model, tok, ctx, fs[j], max_len)
-                f_ = _answer_nll(base_model, tok, passage + ctx, fs[j], max_len)
+                f_ = _answer_nll(base_model, tok, passages[j] + ctx, fs[j], max_len)
                 baselines[key] = (w, f_)
             w, f_ = baselines[key]
             mth = w if method == "window" else _answer_nll(sa.model, tok, ctx, fs[j], max_len)
@@ -149,17 +146,8 @@ def bootstrap_ci(records: list[dict], draws: int, seed: int, unit=("text", "fact
     keys = list(groups)
     if len(keys) < 2 or not draws:
         return None
-    rng = random.Random(seed)
-    vals = []
-    for _ in range(draws):
-        sample = [x for _ in keys for x in groups[keys[rng.randrange(len(keys))]]]
-        v = retention(sample)
-        if math.isfinite(v):
-            vals.append(v)
-    if len(vals) < draws // 2:
-        return None
-    vals.sort()
-    return vals[int(0.025 * (len(vals) - 1))], vals[int(0.975 * (len(vals) - 1))]
+    return percentile_interval(lambda idx: retention([x for i in idx for x in groups[keys[i]]]), len(keys),
+                               draws, seed)
 
 
 def curve(records: list[dict], rs: RetentionSettings) -> list[dict]:

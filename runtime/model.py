@@ -20,6 +20,7 @@ from absorber.bundle_format import Bundle
 from absorber.config import AbsorberConfig, override
 from absorber.errors import AbsorberError
 from absorber.runtime.bundle import open_bundle
+from absorber.runtime.optim import Scratch
 from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
 
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
@@ -53,6 +54,10 @@ class Model:
         b_sizes = [int(np.prod(s.shape)) for s in self.adapter_specs if s.name.endswith(".lora_B")]
         self._zero_b = np.zeros(max(b_sizes, default=0), np.float32)
         self._zero_b.flags.writeable = False
+        # gradients, optimizer temporaries and the rollback backup: needed only during a round, shared by every
+        # stream of this model (rounds take turns under scratch.lock); a stream keeps params and moments
+        self.scratch = Scratch(sum(int(np.prod(s.shape)) for s in self.adapter_specs))
+        self.grad_values = None    # OrtValues over scratch.grads, made on first use
 
     # ------------------------------------------------------------------ open
     @classmethod

@@ -2,7 +2,8 @@
 
 All adapters, their gradients and both moments live in ONE flat float32 buffer each; per-tensor arrays are
 views into them (the ONNX Runtime sessions read parameters from and write gradients into those views), so an
-optimizer step is a handful of vectorized numpy calls with no allocation (two scratch buffers are reused).
+optimizer step is a handful of vectorized numpy calls with no allocation. The gradients, two temporaries and the
+rollback backup live in a `Scratch` that several optimizers may share (a Model's streams, whose rounds take turns).
 Math, as torch 2.x `_single_tensor_adamw` with amsgrad=False, maximize=False, capturable=False:
     p *= 1 - lr*wd;  m.lerp_(g, 1-b1);  v = v*b2 + (1-b2)*g*g
     step_size = lr / (1 - b1**t);  denom = sqrt(v) / sqrt(1 - b2**t) + eps;  p -= step_size * m / denom
@@ -15,9 +16,24 @@ import math
 import numpy as np
 
 
+class Scratch:
+    """The buffers an optimizer needs only while a round runs: gradients, two temporaries, the rollback
+    backup of params and moments. A Model shares one Scratch among all its streams (their rounds take turns
+    under `lock`), so a stream keeps only its params and moments between rounds."""
+
+    def __init__(self, size: int):
+        import threading
+        self.size = size
+        self.grads = np.zeros(size, np.float32)
+        self.t1 = np.empty(size, np.float32)
+        self.t2 = np.empty(size, np.float32)
+        self.backup = (np.empty(size, np.float32), np.empty(size, np.float32), np.empty(size, np.float32))
+        self.lock = threading.RLock()
+
+
 class FlatAdamW:
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], lr: float = 1e-3, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+                 eps: float = 1e-8, weight_decay: float = 0.0, scratch: Scratch | None = None):
         self.names = [n for n, _ in specs]
         self.shapes = {n: tuple(s) for n, s in specs}
         sizes = [int(np.prod(s)) for _, s in specs]
@@ -25,12 +41,16 @@ class FlatAdamW:
         total = int(self.offsets[-1])
         self.size = total
         self.params = np.zeros(total, np.float32)
-        self.grads = np.zeros(total, np.float32)
         self.exp_avg = np.zeros(total, np.float32)
         self.exp_avg_sq = np.zeros(total, np.float32)
         self.step = 0
-        self._t1 = np.empty(total, np.float32)
-        self._t2 = np.empty(total, np.float32)
+        if scratch is None:
+            scratch = Scratch(total)
+        elif scratch.size != total:
+            raise ValueError(f"scratch of {scratch.size} floats for {total} parameters")
+        self.scratch = scratch
+        self.grads = scratch.grads
+        self._t1, self._t2 = scratch.t1, scratch.t2
         self._backup: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._backup_step = 0
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
@@ -63,7 +83,7 @@ class FlatAdamW:
     # ------------------------------------------------------------------ step / rollback
     def save_backup(self) -> None:
         if self._backup is None:
-            self._backup = (np.empty_like(self.params), np.empty_like(self.exp_avg), np.empty_like(self.exp_avg_sq))
+            self._backup = self.scratch.backup
         for dst, src in zip(self._backup, (self.params, self.exp_avg, self.exp_avg_sq)):
             np.copyto(dst, src)
         self._backup_step = self.step

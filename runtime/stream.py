@@ -14,7 +14,9 @@ then up to K steps of train_step.onnx on Y (positions 0..m-1) -> loss + adapter 
 torch-identical AdamW in numpy (moments and step persist across rounds); a final loss evaluation after the last
 step; early stop under eps; rollback of the last step on a non-finite loss, end of round on a non-finite
 gradient. The hot loop (K train steps) runs on one I/O binding made once per round over the stream's buffers:
-no allocation per step but ORT's own.
+no allocation per step but ORT's own. Gradients, optimizer temporaries and the rollback backup live in the
+Model's one Scratch: rounds of a model's streams take turns (scratch.lock), and a stream keeps only its
+params and moments between rounds.
 """
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ class Stream:
         # adapters + optimizer (flat buffers; per-tensor views are what the sessions read/write)
         c = self.cfg
         self.opt = FlatAdamW([(s.name, s.shape) for s in model.adapter_specs], lr=c.lr, betas=c.betas,
-                             eps=c.adam_eps, weight_decay=c.weight_decay)
+                             eps=c.adam_eps, weight_decay=c.weight_decay, scratch=model.scratch)
         self.param_views = self.opt.views(self.opt.params)
         self.grad_views = self.opt.views(self.opt.grads)
         for n, v in self.param_views.items():
@@ -103,7 +105,9 @@ class Stream:
         self._base_feeds = {n: (model.zero_b(v.shape) if n.endswith(".lora_B") else v)
                             for n, v in self.param_views.items()}
         self._param_ov = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.param_views.items()}
-        self._grad_ov = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.grad_views.items()}
+        if model.grad_values is None:      # the gradients land in the model's shared scratch
+            model.grad_values = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.grad_views.items()}
+        self._grad_ov = model.grad_values
         self._loss_buf = np.zeros((), np.float32)
         self._loss_ov = ort.OrtValue.ortvalue_from_numpy(self._loss_buf)
         # stream state
@@ -248,7 +252,7 @@ class Stream:
             self.window.extend(take)
             self.tokens_seen += len(take)
             if len(self.window) >= cap:
-                with ort_errors("an absorption round"):
+                with ort_errors("an absorption round"), self.model.scratch.lock:
                     res = self._round()
                 done.append(res)
                 if self.state_dir is not None and self.save_every_round:
@@ -265,7 +269,7 @@ class Stream:
         if self.cfg.fill and len(self.window) > n:
             need = n + m - len(self.window)
             self.window.extend(self.generate_ids(list(self.window), need, stop_at_eos=False))
-            with ort_errors("an absorption round"):
+            with ort_errors("an absorption round"), self.model.scratch.lock:
                 res = self._round()
             done.append(res)
             if on_round is not None:
@@ -418,6 +422,5 @@ class Stream:
         """Release this stream's buffers; the Model too when Stream.open made it for this stream alone
         (otherwise it stays open for its other streams)."""
         self._param_ov.clear()
-        self._grad_ov.clear()
         if self._owns_model:
             self.model.close()

@@ -160,3 +160,21 @@ def test_too_short_text_is_one_line_error(tiny_model, tiny_tok):
     rs = RT.RetentionSettings(facts=2, plant_rounds=1, distances=(1, 32))
     with pytest.raises(AbsorberError, match="too short"):
         RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], [], [("w", "window", AbsorberConfig(n=32, m=16))], rs)
+
+
+def test_eval_cli_forgetting_curve(tmp_path, capsys):
+    import json
+
+    from absorber.cli import main
+    f = tmp_path / "t.txt"
+    f.write_text("The council met on a cold morning. Everyone spoke at length about roads. " * 30)
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", "tiny", "--text", str(f), "--facts", "2", "--plant-rounds", "1", "--distances",
+               "1,2", "--methods", "window,absorber", "--n", "64", "--m", "32", "--k", "1", "--bootstrap", "20",
+               "--quiet", "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| window |" in table and "| absorber |" in table and "d=2" in table
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"window", "absorber"} and res["command"] is None or isinstance(res["command"], str)
+    assert len(res["methods"]["absorber"]["records"]) == 2 * 2

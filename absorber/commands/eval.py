@@ -58,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="teacher = current adapters, the base model, or compose (base with X + gamma x the "
                          "adapters' own contribution on Y)")
     mt.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' contribution")
+    fc = p.add_argument_group("forgetting curve of planted facts (absorber/retention.py)")
+    fc.add_argument("--facts", type=int, default=0, metavar="F",
+                    help="plant F invented facts per text and report retention against rounds since eviction "
+                         "instead of the perplexity table (methods: window, ttt, absorber)")
+    fc.add_argument("--plant-rounds", type=int, default=2, help="X chunks the facts are spread over (default 2)")
+    fc.add_argument("--distances", default="1,2,4,8,16,32", help="rounds since eviction scored")
+    fc.add_argument("--heldout", default="1961-Kennedy",
+                    help="speech (fileid prefix) whose perplexity measures damage (default %(default)s)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the full result as JSON")
     out.add_argument("--plot", metavar="PNG", help="plot PPL vs stream position per method (not with --sweep)")
@@ -131,7 +139,21 @@ def main(args: argparse.Namespace) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({**partial, "partial": True, "command": command}, f, indent=1, default=str)
 
-    if grid:
+    if args.facts:
+        from absorber import data, retention as RT
+        runs = [(m, m, cfg) for m in methods if m in ("window", "ttt", "absorber")]
+        if not runs:
+            raise AbsorberError("--facts needs at least one of the methods window, ttt, absorber")
+        rs = RT.RetentionSettings(facts=args.facts, plant_rounds=args.plant_rounds,
+                                  distances=tuple(int(x) for x in _floats(args.distances)),
+                                  bootstrap=args.bootstrap, seed=args.seed)
+        held = next((x for x in data.speeches(None) if x.fileid.startswith(args.heldout)), None)
+        if held is None:
+            raise AbsorberError(f"no speech starts with {args.heldout!r} (--heldout)")
+        heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
+        result = RT.forgetting_curve(model, tok, texts, heldout, runs, rs, log=log, on_run=checkpoint)
+        print(RT.format_curve(result))
+    elif grid:
         result = E.sweep(model, tok, texts, cfg, settings, grid, log=log, on_point=checkpoint)
         print("| point | " + " | ".join(f"{m} PPL" for m in methods) + " | R absorber [95% CI] | R ttt |")
         print("|---|" + "---|" * (len(methods) + 2))
