@@ -75,6 +75,10 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32"):
     kw = {"gguf_file": gguf} if gguf else {}
     if offline:
         kw["local_files_only"] = True
+    elif not _hub_reachable():
+        # transformers would retry the hub for the better part of a minute before saying the same
+        raise AbsorberError(f"cannot load model {spec!r}: it is no built-in name ({', '.join(BUILTIN)}), no .gguf "
+                            f"file and no local folder, and the model hub cannot be reached to look it up")
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kw)
@@ -86,6 +90,26 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32"):
     # eager attention: exportable, deterministic, and the same math as the ONNX graphs
     model.config._attn_implementation = "eager"
     return model, tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub endpoint answers a TCP connect within `timeout` seconds (offline mode
+    set in the environment counts as unreachable)."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        from huggingface_hub import constants
+        url = urlparse(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001
+        return True       # cannot tell: let transformers try
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def tiny_llama(seed: int = 0, vocab: int = 512, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,

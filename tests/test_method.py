@@ -278,3 +278,35 @@ def test_anti_drift_options_are_validated():
     for bad in (dict(sync_skip=8, m=8), dict(reset="all"), dict(decay=1.0), dict(teacher="old")):
         with pytest.raises(AbsorberError):
             AbsorberConfig(**bad).validate()
+
+
+def test_unknown_model_spec_without_hub_is_one_line(monkeypatch):
+    """No built-in name, no .gguf, no folder: with the hub out of reach, say so at once (no retry loops)."""
+    from absorber import models
+    from absorber.errors import AbsorberError
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(AbsorberError, match="no built-in name .* hub cannot be reached") as e:
+        models.load("no-such-model-xyz")
+    assert "\n" not in str(e.value) and "smollm2-135m" in str(e.value)
+    monkeypatch.undo()                                   # the real check: offline mode counts as unreachable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models._hub_reachable() is False
+
+
+def test_config_override_is_the_one_path_from_flags():
+    from absorber.config import AbsorberConfig, override, parse_sweep, parse_value
+    from absorber.errors import AbsorberError
+    base = AbsorberConfig()
+    c = override(base, n=128, rank=8, targets=["q_proj", "v_proj"], lr=None)
+    assert (c.n, c.m, c.lr) == (128, base.m, base.lr)                  # None = not given
+    assert c.lora.rank == 8 and c.lora.alpha == 16.0                   # alpha/rank kept (32/16 -> 16/8)
+    assert c.lora.targets == ("q_proj", "v_proj") and base.lora.rank == 16   # a new config; base untouched
+    assert override(base, rank=8, alpha=4.0).lora.alpha == 4.0         # alpha given: taken as is
+    assert override(base, **{"lora.rank": 4}).lora.alpha == 8.0
+    with pytest.raises(AbsorberError, match="unknown setting 'nope'"):
+        override(base, nope=1)
+    assert parse_value("loss_layers", "all") is None and parse_value("lora.layers", "1,2") == (1, 2)
+    assert parse_value("k", "8") == 8 and isinstance(parse_value("lr", "1e-3"), float)
+    assert parse_sweep(["rank=2,4", "teacher=base,compose"]) == {"lora.rank": [2, 4], "teacher": ["base", "compose"]}
+    with pytest.raises(AbsorberError, match="unknown setting"):
+        parse_sweep(["bogus=1"])
