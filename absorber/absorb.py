@@ -34,6 +34,7 @@ class Absorption:
         self.rollbacks = 0
         self.initial = [p.detach().clone() for p in self.params] if cfg.reset == "adapters" else None
         self.b_params = [p for n, p in lora.adapters(model).items() if n.endswith(".lora_B")]
+        self.probe_prefix: list[int] = []    # token ids of config.PROBE_PREFIX (set by the streaming loop)
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -68,17 +69,24 @@ class Absorption:
         for k, v in state.items():
             self.opt.state[k] = v
 
-    def round(self, x: torch.Tensor, y: torch.Tensor, tokens_absorbed: int = 0,
-              teacher: sync.Teacher | None = None) -> RoundResult:
-        """x: [1, n] ids to absorb; y: [1, m] ids that follow. Returns the round's record."""
+    def probe_ids(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The round's recall probes (cfg.probes): X cut into that many parts, each after the probe prefix."""
+        k = self.cfg.probes
+        if not k:
+            return []
+        n = x.shape[1]
+        bounds = [round(j * n / k) for j in range(k + 1)]
+        pre = torch.tensor([self.probe_prefix], dtype=x.dtype, device=x.device).reshape(1, -1)
+        return [torch.cat([pre, x[:, a:b]], dim=1) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    def _teacher(self, x: torch.Tensor, y: torch.Tensor) -> sync.Teacher:
         cfg = self.cfg
-        t0 = time.perf_counter()
-        self._before_round()
-        if self.method == "absorber" and teacher is None:
-            teacher = sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0,
-                                   base=cfg.teacher == "base",
-                                   gamma=cfg.gamma if cfg.teacher == "compose" else None)
-        t1 = time.perf_counter()
+        return sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0,
+                            base=cfg.teacher == "base", gamma=cfg.gamma if cfg.teacher == "compose" else None)
+
+    def _steps(self, x: torch.Tensor, y: torch.Tensor, teacher: sync.Teacher | None) -> tuple[list[float], int, bool]:
+        """Up to K AdamW steps on one synchronized text; (losses, steps, rolled back)."""
+        cfg = self.cfg
         losses: list[float] = []
         rolled_back = False
         last_good = None
@@ -108,6 +116,30 @@ class Absorption:
             self.opt.step()
             steps += 1
         self.opt.zero_grad(set_to_none=True)
+        return losses, steps, rolled_back
+
+    def round(self, x: torch.Tensor, y: torch.Tensor, tokens_absorbed: int = 0,
+              teacher: sync.Teacher | None = None) -> RoundResult:
+        """x: [1, n] ids to absorb; y: [1, m] ids that follow. Returns the round's record.
+
+        With cfg.probes, the recall probes are synchronized first (each up to K steps; every teacher is
+        computed before the round's first step), then Y; the record's losses are Y's."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self._before_round()
+        targets: list[tuple[torch.Tensor, sync.Teacher | None]] = []
+        if self.method == "absorber":
+            targets = [(p, self._teacher(x, p)) for p in self.probe_ids(x)]
+            targets.append((y, teacher if teacher is not None else self._teacher(x, y)))
+        else:
+            targets = [(y, None)]
+        t1 = time.perf_counter()
+        steps, rolled_back, losses = 0, False, []
+        for yy, tt in targets:
+            losses, s, rolled_back = self._steps(x, yy, tt)
+            steps += s
+            if rolled_back:
+                break
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",

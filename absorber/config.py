@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROBE_PREFIX = "To recap what was said so far: "   # recall probes (AbsorberConfig.probes) start with this text
 
 
 @dataclass
@@ -51,6 +52,9 @@ class AbsorberConfig:
                                  # adapters add on Y alone, on top of the base model with X in context (the
                                  # adapters never run with X in context)
     gamma: float = 1.0           # teacher="compose": 1 accumulates, < 1 fades older absorbed content
+    probes: int = 0              # recall probes per round, synchronized before Y: X is cut into `probes` parts;
+                                 # probe j = PROBE_PREFIX + part j; the teacher sees X then the probe, the student
+                                 # the probe alone (a fact Y never uses is in the loss this way). 0: off
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -88,6 +92,8 @@ class AbsorberConfig:
             raise AbsorberError(f"teacher must be current, base or compose (got {self.teacher!r})")
         if not 0.0 <= self.gamma <= 1.0:
             raise AbsorberError(f"gamma must be in [0, 1] (got {self.gamma})")
+        if self.probes < 0 or self.probes > self.n:
+            raise AbsorberError(f"probes must be in 0..n (got {self.probes})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
 

@@ -34,6 +34,9 @@ class StreamingAbsorber:
             if not lora.adapters(model):
                 lora.inject(model, self.cfg.lora)
             self.absorption: Absorption | None = Absorption(model, self.cfg, method)
+            if tokenizer is not None and self.cfg.probes:
+                from absorber.config import PROBE_PREFIX
+                self.absorption.probe_prefix = tokenizer.encode(PROBE_PREFIX, add_special_tokens=False)
         else:
             self.absorption = None
         self.window: list[int] = []
