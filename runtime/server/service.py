@@ -74,15 +74,18 @@ class Service:
             self.scheduler.stop()
         if self.registry is None:
             return
+        saved = 0
         with self.gate.write():
             for live in self.registry.snapshot():
                 if not live.closed and not live.error:
                     try:
                         live.save()
+                        saved += 1
                     except (AbsorberError, OSError) as e:
                         log(f"absorber serve: could not save stream {live.id}: {e}")
                 if not live.closed:
                     live.close()
+        log(f"absorber serve: stopped; {saved} stream(s) saved")
 
     def require_ready(self) -> Registry:
         if not self.ready:

@@ -180,9 +180,10 @@ class LiveStream:
                 st.feed_tokens(q.ids, max_rounds=0)
             if len(keys) > DEDUPE_KEEP:
                 del keys[:-DEDUPE_KEEP]
-        if len(st.window) < st.capacity:
+        if len(st.window) + len(st.pending) < st.capacity:
             return None
-        done = st.feed_tokens([], on_round=on_round, max_rounds=1)    # Stream saves after the round
+        # fills the window from pending, one round (Stream saves right after it), refills the window
+        done = st.feed_tokens([], on_round=on_round, max_rounds=1)
         if done:
             self.saved_seq = int(st.extra_meta.get("journal_seq", 0))
             if self.journal.size > compact_bytes:
