@@ -307,6 +307,49 @@ def test_websocket_acks_and_round_events(server):
     assert e.value.response.status_code == 404
 
 
+def test_answer_waits_one_step_not_a_round(server):
+    """Long rounds (k=100 steps) keep the worker busy; answers get in between two steps."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        c.post("/v1/streams", json={"id": "slow", "config": {"k": 100}})
+        c.post("/v1/streams/slow/segments", json={"text": "a long backlog of words to absorb " * 6})
+        t_end = time.monotonic() + 60
+        while stats(c, "slow")["rounds"] < 1:
+            assert time.monotonic() < t_end
+            time.sleep(0.1)
+        waited = []
+        for _ in range(3):
+            a = c.post("/v1/streams/slow/ask", json={"prompt": "Q:", "max_new_tokens": 2}).json()
+            waited.append(a["waited_seconds"])
+        st = stats(c, "slow")
+        assert st["tokens_pending"] > 0, st                                # rounds were still running
+        assert max(waited) < st["last_round_seconds"] / 3, (waited, st["last_round_seconds"])
+        c.delete("/v1/streams/slow")
+
+
+def test_gate_lets_readers_in_between_steps():
+    import threading
+    from absorber.runtime.server.gate import Gate
+    gate, log = Gate(max_yield_s=5.0), []
+
+    def writer():
+        with gate.write():
+            for step in range(30):
+                log.append(("step", step, time.monotonic()))
+                time.sleep(0.02)
+                gate.yield_to_readers()
+    w = threading.Thread(target=writer)
+    w.start()
+    time.sleep(0.15)
+    t0 = time.monotonic()
+    with gate.read():                                                   # waits for one step at most
+        entered = time.monotonic()
+        steps_at_entry = len(log)
+        time.sleep(0.2)
+        assert len(log) == steps_at_entry                               # the writer is parked meanwhile
+    w.join(10)
+    assert entered - t0 < 0.1 and 0 < steps_at_entry < 30 and len(log) == 30
+
+
 # ---------------------------------------------------------------------------------------------------- security
 def test_bearer_token_required(run_server, tmp_path):
     from websockets.exceptions import InvalidStatus

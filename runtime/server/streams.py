@@ -103,7 +103,8 @@ class LiveStream:
                 "tokens_seen": st.tokens_seen + pending, "tokens_absorbed": st.tokens_absorbed,
                 "tokens_window": len(st.window), "tokens_pending": pending, "segments": segments,
                 "duplicates": self.duplicates, "rounds": st.rounds, "last_loss": st.last_loss,
-                "rollbacks": st.rollbacks, "resumed": st.resumed, "replayed_segments": self.replayed,
+                "rollbacks": st.rollbacks, "last_round_seconds": st.history[-1].seconds if st.history else None,
+                "resumed": st.resumed, "replayed_segments": self.replayed,
                 "journal_seq": segments, "fed_seq": fed_seq, "saved_seq": self.saved_seq,
                 "journal_bytes": self.journal.size, "error": self.error}
 
@@ -294,7 +295,7 @@ class Registry:
             raise ApiError(400, "config must be an object of settings (n, m, k, lr, ...)")
         try:
             self.model.config(overrides)       # refuse bad settings before anything is written
-        except (AbsorberError, TypeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any refusal of the settings is the client's bad config
             raise ApiError(400, f"bad config: {e}") from None
         with self.lock:
             if sid is None:
