@@ -305,6 +305,14 @@ def test_websocket_acks_and_round_events(server):
     with pytest.raises(InvalidStatus) as e:
         ws_client.connect(f"ws://127.0.0.1:{server.port}/v1/streams/nobody/ws", open_timeout=10)
     assert e.value.response.status_code == 404
+    from websockets.exceptions import ConnectionClosed
+    with ws_client.connect(url, open_timeout=10, max_size=None) as ws:
+        with pytest.raises(ConnectionClosed) as e:
+            ws.send("x" * (2 << 20))                                   # over --max-body-bytes (1 MiB)
+            ws.recv(timeout=10)
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1009
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert stats(c, "ws-1")["segments"] == 6
 
 
 def test_answer_waits_one_step_not_a_round(server):
@@ -324,6 +332,28 @@ def test_answer_waits_one_step_not_a_round(server):
         assert st["tokens_pending"] > 0, st                                # rounds were still running
         assert max(waited) < st["last_round_seconds"] / 3, (waited, st["last_round_seconds"])
         c.delete("/v1/streams/slow")
+
+
+def test_journal_tolerates_a_torn_last_line_and_refuses_corruption(tmp_path):
+    from absorber.errors import AbsorberError
+    from absorber.runtime.server.journal import JOURNAL_FILE, Journal
+    j = Journal(tmp_path)
+    j.append([(" one", 4, None), (" two", 4, "k2")])
+    j.append([(" three", 6, None)])
+    j.close()
+    path = tmp_path / JOURNAL_FILE
+    good = path.read_bytes()
+    path.write_bytes(good + b'{"seq":4,"text":" fo')                 # a kill -9 in the middle of a write
+    j = Journal(tmp_path)
+    assert [e.seq for e in j.entries_at_open] == [1, 2, 3] and j.entries_at_open[1].key == "k2"
+    assert path.read_bytes() == good and j.next_seq == 4              # the torn tail is cut off
+    assert j.append([(" four", 5, None)])[0].seq == 4
+    j.close()
+    assert Journal(tmp_path, min_next_seq=10).next_seq == 10           # seqs never go back (after compaction)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b"garbage\n" + b"".join(lines[1:]))
+    with pytest.raises(AbsorberError, match="corrupt"):
+        Journal(tmp_path)
 
 
 def test_gate_lets_readers_in_between_steps():
@@ -409,7 +439,9 @@ def test_restart_resumes_every_stream(run_server, tmp_path):
             c.post("/v1/streams", json={"id": sid})
             acked[sid] = sum(c.post(f"/v1/streams/{sid}/segments",
                                     json={"text": f"{sid} said sentence {i} of the meeting."}).json()["tokens"]
-                             for i in range(12))
+                             for i in range(11))
+            wl = {"segments": [{"start": 0.0, "end": 1.5, "text": " said before the restart", "completed": True}]}
+            acked[sid] += c.post(f"/v1/streams/{sid}/segments", json=wl).json()["tokens"]
         before = wait_drained(c, sids)
     assert s.stop() in (0, -signal.SIGTERM)          # uvicorn re-raises the signal after a graceful shutdown
     assert "2 stream(s) saved" in s.log.read_text()
@@ -422,6 +454,8 @@ def test_restart_resumes_every_stream(run_server, tmp_path):
                    {k: before[sid][k] for k in ("tokens_absorbed", "rounds", "segments")}
             r = c.post(f"/v1/streams/{sid}/segments", json={"text": "and one more after the restart"}).json()
             assert r["seq"] == 13 and stats(c, sid)["tokens_seen"] == acked[sid] + r["tokens"]
+            wl = {"segments": [{"start": 0.0, "end": 1.5, "text": " said before the restart", "completed": True}]}
+            assert c.post(f"/v1/streams/{sid}/segments", json=wl).json()["duplicates"] == 1   # dedupe persisted
             assert c.post(f"/v1/streams/{sid}/ask", json={"prompt": "Q:", "max_new_tokens": 4}).status_code == 200
 
 
