@@ -17,6 +17,7 @@ VERBS: dict[str, str] = {
     "absorb": "absorber.commands.absorb",
     "export": "absorber.export.command",
     "run": "absorber.runtime.command",
+    "serve": "absorber.runtime.server.command",
     "devices": "absorber.devices.command",
     "plan": "absorber.devices.plan_command",
     "eval": "absorber.commands.eval",

@@ -126,6 +126,10 @@ class Stream:
         self.last_answer_tokens = 0
         self._replay = 0               # characters still to skip when the same input is fed again after a resume
         self.resumed = False
+        # for a host (absorber serve): a JSON-able dict saved in the state with the stream (same atomic file),
+        # restored on resume; and a callable run before each train step of a round (e.g. to yield to answers)
+        self.extra_meta: dict = {}
+        self.step_hook = None
         if self.state_dir is not None:
             self._resume()
         self.open_seconds = model.open_seconds + (time.perf_counter() - t0)
@@ -162,7 +166,7 @@ class Stream:
                 "tokens_absorbed": self.tokens_absorbed, "offset_chars": self.offset_chars,
                 "input_bytes": self.input_bytes, "invalid_bytes": self.invalid_bytes, "rollbacks": self.rollbacks,
                 "last_loss": self.last_loss, "config": self.cfg.to_dict(), "names": self.opt.names,
-                "saved_at": time.time()}
+                "extra": self.extra_meta, "saved_at": time.time()}
 
     def save(self, state_dir=None) -> Path:
         """Write the state atomically (adapters, AdamW moments + step, window, counters, stream offset)."""
@@ -193,6 +197,7 @@ class Stream:
                   "rollbacks"):
             setattr(self, k, int(meta.get(k, 0)))
         self.last_loss = meta.get("last_loss")
+        self.extra_meta = dict(meta.get("extra") or {})
         self._replay = self.offset_chars
         self.resumed = True
 
@@ -237,21 +242,24 @@ class Stream:
         self.invalid_bytes += reader.invalid_bytes - counted
         return done
 
-    def feed_tokens(self, ids, on_round=None) -> list[RoundResult]:
-        """Append token ids; a round each time the window reaches n+m tokens (saved after each round)."""
+    def feed_tokens(self, ids, on_round=None, max_rounds: int | None = None) -> list[RoundResult]:
+        """Append token ids; a round each time the window reaches n+m tokens (saved after each round).
+        max_rounds: run at most this many rounds now (0: only fill the window); the rest stays pending."""
         self.pending.extend(int(i) for i in ids)
-        return self._drain_pending(on_round)
+        return self._drain_pending(on_round, max_rounds)
 
-    def _drain_pending(self, on_round=None) -> list[RoundResult]:
+    def _drain_pending(self, on_round=None, max_rounds: int | None = None) -> list[RoundResult]:
         done: list[RoundResult] = []
         cap = self.capacity
-        while self.pending:
+        while self.pending or len(self.window) >= cap:
             room = max(cap - len(self.window), 0)
             take = self.pending[:room]
             del self.pending[:room]
             self.window.extend(take)
             self.tokens_seen += len(take)
             if len(self.window) >= cap:
+                if max_rounds is not None and len(done) >= max_rounds:
+                    break
                 with ort_errors("an absorption round"), self.model.scratch.lock:
                     res = self._round()
                 done.append(res)
@@ -337,6 +345,8 @@ class Stream:
         steps = 0
         t_opt = 0.0
         for step in range(cfg.k + 1):
+            if self.step_hook is not None:
+                self.step_hook()
             if step < cfg.k:
                 self.train.run_with_iobinding(io)
                 lv = float(self._loss_buf)
