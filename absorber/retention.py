@@ -73,6 +73,33 @@ def _answer_nll(model: nn.Module, tok, context: list[int], fact: FX.Fact, max_le
     return nll
 
 
+@torch.no_grad()
+def answer_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact]) -> list[float]:
+    """Summed answer NLL of each fact after `context` + its question: one forward over the shared context
+    (its KV cache kept), then one short forward per question + answer on a copy of that cache. Equal to
+    `_answer_nll` per fact (tests), at a fraction of the cost when many facts share a context."""
+    import copy
+    import torch.nn.functional as F
+    dev = next(model.parameters()).device
+    ctx = torch.tensor([list(context)], device=dev)
+    T = ctx.shape[1]
+    out = model(input_ids=ctx, position_ids=torch.arange(T, device=dev)[None], attention_mask=torch.ones_like(ctx),
+                use_cache=True, logits_to_keep=1)
+    past, last = out.past_key_values, out.logits[0, -1].float()
+    nlls = []
+    for f in facts:
+        q, a = FX.prompt_ids(tok, f)
+        ids = torch.tensor([q + a], device=dev)
+        L = ids.shape[1]
+        o = model(input_ids=ids, position_ids=torch.arange(T, T + L, device=dev)[None],
+                  attention_mask=torch.ones(1, T + L, dtype=torch.long, device=dev),
+                  past_key_values=copy.deepcopy(past), use_cache=True)
+        logits = torch.cat([last[None], o.logits[0].float()], 0)      # predictions for q + a, and after
+        tgt = ids[0, len(q):]
+        nlls.append(float(F.cross_entropy(logits[len(q):len(q) + len(a)], tgt, reduction="sum")))
+    return nlls
+
+
 def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Sequence[int], cfg: AbsorberConfig,
                  method: str, rs: RetentionSettings, seed: int, log: Callable[[str], None] | None = None,
                  baselines: dict | None = None) -> dict:
@@ -103,14 +130,23 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             continue
         ctx = sa.context()
         res = done[-1] if done else None
-        for j, d in due[r]:
-            key = (j, d)
-            if key not in baselines:
-                w = _answer_nll(base_model, tok, ctx, fs[j], max_len)
-                f_ = _answer_nll(base_model, tok, passages[j] + ctx, fs[j], max_len)
-                baselines[key] = (w, f_)
-            w, f_ = baselines[key]
-            mth = w if method == "window" else _answer_nll(sa.model, tok, ctx, fs[j], max_len)
+        todo = [(j, d) for j, d in due[r] if (j, d) not in baselines]
+        if todo:
+            win = answer_nlls(base_model, tok, ctx, [fs[j] for j, _ in todo])
+            by_passage: dict[tuple, list[int]] = {}
+            for i, (j, _) in enumerate(todo):      # facts of the same chunk share their passage
+                by_passage.setdefault((ev[j], len(passages[j])), []).append(i)
+            full = [0.0] * len(todo)
+            for i_s in by_passage.values():
+                j0 = todo[i_s[0]][0]
+                for i, v in zip(i_s, answer_nlls(base_model, tok, passages[j0] + ctx, [fs[todo[i][0]] for i in i_s])):
+                    full[i] = v
+            for i, key in enumerate(todo):
+                baselines[key] = (win[i], full[i])
+        mine = None if method == "window" else answer_nlls(sa.model, tok, ctx, [fs[j] for j, _ in due[r]])
+        for i, (j, d) in enumerate(due[r]):
+            w, f_ = baselines[(j, d)]
+            mth = w if mine is None else mine[i]
             records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
                             "nll_method": mth, "nll_full": f_})
         if rs.heldout_tokens and heldout_ids:

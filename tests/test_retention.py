@@ -41,6 +41,14 @@ def test_plant_puts_every_statement_inside_the_span_after_a_sentence_end(tiny_to
     assert spans[-1][1] <= 600 + 10 + sum(b - a for a, b in spans)
 
 
+def test_answer_nlls_with_a_shared_cache_equal_one_forward_each(tiny_model, tiny_tok):
+    ctx = tiny_tok.encode("The council met on a cold morning and talked about roads. ", add_special_tokens=False)
+    fs = FX.make_facts(3, seed=1)
+    shared = RT.answer_nlls(tiny_model, tiny_tok, ctx, fs)
+    one = [RT._answer_nll(tiny_model, tiny_tok, ctx, f, 2048) for f in fs]
+    assert shared == pytest.approx(one, rel=1e-4) and len(set(round(x, 3) for x in one)) == 3
+
+
 def test_eviction_round():
     # round r absorbs stream[(r-1)n : rn]; a fact ending at index e (exclusive) leaves in the round holding e-1
     assert RT.eviction_round(1, 32) == 1 and RT.eviction_round(32, 32) == 1 and RT.eviction_round(33, 32) == 2

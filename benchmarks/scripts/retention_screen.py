@@ -20,6 +20,8 @@ VARIANTS = {
     "compose": ("absorber", {"teacher": "compose", "gamma": 1.0}),
     "compose0.5": ("absorber", {"teacher": "compose", "gamma": 0.5}),
     "current": ("absorber", {"teacher": "current"}),
+    "probes": ("absorber", {"probes": 2}),
+    "compose+probes": ("absorber", {"teacher": "compose", "probes": 2}),
     "ttt": ("ttt", {}),
 }
 
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--speeches", type=int, default=3, help="the N most recent spoken SOTU speeches")
+    p.add_argument("--skip", type=int, default=0, help="skip the S most recent speeches first")
     p.add_argument("--heldout", default="1961-Kennedy", help="speech fileid prefix for the damage check")
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--plant-rounds", type=int, default=6)
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model, tok = load(a.model)
     spoken = data.speeches("spoken")
-    texts = [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in spoken[-a.speeches:][::-1]]
+    texts = [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in spoken[::-1][a.skip:a.skip + a.speeches]]
     held = next((s for s in data.speeches(None) if s.fileid.startswith(a.heldout)), spoken[0])
     heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
     base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr)
