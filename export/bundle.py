@@ -330,8 +330,17 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         os.chmod(tmp, 0o755)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, trash / "old")
-            os.rename(tmp, out)
+            try:
+                os.rename(out, trash / "old")
+            except BaseException:
+                os.rmdir(trash)
+                raise
+            try:
+                os.rename(tmp, out)
+            except BaseException:        # put the previous bundle back: a failed export leaves it as it was
+                os.rename(trash / "old", out)
+                os.rmdir(trash)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)

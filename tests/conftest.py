@@ -27,20 +27,41 @@ def rng_ids():
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory):
-    """One fp32 bundle of the tiny random Llama (default LoRA slice, n=32, m=16, K=4), exported once per test
-    session and shared by the runtime and bench tests (a trace costs tens of seconds on 2 cores).
-    ABSORBER_TEST_BUNDLE may name an existing one to skip the export while iterating."""
+def tiny_bundles(tmp_path_factory) -> dict:
+    """{"fp32": path, "int8": path}: bundles of the tiny random Llama (default LoRA slice, n=32, m=16, K=4)
+    written from ONE trace per test session (the trace costs tens of seconds on 2 cores; an extra write, ~1 s) and
+    shared by the runtime and bench tests. ABSORBER_TEST_BUNDLE / ABSORBER_TEST_BUNDLE_INT8 may name existing
+    ones (exported with the same settings) to skip the export while iterating."""
     import os
     from pathlib import Path
 
-    pre = os.environ.get("ABSORBER_TEST_BUNDLE")
-    if pre and (Path(pre) / "manifest.json").is_file():
-        return Path(pre)
-    from absorber.export import export_bundle
-    from absorber.models import tiny_llama, tiny_tokenizer
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return Path(export_bundle(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), out, cfg=TINY_BUNDLE_CFG))
+    found, missing = {}, {}
+    root = None
+    for quant, env in (("fp32", "ABSORBER_TEST_BUNDLE"), ("int8", "ABSORBER_TEST_BUNDLE_INT8")):
+        pre = os.environ.get(env)
+        if pre and (Path(pre) / "manifest.json").is_file():
+            found[quant] = Path(pre)
+        else:
+            root = root or tmp_path_factory.mktemp("bundles")
+            missing[quant] = root / ("tiny" if quant == "fp32" else f"tiny-{quant}")
+    if missing:
+        from absorber.export import export_bundles
+        from absorber.models import tiny_llama, tiny_tokenizer
+        outs = export_bundles(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), missing, cfg=TINY_BUNDLE_CFG)
+        found.update({q: Path(p) for q, p in outs.items()})
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundles):
+    """The fp32 tiny bundle (see tiny_bundles)."""
+    return tiny_bundles["fp32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8(tiny_bundles):
+    """The int8 tiny bundle: the same trace, frozen 2-D weights quantized per row (see tiny_bundles)."""
+    return tiny_bundles["int8"]
 
 
 def _tiny_bundle_cfg():

@@ -328,6 +328,59 @@ def test_errors_are_clear_and_leave_nothing(tmp_path):
     _no_leftovers(tmp_path, before)
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["graphs", "swap"])
+def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(bundles, tmp_path, monkeypatch, where):
+    """An export that fails after its temporary folder exists (graphs: while writing the ONNX files into it;
+    swap: when renaming it into place, after everything was written) leaves no .NAME.tmp-* / .NAME.old-* behind,
+    and the bundle that was at the target is still there, byte for byte."""
+    import os
+    import shutil
+
+    from absorber.export import export_bundle
+    from absorber.models import tiny_llama, tiny_tokenizer
+    target = tmp_path / "b"
+    shutil.copytree(bundles["int4"], target)
+    old = _tree(target)
+    before = {p.name for p in tmp_path.iterdir()}
+    seen = []
+
+    def temp_folders() -> list[str]:
+        return [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.tmp-") and p.is_dir()]
+
+    if where == "graphs":
+        def failing_save(*a, **k):
+            seen.extend(temp_folders())
+            raise OSError("injected: disk full")
+        monkeypatch.setattr(onnx, "save", failing_save)
+        monkeypatch.setattr(onnx, "save_model", failing_save)
+    else:
+        real_rename, real_replace = os.rename, os.replace
+
+        def guard(real):
+            def move(src, dst, *a, **k):
+                if Path(src).name.startswith(f".{target.name}.tmp-"):
+                    seen.append(Path(src).name)
+                    assert (Path(src) / "manifest.json").is_file()     # everything was written
+                    raise OSError("injected: rename failed")
+                return real(src, dst, *a, **k)
+            return move
+        monkeypatch.setattr(os, "rename", guard(real_rename))
+        monkeypatch.setattr(os, "replace", guard(real_replace))
+    micro = tiny_llama(seed=1, vocab=300, hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32,
+                       max_positions=64)      # the smallest traceable model: the trace is most of the cost
+    with pytest.raises(OSError, match="injected"):
+        export_bundle(micro, tiny_tokenizer(), target, lora_cfg=LoraConfig(rank=2, alpha=4.0, targets=("q_proj",)),
+                      max_len=64)
+    monkeypatch.undo()
+    assert seen, "the failure was injected before the temporary folder existed"
+    _no_leftovers(tmp_path, before)
+    assert _tree(target) == old
+
+
 def test_cli_error_is_one_line(tmp_path, capsys):
     from absorber.cli import main
     junk = tmp_path / "junk"
