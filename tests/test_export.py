@@ -106,7 +106,7 @@ def test_decoder_prefill_then_decode_matches_torch(bundles):
     seq = _ids(20, 1)
     with torch.no_grad():
         out = model(input_ids=seq, use_cache=True)
-        ref_hidden, _ = sync.forward_states(model, seq, m["loss_layers"])
+        ref_hidden, _ = sync.forward_states(model, seq, m["loss"]["layers"])
     logits, hidden, past = _decode(_session(path, "decoder"), m, seq.numpy(), ad, prefill=14)
     assert relerr(logits[0], out.logits[0].numpy()) <= TOL
     assert relerr(hidden, ref_hidden.numpy()) <= TOL
@@ -138,7 +138,7 @@ def test_decoder_logits_to_keep_and_adapter_swap(bundles):
 
 # ------------------------------------------------------------------------------------------------ train step
 def _sync_loss_module(model, m):
-    return sync.SyncLoss(model, m["loss_layers"], m["loss"]["kind"], m["loss"].get("skip", 0))
+    return sync.SyncLoss(model, m["loss"]["layers"], m["loss"]["kind"], m["loss"]["skip"])
 
 
 def _torch_loss_grads(model, m, y, th):
@@ -155,7 +155,7 @@ def _torch_loss_grads(model, m, y, th):
 def _train_step_vs_torch(path, m, model, ad, x, y):
     """Run train_step.onnx and the torch reference on the same Y, teacher and adapters; the losses must agree.
     Returns (onnx outputs by name, torch gradients by adapter name)."""
-    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
+    th = sync.teacher(model, x, y, m["loss"]["layers"]).hidden
     loss, grads = _torch_loss_grads(model, m, y, th)
     sess = _session(path, "train_step")
     r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
@@ -201,7 +201,7 @@ def test_ten_step_adamw_trajectory_matches_torch(bundles):
     init = load_file(str(path / "adapters.safetensors"))
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in init.items()})
     x, y = _ids(24, 6), _ids(16, 8)
-    th = sync.teacher(model, x, y, m["loss_layers"]).hidden
+    th = sync.teacher(model, x, y, m["loss"]["layers"]).hidden
     params = lora.adapters(model)
     for p in params.values():
         p.requires_grad_(True)
@@ -265,17 +265,20 @@ def test_quantized_bundles_are_smaller(bundles):
 def test_manifest_valid_and_files_hashed(bundles, quant):
     import hashlib
 
-    from absorber.export.schema import MANIFEST_SCHEMA, errors, validate_manifest
+    from absorber.bundle_format import FORMAT, MANIFEST_SCHEMA, defaults_entry, schema_errors, validate_manifest
     path = bundles[quant]
     m = _manifest(path)
     validate_manifest(m)
-    assert errors({**m, "format": 2}, MANIFEST_SCHEMA)
+    assert m["format"] == FORMAT and schema_errors({**m, "format": FORMAT + 1}, MANIFEST_SCHEMA)
+    assert schema_errors({k: v for k, v in m.items() if k != "loss"})            # the loss is required
     assert set(m["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}
     for f, h in m["files"].items():
         assert hashlib.sha256((path / f).read_bytes()).hexdigest() == h
     assert [t["name"] for t in m["slice"]["tensors"]] == [i["name"] for i in m["graphs"]["train_step"]["inputs"][3:]]
-    assert m["defaults"] == json.loads(json.dumps(AbsorberConfig(lora=LORA).to_dict()))
-    assert m["loss_layers"] == [1, 2]
+    # the loss settings are recorded once, in `loss`; `defaults` holds the rest of the config
+    assert m["defaults"] == json.loads(json.dumps(defaults_entry(AbsorberConfig(lora=LORA))))
+    assert not {"loss", "loss_layers", "sync_skip"} & set(m["defaults"]) and "loss_layers" not in m
+    assert m["loss"] == {"kind": "l1", "layers": [1, 2], "skip": AbsorberConfig().sync_skip}
 
 
 def test_one_shared_weights_file(bundles):
@@ -423,7 +426,7 @@ def test_private_joint_export_api_is_pinned():
 @pytest.mark.slow
 def test_cli_exports_tiny_bundle(tmp_path):
     from absorber.cli import main
-    from absorber.export.schema import validate_manifest
+    from absorber.bundle_format import validate_manifest
     out = tmp_path / "tiny"
     assert main(["export", "tiny", "--out", str(out), "--quant", "int4", "--rank", "2",
                  "--targets", "q_proj", "v_proj", "--layers", "1", "-q"]) == 0
@@ -526,7 +529,7 @@ def test_sessions_can_share_one_mapped_weights_file(bundles, quant):
     model = _reference()
     ad = _random_adapters(model)
     y = _ids(8, 3)
-    th = torch.randn(len(m["loss_layers"]), 8, TINY["hidden"], generator=torch.Generator().manual_seed(0))
+    th = torch.randn(len(m["loss"]["layers"]), 8, TINY["hidden"], generator=torch.Generator().manual_seed(0))
     plain = _session(path, "train_step").run(None, _feeds(y, th, ad))
     shared = shared_session("train_step").run(None, _feeds(y, th, ad))
     for a, b in zip(plain, shared):      # pre-packing off may pick other GEMM kernels: float noise only

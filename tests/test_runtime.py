@@ -110,7 +110,8 @@ def _ref_model(bundle: Path, dequantize: bool = True):
     from absorber.export import quant as Q
     from absorber.models import tiny_llama
     from absorber.bundle_format import read_manifest
-    cfg = read_manifest(bundle).defaults()
+    b = read_manifest(bundle)
+    man, cfg = b.manifest, b.defaults()
     model = tiny_llama(seed=0, vocab=512)
     lora.inject(model, cfg.lora)
     quantized = set(man["quant"].get("quantized", []))
