@@ -125,7 +125,10 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
     baselines = baselines if baselines is not None else {}
     records: list[dict] = []
     damage: list[dict] = []
+    rounds: list[dict] = []
     for r, _, done in stream_rounds(sa, ids, last_round):
+        rounds += [{"round": r, "loss_first": x.loss_first, "loss_last": x.loss_last, "seconds": x.seconds}
+                   for x in done if x.loss_first is not None]
         if r not in due:
             continue
         ctx = sa.context()
@@ -163,7 +166,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             extra = f" loss {res.loss_first:.4f}->{res.loss_last:.4f}" if res is not None and res.loss_first else ""
             log(f"  {method} round {r:2d} distances {done_d}: retention {ret:.3f}{extra}")
     return {"facts": [f.to_dict() for f in fs], "spans": spans, "eviction_rounds": ev, "records": records,
-            "damage": damage, "baselines": baselines}
+            "damage": damage, "rounds": rounds, "baselines": baselines}
 
 
 def retention(records: list[dict]) -> float:
@@ -219,7 +222,7 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
     per: dict[str, dict] = {}
     base_cache: dict[tuple, dict] = {}
     for label, mth, cfg in runs:
-        recs, dmg = [], []
+        recs, dmg, rnd = [], [], []
         for ti, (name, ids) in enumerate(texts):
             if log:
                 log(f"{label} ({mth}) on {name}: {rs.facts} facts in the first {rs.plant_rounds} rounds")
@@ -227,8 +230,12 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
                                baselines=base_cache.setdefault((name, cfg.n, cfg.m), {}))
             recs += [dict(r, text=name) for r in out["records"]]
             dmg += [dict(d, text=name) for d in out["damage"]]
+            rnd += [dict(x, text=name) for x in out["rounds"]]
+        mean = lambda k: sum(x[k] for x in rnd) / len(rnd) if rnd else None  # noqa: E731
         per[label] = {"method": mth, "config": cfg.to_dict(), "curve": curve(recs, rs),
-                      "damage": damage_summary(dmg), "records": recs, "damage_records": dmg}
+                      "damage": damage_summary(dmg), "records": recs, "damage_records": dmg,
+                      "losses": {"first": mean("loss_first"), "last": mean("loss_last"), "seconds": mean("seconds")},
+                      "rounds": rnd}
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

@@ -88,8 +88,7 @@ def measure_in_subprocess(bundle: str, n: int, m: int, k: int, profile: str | No
 def weights_file_bytes(bundle) -> int | None:
     """What `absorber plan` passes to predict: None when the manifest lists every stored tensor (exact), else the
     bytes of the bundle's external weight files."""
-    from absorber.devices.planner import stored_tensors
-    if stored_tensors(bundle.manifest):
+    if bundle.stored_tensors:
         return None
     files = bundle.external_files or (["weights.bin"] if (bundle.path / "weights.bin").is_file() else [])
     total = sum((bundle.path / f).stat().st_size for f in files if (bundle.path / f).is_file())

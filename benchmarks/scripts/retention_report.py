@@ -1,0 +1,40 @@
+"""Rebuild the forgetting-curve table of benchmarks/retention.md from the raw records of a screen.
+
+    python benchmarks/scripts/retention_report.py benchmarks/retention_screen.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    d = json.load(open(argv[0]))
+    ds = d["settings"]["distances"]
+    print(f"Texts: {', '.join(d['texts'])}; {d['settings']['facts']} facts per text in the first "
+          f"{d['settings']['plant_rounds']} rounds; held-out speech for damage: {d['heldout']}"
+          + (" (partial: a run was still going)" if d.get("partial") else ""))
+    print()
+    print("| variant | " + " | ".join(f"retention d={x} [95% CI]" for x in ds)
+          + " | sync loss first→last | s/round | held-out PPL change (end / worst) |")
+    print("|---|" + "---|" * (len(ds) + 3))
+    for label, v in d["methods"].items():
+        cells = []
+        for c in v["curve"]:
+            ci = c["ci95"]
+            r = c["retention"]
+            cells.append("–" if r is None else f"{r:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        dm = v.get("damage") or {}
+        end, worst = dm.get("ppl_change_at_end"), dm.get("ppl_change_worst")
+        dmg = "–" if end is None else f"{end:+.1%} / {worst:+.1%}"
+        losses = v.get("losses") or {}
+        lf, ll, sec = losses.get("first"), losses.get("last"), losses.get("seconds")
+        lcell = "–" if lf is None else f"{lf:.3f}→{ll:.3f}"
+        scell = "–" if sec is None else f"{sec:.1f}"
+        print(f"| {label} | " + " | ".join(cells) + f" | {lcell} | {scell} | {dmg} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
