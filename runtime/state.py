@@ -36,6 +36,12 @@ def save_state(folder: str | os.PathLike, tensors: dict[str, np.ndarray], meta: 
         except OSError:
             pass
         raise
+    fsync_dir(d)
+    return d / STATE_FILE
+
+
+def fsync_dir(d: str | os.PathLike) -> None:
+    """Make a rename or a new file in folder `d` durable (fsync of the folder itself)."""
     try:
         dfd = os.open(d, os.O_RDONLY)
         try:
@@ -44,7 +50,6 @@ def save_state(folder: str | os.PathLike, tensors: dict[str, np.ndarray], meta: 
             os.close(dfd)
     except OSError:   # some filesystems (and Windows) cannot fsync a folder
         pass
-    return d / STATE_FILE
 
 
 def load_state(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from absorber.errors import AbsorberError
+from absorber.runtime.state import fsync_dir
 
 JOURNAL_FILE = "journal.jsonl"
 
@@ -31,17 +32,6 @@ class Entry:
     tokens: int
     key: str | None
     line: bytes          # the line as written (with its newline): what compaction keeps
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def encode_entry(seq: int, text: str, tokens: int, key: str | None) -> bytes:
@@ -103,7 +93,7 @@ class Journal:
         self.next_seq = max(last + 1, int(min_next_seq))
         self.size = good
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def append(self, items: list[tuple[str, int, str | None]]) -> list[Entry]:
         """Write (text, tokens, key) items as consecutive entries, ONE write and ONE fsync; return them."""
@@ -146,7 +136,7 @@ class Journal:
             except OSError:
                 pass
             raise
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = sum(len(e.line) for e in keep)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from absorber.errors import AbsorberError
 from absorber.runtime.server.errors import ApiError
-from absorber.runtime.server.journal import Entry, Journal, _fsync_dir
+from absorber.runtime.server.journal import Entry, Journal
+from absorber.runtime.state import fsync_dir
 from absorber.runtime.stream import Stream
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -226,7 +227,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Registry:
@@ -311,7 +312,7 @@ class Registry:
             meta = {"id": sid, "config": overrides or {}, "created_at": time.time()}
             _write_json_atomic(tmp / META_FILE, meta)
             os.rename(tmp, folder)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             live = self._open(sid, folder)
             self.streams[sid] = live
             return live
@@ -342,7 +343,7 @@ class Registry:
             live.close()
             trash = self.root / f".deleted-{sid}-{uuid.uuid4().hex[:8]}"
             os.rename(live.folder, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def retry_after(self, live: LiveStream, pending: int) -> int:
