@@ -71,13 +71,9 @@ class Absorption:
 
     def probe_ids(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The round's recall probes (cfg.probes): X cut into that many parts, each after the probe prefix."""
-        k = self.cfg.probes
-        if not k:
-            return []
-        n = x.shape[1]
-        bounds = [round(j * n / k) for j in range(k + 1)]
+        from absorber.config import probe_parts
         pre = torch.tensor([self.probe_prefix], dtype=x.dtype, device=x.device).reshape(1, -1)
-        return [torch.cat([pre, x[:, a:b]], dim=1) for a, b in zip(bounds, bounds[1:]) if b > a]
+        return [torch.cat([pre, x[:, a:b]], dim=1) for a, b in probe_parts(x.shape[1], self.cfg.probes)]
 
     def _teacher(self, x: torch.Tensor, y: torch.Tensor) -> sync.Teacher:
         cfg = self.cfg

@@ -8,6 +8,15 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 PROBE_PREFIX = "To recap what was said so far: "   # recall probes (AbsorberConfig.probes) start with this text
 
 
+def probe_parts(n: int, probes: int) -> list[tuple[int, int]]:
+    """[start, end) of each recall probe's part of X (n tokens cut into `probes` near-equal parts). Shared by the
+    reference and the runtime so that both cut X the same way."""
+    if probes <= 0:
+        return []
+    bounds = [round(j * n / probes) for j in range(probes + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 @dataclass
 class LoraConfig:
     """The trainable slice: LoRA adapters A:[in, r], B:[r, out] added to frozen linear layers."""

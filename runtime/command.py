@@ -42,6 +42,7 @@ def add_arguments(p) -> None:
                    help="teacher = base model (adapters off), current adapters, or compose: base with X + "
                         "gamma x the adapters' own contribution on Y (default: bundle)")
     p.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' contribution (default 1)")
+    p.add_argument("--probes", type=int, help="recall probes per round, synchronized before Y (default: bundle, 0)")
     p.add_argument("--reset", choices=("none", "moments", "adapters"), help="reset before each round (default: bundle)")
     p.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
@@ -70,7 +71,7 @@ def main(args) -> int:
     from absorber.runtime.stream import Stream, rss_mb
     from absorber.runtime.inputs import Reader
 
-    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "gamma", "reset", "decay") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay") if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")
     out = sys.stdout

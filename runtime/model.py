@@ -25,7 +25,7 @@ from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
 
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
 RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
-                    "teacher", "gamma", "sink", "fill", "sync_skip")
+                    "teacher", "gamma", "probes", "sink", "fill", "sync_skip")
 
 
 class Model:

@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from absorber import bundle_format as F
+from absorber.config import PROBE_PREFIX, probe_parts
 from absorber.errors import AbsorberError
 from absorber.rounds import RoundResult
 from absorber.runtime import generate as G
@@ -126,6 +127,7 @@ class Stream:
         self.last_answer_tokens = 0
         self._replay = 0               # characters still to skip when the same input is fed again after a resume
         self.resumed = False
+        self._probe_prefix: list[int] | None = None
         # for a host (absorber serve): a JSON-able dict saved in the state with the stream (same atomic file),
         # restored on resume; and a callable run before each train step of a round (e.g. to yield to answers)
         self.extra_meta: dict = {}
@@ -323,22 +325,30 @@ class Stream:
             for v in self._b_views:
                 v *= np.float32(1.0 - cfg.decay)
 
-    def _round(self) -> RoundResult:
+    def _teacher(self, x: list[int], y: list[int]) -> np.ndarray:
+        """The target at y's positions, as absorber.sync.teacher: the base (or current) model on x·y, plus for
+        teacher="compose" gamma x (h_current(y) - h_base(y)) on y alone."""
         cfg = self.cfg
-        n, m = cfg.n, cfg.m
-        x, y = self.window[:n], self.window[n:n + m]
-        t0 = time.perf_counter()
-        self._before_round()
         feeds = self.param_views if cfg.teacher == "current" else self._base_feeds
-        teacher = np.ascontiguousarray(G.hidden_states(self.model, x + y, feeds)[:, n:n + m])
-        if cfg.teacher == "compose":    # + gamma * (what the adapters add on Y alone): absorber.sync.teacher
+        teacher = np.ascontiguousarray(G.hidden_states(self.model, x + y, feeds)[:, len(x):])
+        if cfg.teacher == "compose":
             own = G.hidden_states(self.model, y, self.param_views)
             own -= G.hidden_states(self.model, y, self._base_feeds)
             own *= np.float32(cfg.gamma)
             teacher += own
-        t1 = time.perf_counter()
-        opt = self.opt
-        opt.lr, opt.betas, opt.eps, opt.weight_decay = cfg.lr, tuple(cfg.betas), cfg.adam_eps, cfg.weight_decay
+        return teacher
+
+    def _probes(self, x: list[int]) -> list[list[int]]:
+        """The round's recall probes (cfg.probes): PROBE_PREFIX + each part of X (as absorber.absorb)."""
+        if not self.cfg.probes:
+            return []
+        if self._probe_prefix is None:
+            self._probe_prefix = self.model.encode(PROBE_PREFIX)
+        return [self._probe_prefix + x[a:b] for a, b in probe_parts(len(x), self.cfg.probes)]
+
+    def _steps(self, y: list[int], teacher: np.ndarray) -> tuple[list[float], int, bool, float]:
+        """Up to K steps of train_step.onnx on one synchronized text: (losses, steps, rolled back, optimizer s)."""
+        cfg, opt = self.cfg, self.opt
         io = self._train_binding(y, teacher) if cfg.k > 0 else None
         losses: list[float] = []
         rolled_back = have_backup = False
@@ -373,6 +383,27 @@ class Stream:
             opt.apply()
             steps += 1
             t_opt += time.perf_counter() - ta
+        return losses, steps, rolled_back, t_opt
+
+    def _round(self) -> RoundResult:
+        cfg = self.cfg
+        n, m = cfg.n, cfg.m
+        x, y = self.window[:n], self.window[n:n + m]
+        t0 = time.perf_counter()
+        self._before_round()
+        # every teacher before the round's first step (probes first, then Y), as absorber.absorb.Absorption
+        targets = [(p, self._teacher(x, p)) for p in self._probes(x)] + [(y, self._teacher(x, y))]
+        t1 = time.perf_counter()
+        opt = self.opt
+        opt.lr, opt.betas, opt.eps, opt.weight_decay = cfg.lr, tuple(cfg.betas), cfg.adam_eps, cfg.weight_decay
+        losses: list[float] = []
+        steps, rolled_back, t_opt = 0, False, 0.0
+        for yy, tt in targets:
+            losses, s, rolled_back, to = self._steps(yy, tt)
+            steps += s
+            t_opt += to
+            if rolled_back:
+                break
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",

@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", choices=("current", "base", "compose"),
                    help=f"teacher = base model (adapters off), the current adapters, or compose (default {d.teacher})")
     p.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' own contribution (default 1)")
+    p.add_argument("--probes", type=int, help="recall probes per round, synchronized before Y (default 0: off)")
     p.add_argument("--reset", choices=("none", "moments", "adapters"),
                    help=f"reset before each round (default {d.reset})")
     p.add_argument("--decay", type=float, help="scale B by (1 - decay) before each round (default 0)")
@@ -55,7 +56,7 @@ def config_from_args(args) -> "AbsorberConfig":
     from absorber.config import AbsorberConfig, override
     base = AbsorberConfig.paper() if args.paper else AbsorberConfig()
     return override(base, n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, rank=args.rank,
-                    teacher=args.teacher, gamma=args.gamma, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
+                    teacher=args.teacher, gamma=args.gamma, probes=args.probes, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
                     fill=True if args.fill else None)
 
 
