@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from absorber.bundle_format import QUANT_SCHEMES as QUANTS  # the bundle contract owns the scheme names
 from absorber.errors import AbsorberError
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-QUANTS = ("fp32", "int8", "int4")
 PROFILES_FILE = Path(__file__).with_name("profiles.json")
 
 

@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="smollm2-135m | path.gguf | folder | hub id | tiny")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="bundle folder to write (must not exist, be empty, or be a bundle to replace)")
-    parser.add_argument("--quant", default="fp32", choices=["fp32", "int8", "int4"],
+    from absorber.bundle_format import QUANT_SCHEMES
+    parser.add_argument("--quant", default="fp32", choices=list(QUANT_SCHEMES),
                         help="frozen base weights: fp32, int8 per-row, int4 block-wise (default fp32)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: AbsorberConfig's, 16)")
     parser.add_argument("--alpha", type=float, default=None,

@@ -22,7 +22,7 @@ import numpy as np
 
 from absorber import bundle_format as F
 
-SCHEMES = ("fp32", "int8", "int4")
+SCHEMES = F.QUANT_SCHEMES
 
 
 def _export_child(model_spec: str, out: Path, rank: int) -> dict:
