@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,29 +136,13 @@ def _marker(dest: Path) -> Path:
 
 
 def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    from absorber.bundle_format import sha256_file
+    return sha256_file(path)
 
 
 def _write_atomic(dest: Path, write) -> None:
-    """write(file) into a temp file beside dest, then os.replace it onto dest; the temp file never survives."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from absorber.files import write_atomic
+    write_atomic(dest, write, mode=0o644)
 
 
 def _unlink(*paths: Path) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from absorber.errors import AbsorberError
+from absorber.files import write_atomic
 
 STATE_FILE = "state.safetensors"
 STATE_FORMAT = 1
@@ -23,33 +23,7 @@ def save_state(folder: str | os.PathLike, tensors: dict[str, np.ndarray], meta: 
     d.mkdir(parents=True, exist_ok=True)
     blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                 metadata={"absorber_state": json.dumps({"state_format": STATE_FORMAT, **meta})})
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / STATE_FILE)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(d)
-    return d / STATE_FILE
-
-
-def fsync_dir(d: str | os.PathLike) -> None:
-    """Make a rename or a new file in folder `d` durable (fsync of the folder itself)."""
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:   # some filesystems (and Windows) cannot fsync a folder
-        pass
+    return write_atomic(d / STATE_FILE, blob)
 
 
 def load_state(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict] | None:

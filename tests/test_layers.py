@@ -23,7 +23,8 @@ LAYERS = {"method": ROOT / "absorber", "export": ROOT / "export", "runtime": ROO
           "devices": ROOT / "devices"}
 HEAVY = {"torch", "transformers", "onnx", "onnxscript", "onnx_ir", "optimum", "accelerate", "gguf"}
 # the method's modules that need no torch: the runtime and devices may use them
-SHARED = {"absorber", "absorber.config", "absorber.errors", "absorber.rounds", "absorber.bundle_format"}
+SHARED = {"absorber", "absorber.config", "absorber.errors", "absorber.rounds", "absorber.bundle_format",
+          "absorber.files"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -113,6 +114,6 @@ def test_method_does_not_import_the_runtime():
 
 
 def test_shared_modules_are_torch_free():
-    for mod in ("config", "errors", "rounds", "bundle_format"):
+    for mod in ("config", "errors", "rounds", "bundle_format", "files"):
         heavy = {n for n in imports_of(ROOT / "absorber" / f"{mod}.py") if _top(n) in HEAVY | {"onnxruntime", "numpy"}}
         assert heavy == set(), (mod, heavy)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from absorber.errors import AbsorberError
-from absorber.runtime.state import fsync_dir
+from absorber.files import fsync_dir, write_atomic
 
 JOURNAL_FILE = "journal.jsonl"
 
@@ -122,21 +121,7 @@ class Journal:
 
     def rewrite(self, keep: list[Entry]) -> None:
         """Compaction: the journal becomes exactly `keep` (the entries after the saved seq), atomically."""
-        fd, tmp = tempfile.mkstemp(prefix=".journal-", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for e in keep:
-                    f.write(e.line)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsync_dir(self.folder)
+        write_atomic(self.path, lambda f: f.writelines(e.line for e in keep))
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = sum(len(e.line) for e in keep)

@@ -33,7 +33,7 @@ from pathlib import Path
 from absorber.errors import AbsorberError
 from absorber.runtime.server.errors import ApiError
 from absorber.runtime.server.journal import Entry, Journal
-from absorber.runtime.state import fsync_dir
+from absorber.files import fsync_dir, write_atomic
 from absorber.runtime.stream import Stream
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -221,13 +221,7 @@ class LiveStream:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, json.dumps(obj).encode("utf-8"))
 
 
 class Registry:
