@@ -62,9 +62,12 @@ def grad_name(adapter: str) -> str:
     return f"grad.{adapter}"
 
 
-def quantized_names(name: str, bits: int) -> tuple[str, str]:
-    """Stored tensors of a quantized frozen weight: (values, scale)."""
-    return f"{name}.q{bits}", f"{name}.scale"
+def quant_names(name: str, bits: int) -> dict[str, str]:
+    """Stored tensors of a quantized frozen weight (absorber/export/quant.py): q = MatMulNBits' packed blocks,
+    view = the same bytes as [N, K] for DequantizeLinear, scale, zero (MatMulNBits' zero points), zero8 (the
+    8-bit zero points for DequantizeLinear), min (the 4-bit per-block minimum)."""
+    return {"q": f"{name}.q{bits}", "view": f"{name}.q{bits}.view", "scale": f"{name}.scale",
+            "zero": f"{name}.zp", "zero8": f"{name}.zp8", "min": f"{name}.min"}
 
 
 def required_io(graph: str, num_layers: int, adapters: list[str]) -> tuple[set[str], set[str]]:
@@ -171,6 +174,7 @@ MANIFEST_SCHEMA: dict = {
             "properties": {"file": _plain_file, "align": _int, "tensors": {"type": "array", "items": {
                 "type": "object", "required": ["name", "dtype", "shape", "offset", "length", "graphs"],
                 "properties": {"name": _str, "dtype": _str, "shape": {"type": "array", "items": _int},
+                               "kernel": {"type": "boolean"}, "alias_of": _str,
                                "offset": {"type": "integer", "minimum": 0}, "length": {"type": "integer", "minimum": 0},
                                "graphs": {"type": "array", "minItems": 1, "items": {"enum": list(GRAPHS)}}}}}}}},
         "shared_initializers": {"type": "array", "items": _str},
@@ -315,6 +319,8 @@ class StoredTensor:
     length: int
     graphs: tuple[str, ...]
     file: str
+    kernel: bool = False            # ONNX Runtime loads and pre-packs it itself (an input of MatMulNBits)
+    alias_of: str | None = None     # the same bytes as another stored tensor, reinterpreted
 
 
 @dataclass
@@ -464,13 +470,19 @@ class Bundle:
     @property
     def stored_tensors(self) -> list[StoredTensor]:
         return [StoredTensor(t["name"], str(t["dtype"]), tuple(int(d) for d in t["shape"]), int(t["offset"]),
-                             int(t["length"]), tuple(t["graphs"]), e["file"])
+                             int(t["length"]), tuple(t["graphs"]), e["file"], bool(t.get("kernel", False)),
+                             t.get("alias_of"))
                 for e in self.manifest["external_data"] for t in e["tensors"]]
 
     @property
+    def kernel_tensors(self) -> set[str]:
+        """Stored tensors that ONNX Runtime must load and pre-pack itself (MatMulNBits' inputs)."""
+        return {t.name for t in self.stored_tensors if t.kernel}
+
+    @property
     def stored_bytes(self) -> int:
-        """Bytes of the frozen weights as stored (sum of the external tensors, no padding)."""
-        return sum(t.length for t in self.stored_tensors)
+        """Bytes of the frozen weights as stored (sum of the external tensors, no padding; an alias once)."""
+        return sum(t.length for t in self.stored_tensors if not t.alias_of)
 
     @property
     def files(self) -> dict[str, str]:

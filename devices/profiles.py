@@ -32,6 +32,9 @@ class Profile:
     k: int = 16                           # optimizer steps per round
     memory_budget_mb: int | None = None   # peak RSS budget the planner fits the window into (None = no limit)
     device: str = "auto"                  # auto|cpu|cuda|tensorrt|dml|coreml|openvino|qnn (see providers.py)
+    # MatMulNBits accuracy_level per graph of an int8/int4 bundle ({"decoder": 4, "train_step": 1}): 0/1 =
+    # float activations (exact), 4 = int8 activations (the integer kernels). {} = what the bundle was exported with
+    matmul_accuracy: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,6 +63,11 @@ class Profile:
         if not isinstance(self.session_config, dict):
             bad("session_config must be an object of string entries")
         self.session_config = {str(k): str(v) for k, v in self.session_config.items()}
+        if not isinstance(self.matmul_accuracy, dict) or any(
+                g not in ("decoder", "train_step") or v not in (0, 1, 2, 3, 4)
+                for g, v in self.matmul_accuracy.items()):
+            bad("matmul_accuracy must map decoder/train_step to an accuracy level 0-4 "
+                f"(got {self.matmul_accuracy!r})")
         for k in ("enable_cpu_mem_arena", "enable_mem_pattern"):
             if not isinstance(getattr(self, k), bool):
                 bad(f"{k} must be true or false (got {getattr(self, k)!r})")
@@ -121,7 +129,7 @@ def get_profile(name: str) -> Profile:
     shipped = _shipped()
     if name in shipped:
         p = shipped[name]
-        return dataclasses.replace(p, session_config=dict(p.session_config))
+        return dataclasses.replace(p, session_config=dict(p.session_config), matmul_accuracy=dict(p.matmul_accuracy))
     if name.endswith(".json") or os.sep in name:
         path = Path(name)
         if not path.is_file():

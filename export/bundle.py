@@ -60,10 +60,15 @@ def _raw(t: onnx.TensorProto):
 
 
 def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], folder: Path,
-                 store: dict[str, np.ndarray]) -> list[dict]:
+                 store: dict[str, np.ndarray], aliases: dict[str, str] | None = None,
+                 kernel: set[str] | None = None) -> list[dict]:
     """Move the named initializers of all graphs into ONE weights.bin (one copy per name; the same bytes at
     the same offset for every graph that uses it). Values come from `store` (name -> array) when there, else from
-    the initializer itself. Returns the tensor table of the manifest."""
+    the initializer itself. aliases: {name: other}: name reinterprets other's bytes (same offset and length, no
+    second copy). kernel: tensors marked for ONNX Runtime to load and pre-pack itself (MatMulNBits' inputs).
+    Returns the tensor table of the manifest."""
+    aliases = aliases or {}
+    kernel = kernel or set()
     table: dict[str, dict] = {}
     order: list[str] = []
     first: dict[str, onnx.TensorProto] = {}
@@ -83,9 +88,18 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
                 table[t.name] = {"name": t.name, "dtype": onnx.helper.tensor_dtype_to_string(t.data_type)
                                  .replace("TensorProto.", "").lower(), "shape": [int(d) for d in t.dims],
                                  "graphs": [gname]}
+    for n in order:
+        if n in kernel:
+            table[n]["kernel"] = True
+        if n in aliases:
+            if aliases[n] not in table:
+                raise AbsorberError(f"tensor {n} aliases {aliases[n]}, which no graph uses")
+            table[n]["alias_of"] = aliases[n]
     offset = 0
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for n in order:
+            if n in aliases:
+                continue
             raw = memoryview(np.ascontiguousarray(store[n])).cast("B") if n in store else _raw(first[n])
             pad = (-offset) % ALIGN
             f.write(b"\0" * pad)
@@ -93,6 +107,9 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
             f.write(raw)
             table[n].update(offset=offset, length=len(raw))
             offset += len(raw)
+    for n in order:
+        if n in aliases:
+            table[n].update(offset=table[aliases[n]]["offset"], length=table[aliases[n]]["length"])
     for mp in graphs.values():
         for t in mp.graph.initializer:
             if t.name in table:
@@ -263,8 +280,13 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
                   {"train_step": round(t_train, 2), "decoder": round(t_dec, 2)})
 
 
-def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None) -> Path:
-    """Quantize (optionally) and write a traced model as a bundle folder; atomic (temp folder + rename)."""
+def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None,
+          source: dict | None = None, accuracy: dict | None = None) -> Path:
+    """Quantize (optionally) and write a traced model as a bundle folder; atomic (temp folder + rename).
+
+    source: {parameter name: QWeight} carried over from the model's file (absorber.export.gguf_source), used
+    as they are where their bits fit the scheme (int4 takes 4- and 8-bit blocks, int8 only 8-bit ones); every
+    other weight is requantized. accuracy: MatMulNBits accuracy_level per graph (default quant.ACCURACY)."""
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
     _check_args(quant, traced.opset)
@@ -274,7 +296,12 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
     train.CopyFrom(traced.train)
     dec.CopyFrom(traced.decoder)
     weight_names = set(traced.weight_names)
-    qtensors: dict[str, Q.QTensor] = {}
+    store = dict(traced.store)
+    qweights: dict[str, Q.QWeight] = {}
+    counts: dict[str, int] = {}
+    accuracy = dict(accuracy or Q.ACCURACY)
+    aliases: dict[str, str] = {}
+    kernel: set[str] = set()
     if quant != "fp32":
         say(f"quantizing frozen weights ({quant})")
         seen = {}
@@ -282,16 +309,31 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             for t in mp.graph.initializer:
                 if t.name in weight_names and Q.quantizable(t) and t.name not in seen:
                     seen[t.name] = t
-        for n, t in seen.items():
-            qtensors[n] = Q.quantize(n, traced.store[n], quant)
-        for mp in (train, dec):
-            Q.apply(mp.graph, qtensors)
-        weight_names = (weight_names - set(qtensors)) | {x for q in qtensors.values() for x in (q.q_name, q.scale_name)}
+        src = source or {}
+        for n in seen:
+            # the source is keyed by the model's own names; traced names of wrapped layers have ".base."
+            qw = src.get(n, src.get(n.replace(".base.weight", ".weight")))
+            if qw is not None:
+                qw = dataclasses.replace(qw, name=n)
+            if qw is not None and (quant == "int4" or qw.bits == Q.BITS[quant]):
+                qweights[n] = qw
+            else:
+                qweights[n] = Q.quantize(n, traced.store[n], quant)
+        for gname, mp in (("train_step", train), ("decoder", dec)):
+            res = Q.apply(mp.graph, qweights, accuracy[gname])
+            store.update(res["stored"])
+            for k, v in res["counts"].items():
+                counts[f"{gname}.{k}"] = v
+        qnames = {x for qw in qweights.values() for x in list(qw.names.values())}
+        weight_names = (weight_names - set(qweights)) | {x for mp in (train, dec) for x in
+                                                          (t.name for t in mp.graph.initializer) if x in qnames}
+        aliases = {v: q for v, q in Q.aliases(qweights).items() if v in weight_names}
+        kernel = Q.kernel_tensors(qweights) & weight_names
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         say(f"writing {WEIGHTS_FILE}")
-        table = _externalize({"decoder": dec, "train_step": train}, weight_names, tmp, traced.store)
+        table = _externalize({"decoder": dec, "train_step": train}, weight_names, tmp, store, aliases, kernel)
         graph_files = F.GRAPH_FILES
         graphs_desc = {}
         from absorber.export import graphs
@@ -310,7 +352,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "slice": traced.slice,
             "adapters_file": F.ADAPTERS_FILE,
             "loss": F.loss_entry(traced.cfg, traced.layers),
-            "quant": Q.describe(quant, qtensors),
+            "quant": Q.describe(quant, qweights, counts, accuracy),
             "session_config": dict(Q.SESSION_CONFIG),
             "defaults": F.defaults_entry(traced.cfg),
             "graphs": graphs_desc,
@@ -353,7 +395,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
 
 
 def export_bundle(model, tokenizer, out_dir, quant: str = "fp32", lora_cfg=None, cfg=None,
-                  opset: int = DEFAULT_OPSET, max_len: int | None = None, progress=None) -> Path:
+                  opset: int = DEFAULT_OPSET, max_len: int | None = None, progress=None,
+                  source: dict | None = None, accuracy: dict | None = None) -> Path:
     """Export a float32 transformers causal LM (+ tokenizer) as a bundle folder; returns its path.
 
     model: a transformers CausalLM in float32, eval mode (e.g. `absorber.models.load(...)[0]` or `tiny_llama()`).
@@ -366,17 +409,19 @@ def export_bundle(model, tokenizer, out_dir, quant: str = "fp32", lora_cfg=None,
         (its loss kind and loss_layers are compiled into train_step.onnx).
     """
     return export_bundles(model, tokenizer, {quant: out_dir}, lora_cfg=lora_cfg, cfg=cfg, opset=opset,
-                          max_len=max_len, progress=progress)[quant]
+                          max_len=max_len, progress=progress, source=source, accuracy=accuracy)[quant]
 
 
 def export_bundles(model, tokenizer, outs: dict, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET,
-                   max_len: int | None = None, progress=None) -> dict[str, Path]:
+                   max_len: int | None = None, progress=None, source: dict | None = None,
+                   accuracy: dict | None = None) -> dict[str, Path]:
     """Trace once, write one bundle per quantization scheme: outs = {"fp32": dir, "int8": dir, ...}."""
     for q, d in outs.items():
         _check_args(q, opset)
         _check_out(Path(os.path.abspath(d)))
     traced = trace(model, lora_cfg=lora_cfg, cfg=cfg, opset=opset, max_len=max_len, progress=progress)
-    return {q: write(traced, tokenizer, d, q, progress=progress) for q, d in outs.items()}
+    return {q: write(traced, tokenizer, d, q, progress=progress, source=source, accuracy=accuracy)
+            for q, d in outs.items()}
 
 
 def _json_default(o):

@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
                         help="bundle folder to write (must not exist, be empty, or be a bundle to replace)")
     from absorber.bundle_format import QUANT_SCHEMES
     parser.add_argument("--quant", default="fp32", choices=list(QUANT_SCHEMES),
-                        help="frozen base weights: fp32, int8 per-row, int4 block-wise (default fp32)")
+                        help="frozen base weights: fp32, int8 or int4 in blocks of 32, run by MatMulNBits "
+                             "(default fp32); a GGUF source's Q4_1/Q8_0 blocks are carried over exactly")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: AbsorberConfig's, 16)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="LoRA alpha (default: alpha/rank stays AbsorberConfig's, 32/16, so 2 x rank)")
@@ -48,6 +49,24 @@ def _load(spec: str):
     return load(spec)
 
 
+def carried_source(spec: str, model, say=lambda m: None) -> dict | None:
+    """The quantized blocks of the model's GGUF file, carried over as they are (None when the model is no GGUF)."""
+    from pathlib import Path
+
+    from absorber.export.gguf_source import carried_weights
+    from absorber.models import resolve
+    where, gguf_file = resolve(spec)
+    if not gguf_file:
+        return None
+    weights, report = carried_weights(Path(where) / gguf_file, model)
+    kinds: dict[str, int] = {}
+    for v in report["carried"].values():
+        kinds[v] = kinds.get(v, 0) + 1
+    say(f"carried over from {gguf_file}: " + ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items()))
+        + (f"; requantized: {len(report['left'])}" if report["left"] else ""))
+    return weights
+
+
 def main(args) -> int:
     import os
     import sys
@@ -64,7 +83,10 @@ def main(args) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")
     model, tok = _load(args.model)
+    source = None
+    if args.quant != "fp32" and args.model != "tiny":
+        source = carried_source(args.model, model, say)
     path = export_bundle(model, tok, args.out, quant=args.quant, cfg=cfg, opset=args.opset, max_len=args.max_len,
-                         progress=say)
+                         progress=say, source=source)
     print(path)
     return 0

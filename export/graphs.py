@@ -204,6 +204,7 @@ def set_io_shape(v: onnx.ValueInfoProto, shape) -> None:
     """Overwrite a graph input/output's declared shape with canonical dims (ints or symbol names)."""
     tt = v.type.tensor_type
     tt.ClearField("shape")
+    tt.shape.SetInParent()          # a scalar has a shape with no dims (the ONNX checker wants the field)
     for d in shape:
         dim = tt.shape.dim.add()
         if isinstance(d, str):

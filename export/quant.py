@@ -1,13 +1,30 @@
-"""Weight-only quantization of the frozen base as DequantizeLinear initializers (numpy + onnx, no torch).
+"""Quantized frozen weights executed by integer kernels (numpy + onnx, no torch).
 
-Every 2-D frozen weight W [rows, cols] (linear layers [out, in], the embedding / lm_head table [vocab, hidden]) is
-stored quantized and dequantized in the graph by one `DequantizeLinear` whose output keeps W's name, so the rest of
-both graphs is untouched and gradients flow through the float result:
-  int8: symmetric, one scale per row (axis 0) -> per output channel of a linear layer, per token of a table.
-  int4: symmetric, blocks of `block` consecutive columns (axis 1, opset-21 block_size) -> blocks along the
-        reduction dimension of a linear layer; values in [-8, 7], scale = max|block| / 7.
-Norm weights and other 1-D tensors stay float32. The dequantized values are exactly what the reference model must
-hold to reproduce the graphs (`dequantized`).
+Every 2-D frozen weight W [N, K] (linear layers [out, in], the embedding / lm_head table [vocab, hidden]) whose
+K is a multiple of the block (32) is stored in blocks of 32 consecutive columns, in the layout of ONNX Runtime's
+`com.microsoft.MatMulNBits` (B: uint8 [N, K/32, 32*bits/8], element 2i in the low nibble for 4 bits):
+
+  4 bits:  W = scale * q + minimum,   q in 0..15, scale and minimum float32 per block (GGUF Q4_1's form,
+           carried over exactly from a Q4_1 source; a float source is requantized into it, min/max per block)
+  8 bits:  W = (q - 128) * scale,     q in 0..255 (uint8 zero point 128), scale float32 per block
+           (GGUF Q8_0's form, carried over exactly; a float source is requantized symmetrically per block)
+
+How each USE of W is executed (a graph rewrite after tracing, `apply`):
+  x @ W^T (FusedMatMul transB / Gemm transB: every linear layer, the lm_head)
+        -> MatMulNBits(x, B, scale, zero_point)   [+ (x summed per block) @ minimum^T for 4 bits]
+        MatMulNBits' fast kernels take only integer zero points, so the 4-bit minimum is a second, 32x smaller
+        product instead of a float zero point (whose CPU kernel dequantizes the whole matrix on every call,
+        20x slower, measured); the result is the same sum, exact up to fp32 rounding.
+  Gather(W, ids) (the embedding)
+        -> gather the quantized ROWS (B, scale, minimum / zero point) and dequantize only those: the fp32 table
+           is never materialized (exact). For tied embeddings this is the same B as the lm_head's MatMulNBits.
+  anything else (the backward's dX = dY @ W, which needs W in the other orientation)
+        -> its own DequantizeLinear(view of the same bytes) [+ minimum] right before that node: one layer's fp32
+           weight exists while its gradient node runs and is freed after (exact: the forward's values).
+The integer kernels need ONNX Runtime's pre-packing (without it MatMulNBits dequantizes on every call), so the
+tensors that feed MatMulNBits are loaded by ONNX Runtime itself (`kernel_tensors`), not shared by the runtime.
+Norm weights and other 1-D tensors stay float32. `QWeight.dequantized()` is what the reference model must hold
+to reproduce the graphs.
 """
 from __future__ import annotations
 
@@ -16,125 +33,306 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from absorber.bundle_format import INT4_BLOCK, QUANT_SCHEMES as SCHEMES, quantized_names
+from absorber.bundle_format import INT4_BLOCK, QUANT_SCHEMES as SCHEMES, quant_names
 
-# ONNX Runtime fuses DequantizeLinear(int4) + MatMul into MatMulNBits with int8 activations by default (a few %
-# error in the gradients); accuracy level 1 keeps float activations and matches the dequantized float model.
-SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+BITS = {"int8": 8, "int4": 4}
+MS = "com.microsoft"
+# MatMulNBits accuracy_level (the minimum precision of its activations): 0/1 = fp32 activations (exact),
+# 4 = int8 activations (the fast integer kernels; ~0.5 % relative error per product). Measured on an AVX2 CPU
+# (benchmarks/quant.md): at one token 4 is 4x (4-bit) to 70x (8-bit) faster than 1; at 256 rows 1 is as fast.
+ACCURACY = {"decoder": 1, "train_step": 1}
+SESSION_CONFIG: dict[str, str] = {}
 
 
 @dataclass
-class QTensor:
-    name: str                 # the float tensor's name (the DequantizeLinear output)
-    q: np.ndarray             # int8 values (int4 values live in int8 here, packed on write)
-    scale: np.ndarray         # float32
-    axis: int
-    block_size: int           # 0 = per-axis
-    bits: int
+class QWeight:
+    name: str                      # the float weight's name
+    bits: int                      # 4 | 8
+    block: int
+    q: np.ndarray                  # uint8 [N, K], values 0 .. 2**bits - 1
+    scale: np.ndarray              # float32 [N, K / block]
+    minimum: np.ndarray | None     # float32 [N, K / block] (4 bits), None for 8 bits
+    source: str = "requantized"    # or "gguf:Q4_1", "gguf:Q8_0" (carried over exactly)
 
     @property
-    def q_name(self) -> str:
-        return quantized_names(self.name, self.bits)[0]
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
 
     @property
-    def scale_name(self) -> str:
-        return quantized_names(self.name, self.bits)[1]
+    def names(self) -> dict[str, str]:
+        return quant_names(self.name, self.bits)
 
     def dequantized(self) -> np.ndarray:
-        if self.block_size:
-            s = np.repeat(self.scale, self.block_size, axis=1)[:, : self.q.shape[1]]
+        """float32 [N, K]: the values every graph computes with (GGUF's own formula and operation order)."""
+        N, K = self.shape
+        nb = K // self.block
+        q = self.q.reshape(N, nb, self.block).astype(np.float32)
+        if self.bits == 4:
+            w = self.scale[:, :, None] * q + self.minimum[:, :, None]
         else:
-            s = self.scale[:, None]
-        return (self.q.astype(np.float32) * s).astype(np.float32)
+            w = (q - np.float32(128)) * self.scale[:, :, None]
+        return w.reshape(N, K).astype(np.float32)
 
-    def tensors(self) -> list[TensorProto]:
+    def packed(self) -> np.ndarray:
+        """MatMulNBits' B: uint8 [N, K/block, block*bits/8]."""
+        N, K = self.shape
+        nb = K // self.block
         if self.bits == 8:
-            qt = numpy_helper.from_array(self.q.astype(np.int8), self.q_name)
-        else:
-            qt = TensorProto()
-            qt.name = self.q_name
-            qt.data_type = TensorProto.INT4
-            qt.dims.extend(self.q.shape)
-            qt.raw_data = pack_int4(self.q)
-        return [qt, numpy_helper.from_array(self.scale.astype(np.float32), self.scale_name)]
+            return np.ascontiguousarray(self.q.reshape(N, nb, self.block))
+        flat = self.q.reshape(N, K)
+        return np.ascontiguousarray((flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8).reshape(N, nb, self.block // 2))
 
-    def node(self):
-        kw = {"axis": self.axis}
-        if self.block_size:
-            kw["block_size"] = self.block_size
-        return helper.make_node("DequantizeLinear", [self.q_name, self.scale_name], [self.name],
-                                name=f"{self.name}.dequantize", **kw)
+    def zero_point(self) -> np.ndarray:
+        """MatMulNBits' zero points: 4 bits: 0 (the minimum term carries the offset), two per byte; 8 bits: 128."""
+        N, K = self.shape
+        nb = K // self.block
+        if self.bits == 8:
+            return np.full((N, nb), 128, np.uint8)
+        return np.zeros((N, (nb + 1) // 2), np.uint8)
 
+    def stored(self) -> dict[str, np.ndarray]:
+        """Every tensor this weight stores (name -> array); the view aliases the packed bytes (see `aliases`)."""
+        n = self.names
+        out = {n["q"]: self.packed(), n["scale"]: np.ascontiguousarray(self.scale, np.float32),
+               n["zero"]: self.zero_point()}
+        if self.bits == 8:
+            out[n["zero8"]] = np.full(self.scale.shape, 128, np.uint8)
+        if self.minimum is not None:
+            out[n["min"]] = np.ascontiguousarray(self.minimum, np.float32)
+        return out
 
-def pack_int4(q: np.ndarray) -> bytes:
-    """ONNX INT4 layout: two values per byte, element 2i in the low nibble."""
-    flat = q.astype(np.int8).ravel()
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    u = (flat.astype(np.uint8) & 0x0F)
-    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def _block(cols: int, block: int) -> int:
-    for b in (block, 64, 32, 16, 8, 4, 2, 1):
-        if b <= block and cols % b == 0:
-            return b
-    return 1
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.stored().values())
 
 
-def quantize(name: str, w: np.ndarray, scheme: str, block: int = INT4_BLOCK) -> QTensor:
+def quantize(name: str, w: np.ndarray, scheme: str, block: int = INT4_BLOCK) -> QWeight:
+    """Requantize a float32 [N, K] weight (K a multiple of `block`)."""
     w = np.asarray(w, np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"{name}: only 2-D weights are quantized (shape {w.shape})")
+    if scheme not in BITS:
+        raise ValueError(f"unknown quantization scheme {scheme!r}")
+    if w.ndim != 2 or w.shape[1] % block:
+        raise ValueError(f"{name}: only 2-D weights with K a multiple of {block} are quantized (shape {w.shape})")
+    N, K = w.shape
+    wb = w.reshape(N, K // block, block)
     if scheme == "int8":
-        scale = (np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-        return QTensor(name, q, scale, axis=0, block_size=0, bits=8)
-    if scheme == "int4":
-        rows, cols = w.shape
-        b = _block(cols, block)
-        wb = w.reshape(rows, cols // b, b)
-        scale = (np.maximum(np.abs(wb).max(axis=2), 1e-12) / 7.0).astype(np.float32)   # [rows, cols/b]
-        q = np.clip(np.rint(wb / scale[:, :, None]), -8, 7).astype(np.int8).reshape(rows, cols)
-        return QTensor(name, q, scale, axis=1, block_size=b, bits=4)
-    raise ValueError(f"unknown quantization scheme {scheme!r}")
+        scale = (np.maximum(np.abs(wb).max(axis=2), 1e-30) / 127.0).astype(np.float32)
+        q = (np.clip(np.rint(wb / scale[:, :, None]), -127, 127) + 128).astype(np.uint8)
+        return QWeight(name, 8, block, q.reshape(N, K), scale, None)
+    lo, hi = wb.min(axis=2), wb.max(axis=2)
+    scale = np.maximum((hi - lo) / 15.0, 1e-30).astype(np.float32)
+    q = np.clip(np.rint((wb - lo[:, :, None]) / scale[:, :, None]), 0, 15).astype(np.uint8)
+    return QWeight(name, 4, block, q.reshape(N, K), scale, lo.astype(np.float32))
 
 
-def quantizable(init: TensorProto) -> bool:
-    return init.data_type == TensorProto.FLOAT and len(init.dims) == 2
+def quantizable(init: TensorProto, block: int = INT4_BLOCK) -> bool:
+    return init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init.dims[1] % block == 0
 
 
-def apply(graph, qtensors: dict[str, QTensor]) -> None:
-    """Replace the initializers named in qtensors by quantized initializers + DequantizeLinear (in place)."""
-    present = [t for t in graph.initializer if t.name in qtensors]
-    if not present:
-        return
-    names = {t.name for t in present}
-    keep = [t for t in graph.initializer if t.name not in names]
+# ------------------------------------------------------------------------------------------------ graph rewrite
+class _Rewriter:
+    def __init__(self, graph, qweights: dict[str, QWeight], accuracy_level: int, ids_name: str):
+        self.g, self.qw, self.acc, self.ids = graph, qweights, accuracy_level, ids_name
+        self.consts: dict[str, np.ndarray] = {}
+        self.used: set[str] = set()           # stored tensor names referenced
+        self.n = 0
+
+    def _const(self, name: str, value) -> str:
+        if name not in self.consts:
+            self.consts[name] = np.asarray(value)
+        return name
+
+    def _tmp(self, base: str) -> str:
+        self.n += 1
+        return f"{base}.nb{self.n}"
+
+    def _use(self, *names: str) -> None:
+        self.used.update(names)
+
+    def matmul(self, qw: QWeight, a: str, out: str) -> list:
+        """out = a @ W^T."""
+        n, (N, K) = qw.names, qw.shape
+        self._use(n["q"], n["scale"], n["zero"])
+        if qw.minimum is None:
+            return [helper.make_node("MatMulNBits", [a, n["q"], n["scale"], n["zero"]], [out], domain=MS,
+                                     K=K, N=N, bits=qw.bits, block_size=qw.block, accuracy_level=self.acc,
+                                     name=self._tmp(qw.name))]
+        self._use(n["min"])
+        nb = K // qw.block
+        sel = self._const(f"blocksum.{K}x{qw.block}",
+                          np.kron(np.eye(nb, dtype=np.float32), np.ones((qw.block, 1), np.float32)))
+        y1, s, y2 = self._tmp(out), self._tmp(out), self._tmp(out)
+        return [helper.make_node("MatMulNBits", [a, n["q"], n["scale"], n["zero"]], [y1], domain=MS, K=K, N=N,
+                                 bits=qw.bits, block_size=qw.block, accuracy_level=self.acc, name=self._tmp(qw.name)),
+                helper.make_node("MatMul", [a, sel], [s], name=self._tmp(qw.name)),
+                helper.make_node("FusedMatMul", [s, n["min"]], [y2], domain=MS, transB=1, name=self._tmp(qw.name)),
+                helper.make_node("Add", [y1, y2], [out], name=self._tmp(qw.name))]
+
+    def gather(self, qw: QWeight, ids: str, out: str) -> list:
+        """out = W[ids] for ids [1, T]: only the gathered rows are dequantized."""
+        n, (N, K) = qw.names, qw.shape
+        nb = K // qw.block
+        t = lambda: self._tmp(out)  # noqa: E731
+        rows, sc, sc1, qf, w3 = t(), t(), t(), t(), t()
+        self._use(n["q"], n["scale"])
+        ax = self._const("q.axis_last", np.array([-1], np.int64))
+        nodes = [helper.make_node("Gather", [n["q"], ids], [rows], axis=0),
+                 helper.make_node("Gather", [n["scale"], ids], [sc], axis=0),
+                 helper.make_node("Unsqueeze", [sc, ax], [sc1])]
+        if qw.bits == 4:
+            lo, hi, lo1, hi1, both, q3 = t(), t(), t(), t(), t(), t()
+            nodes += [helper.make_node("BitwiseAnd", [rows, self._const("q.mask4", np.array(15, np.uint8))], [lo]),
+                      helper.make_node("BitShift", [rows, self._const("q.shift4", np.array(4, np.uint8))], [hi],
+                                       direction="RIGHT"),
+                      helper.make_node("Unsqueeze", [lo, ax], [lo1]), helper.make_node("Unsqueeze", [hi, ax], [hi1]),
+                      helper.make_node("Concat", [lo1, hi1], [both], axis=-1),
+                      helper.make_node("Reshape", [both, self._const(f"q.shape.00{nb}x{qw.block}",
+                                                                     np.array([0, 0, nb, qw.block], np.int64))], [q3]),
+                      helper.make_node("Cast", [q3], [qf], to=TensorProto.FLOAT)]
+            mn, mn1, prod = t(), t(), t()
+            self._use(n["min"])
+            nodes += [helper.make_node("Mul", [sc1, qf], [prod]),
+                      helper.make_node("Gather", [n["min"], ids], [mn], axis=0),
+                      helper.make_node("Unsqueeze", [mn, ax], [mn1]),
+                      helper.make_node("Add", [prod, mn1], [w3])]
+        else:
+            qc, shifted = t(), t()
+            nodes += [helper.make_node("Cast", [rows], [qc], to=TensorProto.FLOAT),
+                      helper.make_node("Sub", [qc, self._const("q.zero8f", np.array(128, np.float32))], [shifted]),
+                      helper.make_node("Mul", [shifted, sc1], [w3])]
+        nodes.append(helper.make_node("Reshape", [w3, self._const(f"q.shape.00{K}", np.array([0, 0, K], np.int64))],
+                                      [out]))
+        return nodes
+
+    def dequantize(self, qw: QWeight, out: str) -> list:
+        """out = W (float32 [N, K]) for one consumer: DequantizeLinear over a view of the same bytes."""
+        n, (N, K) = qw.names, qw.shape
+        nb = K // qw.block
+        if qw.bits == 8:
+            self._use(n["view"], n["scale"], n["zero8"])
+            return [helper.make_node("DequantizeLinear", [n["view"], n["scale"], n["zero8"]], [out], axis=1,
+                                     block_size=qw.block, name=self._tmp(qw.name))]
+        self._use(n["view"], n["scale"], n["min"])
+        d, d3, w3, m3 = self._tmp(out), self._tmp(out), self._tmp(out), self._tmp(out)
+        return [helper.make_node("DequantizeLinear", [n["view"], n["scale"]], [d], axis=1, block_size=qw.block,
+                                 name=self._tmp(qw.name)),
+                helper.make_node("Reshape", [d, self._const(f"q.shape.{N}x{nb}x{qw.block}",
+                                                            np.array([N, nb, qw.block], np.int64))], [d3]),
+                helper.make_node("Unsqueeze", [n["min"], self._const("q.axis_last", np.array([-1], np.int64))], [m3]),
+                helper.make_node("Add", [d3, m3], [w3]),
+                helper.make_node("Reshape", [w3, self._const(f"q.shape.{N}x{K}", np.array([N, K], np.int64))], [out])]
+
+
+def _attrs(nd) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in nd.attribute}
+
+
+def _is_linear(nd, w: str) -> str | None:
+    """The activation input when nd computes x @ W^T with nothing else, else None."""
+    a = _attrs(nd)
+    if nd.op_type == "FusedMatMul" and nd.domain == MS and list(nd.input)[1:] == [w] and a.get("transB") == 1 \
+            and not a.get("transA") and a.get("alpha", 1.0) == 1.0 and not a.get("transBatchA") \
+            and not a.get("transBatchB"):
+        return nd.input[0]
+    if nd.op_type == "Gemm" and nd.domain in ("", "ai.onnx") and len(nd.input) == 2 and nd.input[1] == w \
+            and a.get("transB") == 1 and not a.get("transA") and a.get("alpha", 1.0) == 1.0:
+        return nd.input[0]
+    return None
+
+
+def apply(graph, qweights: dict[str, QWeight], accuracy_level: int, ids_name: str = "input_ids") -> dict:
+    """Rewrite every use of the named float initializers (in place). Returns {stored tensor name: array}
+    of what the graph now references (quantized tensors, views, constants) and a count of each kind of use."""
+    rw = _Rewriter(graph, qweights, accuracy_level, ids_name)
+    counts = {"matmul_nbits": 0, "gather": 0, "dequantize": 0}
+    nodes = []
+    for nd in graph.node:
+        ws = [x for x in nd.input if x in qweights]
+        if not ws:
+            nodes.append(nd)
+            continue
+        w = ws[0]
+        qw = qweights[w]
+        x = _is_linear(nd, w) if len(ws) == 1 else None
+        if x is not None:
+            nodes += rw.matmul(qw, x, nd.output[0])
+            counts["matmul_nbits"] += 1
+            continue
+        if len(ws) == 1 and nd.op_type == "Gather" and nd.input[0] == w and _attrs(nd).get("axis", 0) == 0 \
+                and nd.input[1] == ids_name:
+            nodes += rw.gather(qw, nd.input[1], nd.output[0])
+            counts["gather"] += 1
+            continue
+        ren = {}
+        for wi in dict.fromkeys(ws):
+            tmp = rw._tmp(wi + ".dq")
+            nodes += rw.dequantize(qweights[wi], tmp)
+            ren[wi] = tmp
+            counts["dequantize"] += 1
+        new = helper.make_node(nd.op_type, [ren.get(i, i) for i in nd.input], list(nd.output), name=nd.name,
+                               domain=nd.domain)
+        new.attribute.extend(nd.attribute)
+        nodes.append(new)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    keep = [t for t in graph.initializer if t.name not in qweights]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    new_nodes = []
-    for n in sorted(names):
-        qt = qtensors[n]
-        graph.initializer.extend(qt.tensors())
-        new_nodes.append(qt.node())
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(new_nodes + nodes)
+    stored: dict[str, np.ndarray] = {}
+    for name, arr in rw.consts.items():
+        graph.initializer.append(numpy_helper.from_array(arr, name))
+    for qw in qweights.values():
+        for k, arr in qw.stored().items():
+            if k in rw.used:
+                stored[k] = arr
+                graph.initializer.append(numpy_helper.from_array(arr, k))
+        view = qw.names["view"]
+        if view in rw.used:                     # [N, K] over the packed bytes (the exporter aliases them)
+            packed = qw.packed()
+            stored[view] = packed
+            if qw.bits == 4:
+                t = TensorProto()
+                t.name, t.data_type = view, TensorProto.UINT4
+                t.dims.extend(qw.shape)
+                t.raw_data = packed.tobytes()
+            else:
+                t = numpy_helper.from_array(packed.reshape(qw.shape), view)
+            graph.initializer.append(t)
+    return {"stored": stored, "counts": counts}
 
 
-def describe(scheme: str, qtensors: dict[str, QTensor]) -> dict:
+def kernel_tensors(qweights: dict[str, QWeight]) -> set[str]:
+    """Stored tensors that MatMulNBits reads: ONNX Runtime loads and pre-packs these itself."""
+    return {qw.names[k] for qw in qweights.values() for k in ("q", "scale", "zero")}
+
+
+def aliases(qweights: dict[str, QWeight]) -> dict[str, str]:
+    """view name -> the packed tensor whose bytes it reinterprets ([N, K] uint4/uint8 over [N, K/32, blob])."""
+    return {qw.names["view"]: qw.names["q"] for qw in qweights.values()}
+
+
+def describe(scheme: str, qweights: dict[str, QWeight], counts: dict | None = None,
+             accuracy: dict | None = None) -> dict:
     d = {"scheme": scheme}
     if scheme == "fp32":
         d["weights"] = "float32"
         return d
+    by_bits: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    for qw in qweights.values():
+        by_bits[str(qw.bits)] = by_bits.get(str(qw.bits), 0) + 1
+        sources[qw.source] = sources.get(qw.source, 0) + 1
     d.update({
-        "weights": "int8 per-row (axis 0), symmetric" if scheme == "int8" else
-                   f"int4 block-wise along axis 1 (block {INT4_BLOCK}), symmetric",
-        "op": "DequantizeLinear (opset 21), output keeps the float weight's name",
-        "quantized": sorted(qtensors),
-        "block_size": INT4_BLOCK if scheme == "int4" else 0,
+        "weights": "blocks of 32 along K in MatMulNBits layout; 4 bits: scale*q + minimum (float scale and "
+                   "minimum per block); 8 bits: (q - 128)*scale",
+        "op": "com.microsoft.MatMulNBits for x @ W^T, a gather of quantized rows for the embedding, "
+              "DequantizeLinear per use elsewhere (the backward)",
+        "quantized": sorted(qweights),
+        "bits": {n: qw.bits for n, qw in sorted(qweights.items())},
+        "sources": sources,
+        "block_size": INT4_BLOCK,
+        "accuracy_level": dict(accuracy or ACCURACY),
+        "uses": dict(counts or {}),
+        "kernel_tensors": sorted(kernel_tensors(qweights)),
         "kept_float": "1-D tensors (norm weights) and non-weight constants",
-        "session_config": dict(SESSION_CONFIG),
     })
     return d

@@ -168,3 +168,61 @@ def scan_model(path: str) -> GraphInfo:
     except ProtoError as e:
         raise AbsorberError(f"{path}: not a valid ONNX model ({e})") from None
     return info
+
+
+def _fields_at(buf: memoryview, base: int):
+    """fields() with the absolute offset of each value in the file: (field, wire type, value, offset)."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        fn, wt = key >> 3, key & 7
+        start = i
+        if wt == 0:
+            v, i = _varint(buf, i)
+        elif wt == 1:
+            v, i = None, i + 8
+        elif wt == 2:
+            ln, i = _varint(buf, i)
+            start = i
+            v, i = buf[i:i + ln], i + ln
+        elif wt == 5:
+            v, i = None, i + 4
+        else:
+            raise ProtoError(f"unsupported wire type {wt}")
+        yield fn, wt, v, base + start
+
+
+def int_attribute_sites(data: bytes, op_type: str, attribute: str) -> list[tuple[int, int]]:
+    """(file offset, value) of the one-byte varint of an integer attribute on every top-level graph node of
+    op_type, so that a setting such as MatMulNBits' accuracy_level can be changed in place without the onnx
+    package (a value below 128 is one byte: the file keeps its length)."""
+    sites = []
+    try:
+        for fn, wt, g, gpos in _fields_at(memoryview(data), 0):
+            if fn != 7 or wt != 2:
+                continue
+            for f2, w2, nd, npos in _fields_at(g, gpos):
+                if f2 != 1 or w2 != 2:
+                    continue
+                op, attrs = "", []
+                for f3, w3, v3, p3 in _fields_at(nd, npos):
+                    if f3 == 4 and w3 == 2:
+                        op = bytes(v3).decode("utf-8", "replace")
+                    elif f3 == 5 and w3 == 2:
+                        attrs.append((v3, p3))
+                if op != op_type:
+                    continue
+                for a, apos in attrs:
+                    name, site = "", None
+                    for f4, w4, v4, p4 in _fields_at(a, apos):
+                        if f4 == 1 and w4 == 2:
+                            name = bytes(v4).decode("utf-8", "replace")
+                        elif f4 == 3 and w4 == 0:
+                            site = (p4, v4)
+                    if name == attribute and site is not None:
+                        if site[1] >= 128:
+                            raise ProtoError(f"{attribute}={site[1]} is not a one-byte value")
+                        sites.append(site)
+    except ProtoError as e:
+        raise AbsorberError(f"not a valid ONNX model ({e})") from None
+    return sites

@@ -4,7 +4,9 @@ Both graphs (decoder.onnx, train_step.onnx) name the same frozen tensors in weig
 InferenceSession would load (and pre-pack) its own copy. Instead the file is mapped once, read-only, every tensor
 numpy can view becomes one OrtValue over the map, and both sessions get those OrtValues through
 `SessionOptions.add_initializer` with pre-packing off: the weights are resident once, shared by the sessions
-and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left to ONNX Runtime.
+and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left to ONNX Runtime, and so are the
+inputs of the integer kernels (MatMulNBits, `Bundle.kernel_tensors`): ONNX Runtime pre-packs those into its own
+layout per session (without it the kernel dequantizes on every call) and releases what it loaded.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from absorber.bundle_format import Bundle
 from absorber.devices import get_profile, session_kwargs
 from absorber.errors import AbsorberError
 from absorber.runtime.bundle import check_session_io
+from absorber.runtime.protoscan import int_attribute_sites
 
 NP_OF = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8, "int32": np.int32,
          "int64": np.int64, "float64": np.float64, "int16": np.int16, "uint16": np.uint16}
@@ -63,9 +66,12 @@ def _shared_initializers(bundle: Bundle, graph: str, maps: list[np.memmap],
                          shared: dict[str, ort.OrtValue]) -> dict[str, ort.OrtValue]:
     """OrtValues over ONE read-only memory map per external file, the same objects for both sessions."""
     out = {}
+    kernel = bundle.kernel_tensors
     for t in bundle.graph_info[graph].external:
         dt = NP_OF.get(t.dtype)
         if dt is None:     # int4/bfloat16...: numpy cannot view them; ORT loads (and maps) those itself
+            continue
+        if t.name in kernel:   # MatMulNBits' inputs: ORT pre-packs them into its kernel layout itself
             continue
         key = f"{t.location}:{t.offset}:{t.name}"
         if key not in shared:
@@ -83,21 +89,46 @@ def _shared_initializers(bundle: Bundle, graph: str, maps: list[np.memmap],
 def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps, shared):
     extra = bundle.session_config
     inits = _shared_initializers(bundle, graph, maps, shared) if share else {}
-    if inits:
-        # pre-packing would copy every shared weight into each session's own layout
+    if inits and not bundle.kernel_tensors:
+        # pre-packing would copy every shared weight into each session's own layout. A bundle with integer
+        # kernels needs it: MatMulNBits without pre-packing dequantizes its whole matrix on every call
         extra["session.disable_prepacking"] = "1"
     kw = session_kwargs(profile, device, extra)
     so = kw["sess_options"]
     so.log_severity_level = max(so.log_severity_level, 3)   # no warnings about unused initializers
     for name, ov in inits.items():
         so.add_initializer(name, ov)
+    model = _with_accuracy(bundle, graph, profile, so)
     try:
-        sess = ort.InferenceSession(str(bundle.graph_file(graph)), **kw)
+        sess = ort.InferenceSession(model, **kw)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AbsorberError(f"bundle {bundle.path}: ONNX Runtime cannot load {graph}: {msg[:300]}") from None
     check_session_io(bundle, graph, sess)
     return sess, kw["providers"]
+
+
+def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
+    """The graph file, or its bytes with the profile's MatMulNBits accuracy_level patched in (one byte per node,
+    no onnx package; external data then resolves against the bundle folder)."""
+    path = bundle.graph_file(graph)
+    if not bundle.kernel_tensors:
+        return str(path)
+    if profile is None:
+        from absorber.devices.profiles import default_profile
+        profile = default_profile()
+    want = (getattr(profile, "matmul_accuracy", None) or {}).get(graph)
+    if want is None:
+        return str(path)
+    data = path.read_bytes()
+    sites = int_attribute_sites(data, "MatMulNBits", "accuracy_level")
+    if all(v == want for _, v in sites):
+        return str(path)
+    buf = bytearray(data)
+    for off, _ in sites:
+        buf[off] = int(want)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
+    return bytes(buf)
 
 
 def open_sessions(bundle: Bundle, device: str = "cpu", profile=None, share_weights: bool = True) -> Sessions:

@@ -28,7 +28,7 @@ def rng_ids():
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tmp_path_factory) -> dict:
-    """{"fp32": path, "int8": path}: bundles of the tiny random Llama (default LoRA slice, n=32, m=16, K=4)
+    """{"fp32": path, "int8": path, "int4": path}: bundles of the tiny random Llama (default LoRA slice, n=32, m=16, K=4)
     written from ONE trace per test session (the trace costs tens of seconds on 2 cores; an extra write, ~1 s) and
     shared by the runtime and bench tests. ABSORBER_TEST_BUNDLE / ABSORBER_TEST_BUNDLE_INT8 may name existing
     ones (exported with the same settings) to skip the export while iterating."""
@@ -37,7 +37,8 @@ def tiny_bundles(tmp_path_factory) -> dict:
 
     found, missing = {}, {}
     root = None
-    for quant, env in (("fp32", "ABSORBER_TEST_BUNDLE"), ("int8", "ABSORBER_TEST_BUNDLE_INT8")):
+    for quant, env in (("fp32", "ABSORBER_TEST_BUNDLE"), ("int8", "ABSORBER_TEST_BUNDLE_INT8"),
+                       ("int4", "ABSORBER_TEST_BUNDLE_INT4")):
         pre = os.environ.get(env)
         if pre and (Path(pre) / "manifest.json").is_file():
             found[quant] = Path(pre)
@@ -60,8 +61,26 @@ def tiny_bundle(tiny_bundles):
 
 @pytest.fixture(scope="session")
 def tiny_bundle_int8(tiny_bundles):
-    """The int8 tiny bundle: the same trace, frozen 2-D weights quantized per row (see tiny_bundles)."""
+    """The int8 tiny bundle: the same trace, frozen 2-D weights in 8-bit blocks run by MatMulNBits."""
     return tiny_bundles["int8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int4(tiny_bundles):
+    """The int4 tiny bundle: the same trace, frozen 2-D weights in 4-bit blocks (scale and minimum)."""
+    return tiny_bundles["int4"]
+
+
+@pytest.fixture(scope="session")
+def exact_profile():
+    """The default profile with float activations in every MatMulNBits (accuracy_level 1): the quantized
+    bundles then reproduce the torch model on their dequantized weights to float rounding."""
+    import dataclasses
+
+    from absorber.devices.profiles import default_profile
+    c = TINY_BUNDLE_CFG      # a profile's window applies over the bundle's: keep the tiny bundles' own
+    return dataclasses.replace(default_profile(), matmul_accuracy={"decoder": 1, "train_step": 1},
+                               n=c.n, m=c.m, k=c.k)
 
 
 def _tiny_bundle_cfg():

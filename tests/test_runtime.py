@@ -37,10 +37,11 @@ def bundle(tiny_bundle) -> Path:
     return tiny_bundle
 
 
-@pytest.fixture(params=["fp32", "int8"])
+@pytest.fixture(params=["fp32", "int8", "int4"])
 def any_bundle(request) -> Path:
-    """The session's tiny bundle as fp32 and as int8 (the same trace; tests/conftest.py)."""
-    return request.getfixturevalue("tiny_bundle" if request.param == "fp32" else "tiny_bundle_int8")
+    """The session's tiny bundle as fp32, int8 and int4 (the same trace; tests/conftest.py)."""
+    return request.getfixturevalue({"fp32": "tiny_bundle", "int8": "tiny_bundle_int8",
+                                    "int4": "tiny_bundle_int4"}[request.param])
 
 
 WORDS = "the quick brown fox jumps over a lazy dog while Alice and Bob argue about the budget".split()
@@ -195,29 +196,31 @@ def test_numpy_adamw_and_clip_match_torch():
 
 
 # ----------------------------------------------------------------------------------------------- vs torch
-def test_logits_match_torch(any_bundle):
-    """Open a bundle (fp32 and int8) and compare its logits with the reference (dequantized weights for int8)."""
+def test_logits_match_torch(any_bundle, exact_profile):
+    """Open a bundle (fp32, int8, int4) and compare its logits with the reference (dequantized weights for
+    int8/int4: MatMulNBits with float activations, the quantized embedding gather, the quantized lm_head)."""
     from absorber.runtime import Stream
     model, _ = _ref_model(any_bundle)
     ids = _ids(40)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].numpy()
-    s = Stream.open(any_bundle)
+    s = Stream.open(any_bundle, profile=exact_profile)
     assert s.rounds == 0 and not s.resumed and s.cfg.n == CFG.n
     got = s.logits(ids)
     assert got.shape == ref.shape
     scale = max(1.0, np.abs(ref).max())
     assert np.abs(got - ref).max() < 1e-4 * scale
     if _scheme(any_bundle) != "fp32":
-        # the int8 graphs really run quantized weights: the float model is far off (measured 0.022 of the scale)
+        # the quantized graphs really run quantized weights: the float model is far off
         with torch.no_grad():
             plain = _ref_model(any_bundle, dequantize=False)[0](input_ids=torch.tensor([ids])).logits[0].numpy()
         assert np.abs(got - plain).max() > 1e-2 * scale
 
 
 @pytest.mark.parametrize("rounds", [1, 3])
-def test_rounds_match_reference(any_bundle, rounds):
-    """Rounds on fp32 and int8 bundles: the reference's losses and adapters (int8: on the dequantized weights)."""
+def test_rounds_match_reference(any_bundle, rounds, exact_profile):
+    """Rounds on fp32/int8/int4 bundles: the reference's losses and adapters (quantized: on the dequantized
+    weights; the backward's dX = dY @ W dequantizes each weight for its own node)."""
     from absorber import lora
     from absorber.runtime import Stream
     from absorber.stream import StreamingAbsorber
@@ -225,7 +228,7 @@ def test_rounds_match_reference(any_bundle, rounds):
     ids = _ids(cfg.n * rounds + cfg.m + 5, seed=0)
     ref = StreamingAbsorber(model, None, cfg)
     rr = ref.feed_tokens(ids)
-    s = Stream.open(any_bundle)
+    s = Stream.open(any_bundle, profile=exact_profile)
     ro = s.feed_tokens(ids)
     assert len(rr) == len(ro) == rounds == s.rounds
     for a, b in zip(rr, ro):

@@ -1,0 +1,230 @@
+"""Quantized execution (absorber/export/quant.py, export/gguf_source.py): every use of a quantized weight, the
+GGUF carry-over, what the bundles' graphs hold, the ONNX checker, and the runtime's accuracy setting."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from absorber.export import quant as Q
+
+RNG = np.random.default_rng(0)
+
+
+def _run(nodes, inputs, out_shape, w, qw, feeds, accuracy=1):
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)],
+                          [numpy_helper.from_array(w, "w")])
+    res = Q.apply(g, {"w": qw}, accuracy)
+    assert "w" not in {t.name for t in g.initializer}
+    mp = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(mp.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0], res["counts"], g
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("use", ["linear", "linear2d", "gemm", "gather", "backward"])
+def test_each_use_computes_with_the_dequantized_weight(scheme, use):
+    """x @ W^T (MatMulNBits), the embedding gather and the backward's dY @ W reproduce the dequantized float
+    weight; with float activations (accuracy 1) to float rounding."""
+    N, K = 96, 64
+    w = RNG.standard_normal((N, K)).astype(np.float32)
+    qw = Q.quantize("w", w, scheme)
+    deq = qw.dequantized()
+    assert np.abs(deq - w).max() > 1e-3                  # really quantized
+    if use in ("linear", "linear2d"):
+        shape = [1, 5, K] if use == "linear" else [5, K]
+        x = RNG.standard_normal(shape).astype(np.float32)
+        nodes = [helper.make_node("FusedMatMul", ["X", "w"], ["Y"], domain="com.microsoft", transB=1)]
+        got, counts, _ = _run(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
+                              shape[:-1] + [N], w, qw, {"X": x})
+        ref, kind = x @ deq.T, "matmul_nbits"
+    elif use == "gemm":
+        x = RNG.standard_normal((3, K)).astype(np.float32)
+        nodes = [helper.make_node("Gemm", ["X", "w"], ["Y"], transB=1)]
+        got, counts, _ = _run(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, K])], [3, N],
+                              w, qw, {"X": x})
+        ref, kind = x @ deq.T, "matmul_nbits"
+    elif use == "gather":
+        ids = np.array([[0, 3, N - 1, 7, 7]], np.int64)
+        nodes = [helper.make_node("Gather", ["w", "input_ids"], ["Y"], axis=0)]
+        got, counts, g = _run(nodes, [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 5])],
+                              [1, 5, K], w, qw, {"input_ids": ids})
+        ref, kind = deq[ids], "gather"
+        np.testing.assert_array_equal(got, ref)          # elementwise: bit-exact
+    else:
+        dy = RNG.standard_normal((5, N)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["X", "w"], ["Y"])]
+        got, counts, _ = _run(nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, N])], [5, K],
+                              w, qw, {"X": dy})
+        ref, kind = dy @ deq, "dequantize"
+    assert counts[kind] == 1 and sum(counts.values()) == 1
+    assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_int8_activations_are_an_approximation():
+    """accuracy_level 4 (int8 activations) is not the float product: the setting really reaches the kernel."""
+    N, K = 64, 64
+    w = RNG.standard_normal((N, K)).astype(np.float32)
+    qw = Q.quantize("w", w, "int4")
+    x = RNG.standard_normal((4, K)).astype(np.float32)
+    nodes = [helper.make_node("FusedMatMul", ["X", "w"], ["Y"], domain="com.microsoft", transB=1)]
+    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [4, K])]
+    exact, _, _ = _run(nodes, ins, [4, N], w, qw, {"X": x}, accuracy=1)
+    approx, _, _ = _run(nodes, ins, [4, N], w, qw, {"X": x}, accuracy=4)
+    ref = x @ qw.dequantized().T
+    err1, err4 = np.abs(exact - ref).max(), np.abs(approx - ref).max()
+    assert err4 > 10 * err1 and err4 < 0.05 * np.abs(ref).max()
+
+
+# ------------------------------------------------------------------------------------------- GGUF carry-over
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_gguf_blocks_carry_over_exactly(kind):
+    """A GGUF Q4_1 / Q8_0 tensor, parsed into the bundle's blocks, dequantizes to gguf's own values bit for bit,
+    and MatMulNBits' packed bytes hold those same values."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    from absorber.export.gguf_source import _parse
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    w = (RNG.standard_normal((12, 96)) * 0.1).astype(np.float32)
+    raw = quantize(w, t)
+    ref = dequantize(raw, t)
+    q, d, m, bits = _parse(kind, raw, 12)
+    qw = Q.QWeight("w", bits, 32, q, d, m, source=f"gguf:{kind}")
+    np.testing.assert_array_equal(qw.dequantized(), ref)
+    assert np.abs(ref - w).max() > 0                    # a lossy source: exactness is not trivial
+    packed = qw.packed()
+    if bits == 4:
+        unpacked = np.stack([packed & 15, packed >> 4], axis=-1).reshape(12, 96)
+    else:
+        unpacked = packed.reshape(12, 96)
+    np.testing.assert_array_equal(unpacked, q)
+
+
+def test_carried_weights_from_a_gguf_file(tmp_path):
+    """A GGUF file of a tiny Llama (Q4_1 layers with permuted q/k rows as llama.cpp writes them, a Q8_0
+    embedding): every weight is carried over, the row order found from the values, exact."""
+    import gguf
+    import torch
+    from gguf.quants import dequantize, quantize
+
+    from absorber.export.gguf_source import carried_weights
+    from absorber.models import tiny_llama
+    model = tiny_llama(seed=1, vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    wr = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    perms = {}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if p.dim() != 2:
+            continue
+        kind = gguf.GGMLQuantizationType.Q8_0 if "embed" in name else gguf.GGMLQuantizationType.Q4_1
+        w = p.detach().numpy()
+        if "q_proj" in name or "k_proj" in name:       # the file's row order differs from the model's
+            perm = np.random.default_rng(len(name)).permutation(w.shape[0])
+            perms[name] = perm
+            w = w[perm]
+        raw = quantize(w, kind)
+        wr.add_tensor(tmap.get_name(name[: -len(".weight")]) + ".weight", raw, raw_shape=raw.shape, raw_dtype=kind)
+        deq = dequantize(raw, kind)
+        if name in perms:
+            deq = deq[np.argsort(perms[name])]
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(deq))            # what transformers holds after loading the file
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    weights, report = carried_weights(tmp_path / "m.gguf", model)
+    two_d = [n for n, p in params.items() if p.dim() == 2]
+    assert not report["left"], report["left"]
+    assert sorted(weights) == sorted(two_d)
+    assert weights["model.embed_tokens.weight"].bits == 8 and weights["lm_head.weight"].bits == 4
+    for n in two_d:
+        np.testing.assert_array_equal(weights[n].dequantized(), params[n].detach().numpy())
+    # a tensor that does not match its file is left to requantization, with the reason
+    with torch.no_grad():
+        params["model.layers.0.mlp.up_proj.weight"].add_(1e-3)
+    _, report = carried_weights(tmp_path / "m.gguf", model)
+    assert list(report["left"]) == ["model.layers.0.mlp.up_proj.weight"]
+
+
+# ------------------------------------------------------------------------------------------- the bundles
+def _graphs(path):
+    return {g: onnx.load(str(path / f"{g}.onnx"), load_external_data=False) for g in ("decoder", "train_step")}
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
+def test_every_graph_passes_the_onnx_checker(tiny_bundles, quant):
+    for g in ("decoder", "train_step"):
+        onnx.checker.check_model(str(tiny_bundles[quant] / f"{g}.onnx"))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant):
+    """No quantized weight exists as a float tensor in any graph: the only 2-D float initializers are the
+    per-block scales and minima (32x smaller) and the block-sum selectors; the decoder has no DequantizeLinear;
+    every linear layer and the lm_head run MatMulNBits; only the backward dequantizes, one node at a time."""
+    from absorber.bundle_format import read_manifest
+    b = read_manifest(tiny_bundles[quant])
+    man = b.manifest["quant"]
+    quantized = set(man["quantized"])
+    small = {x for n in quantized for x in (f"{n}.scale", f"{n}.min")}
+    for gname, mp in _graphs(tiny_bundles[quant]).items():
+        g = mp.graph
+        floats = [t for t in g.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]
+        assert not quantized & {t.name for t in g.initializer}
+        for t in floats:
+            assert t.name in small or t.name.startswith("blocksum."), t.name
+            if t.name in small:                     # [N, K/32] beside the packed [N, K/32, blob]
+                base = next(n for n in quantized if t.name.startswith(n + "."))
+                packed = next(s for s in b.stored_tensors if s.name == f"{base}.q{man['bits'][base]}")
+                assert list(t.dims) == list(packed.shape[:2])
+        ops = [nd.op_type for nd in g.node]
+        layers = sum(1 for n in quantized if "embed" not in n and "lm_head" not in n)
+        if gname == "decoder":                        # + the lm_head (the embedding's table when tied)
+            assert "DequantizeLinear" not in ops
+            assert ops.count("MatMulNBits") == layers + 1
+        else:                                         # the train step's loss is on hidden states: no lm_head
+            assert ops.count("MatMulNBits") == layers
+            assert 0 < ops.count("DequantizeLinear") < ops.count("MatMulNBits")   # dX of the backward only
+    kinds = {t.name: t for t in b.stored_tensors}
+    for n in quantized:
+        q = kinds[f"{n}.q{man['bits'][n]}"]
+        assert q.kernel and q.dtype == "uint8"
+    # the backward's [N, K] views reuse the packed bytes: no second copy in weights.bin
+    views = [t for t in b.stored_tensors if t.alias_of]
+    assert views and all(kinds[v.alias_of].offset == v.offset for v in views)
+
+
+def test_runtime_leaves_kernel_tensors_to_onnxruntime_and_shares_the_rest(tiny_bundle_int4):
+    from absorber.runtime import Model
+    m = Model.open(tiny_bundle_int4)
+    kernel = m.bundle.kernel_tensors
+    shared = {k.rsplit(":", 1)[-1] for k in m.sessions.shared}
+    assert kernel and not kernel & shared
+    assert any(n.endswith(".min") for n in shared)
+
+
+def test_profile_sets_the_accuracy_level(tiny_bundle_int8, exact_profile):
+    """matmul_accuracy in a device profile is patched into the graph at load: float activations reproduce the
+    exact logits, int8 activations differ (slightly)."""
+    from absorber.runtime import Stream
+    fast = dataclasses.replace(exact_profile, matmul_accuracy={"decoder": 4, "train_step": 4})
+    ids = list(range(3, 40))
+    a = Stream.open(tiny_bundle_int8, profile=exact_profile).logits(ids)
+    b = Stream.open(tiny_bundle_int8, profile=exact_profile).logits(ids)
+    c = Stream.open(tiny_bundle_int8, profile=fast).logits(ids)
+    np.testing.assert_array_equal(a, b)
+    assert 0 < np.abs(c - a).max() < 0.1 * np.abs(a).max()
+
+
+def test_bad_accuracy_in_a_profile_is_one_line():
+    from absorber.devices.profiles import Profile
+    from absorber.errors import AbsorberError
+    with pytest.raises(AbsorberError, match="matmul_accuracy"):
+        Profile("p", matmul_accuracy={"decoder": 7})
