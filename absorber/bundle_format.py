@@ -28,7 +28,9 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GRAPHS = ("decoder", "train_step")
 GRAPH_FILES = {"decoder": "decoder.onnx", "train_step": "train_step.onnx"}
-ALIGN = 4096                    # every tensor in weights.bin starts on a page boundary (mmap-friendly)
+ALIGN = 4096                    # a tensor of a page or more in weights.bin starts on a page boundary (mmap)
+SMALL_ALIGN = 64                # a smaller one (per-block scales, zero points) on a cache line: page-aligning
+                                # the four small tensors of every quantized weight would pad more than they hold
 
 QUANT_SCHEMES = ("fp32", "int8", "int4")
 INT4_BLOCK = 32

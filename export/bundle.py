@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
 from absorber import bundle_format as F
-from absorber.bundle_format import ALIGN, MANIFEST, WEIGHTS_FILE
+from absorber.bundle_format import ALIGN, MANIFEST, SMALL_ALIGN, WEIGHTS_FILE
 
 DEFAULT_OPSET = 21             # DequantizeLinear with int4 and block_size needs 21
 MIN_OPSET = 18
@@ -101,7 +101,7 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
             if n in aliases:
                 continue
             raw = memoryview(np.ascontiguousarray(store[n])).cast("B") if n in store else _raw(first[n])
-            pad = (-offset) % ALIGN
+            pad = (-offset) % (ALIGN if len(raw) >= ALIGN else SMALL_ALIGN)
             f.write(b"\0" * pad)
             offset += pad
             f.write(raw)
@@ -324,9 +324,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             store.update(res["stored"])
             for k, v in res["counts"].items():
                 counts[f"{gname}.{k}"] = v
-        qnames = {x for qw in qweights.values() for x in list(qw.names.values())}
-        weight_names = (weight_names - set(qweights)) | {x for mp in (train, dec) for x in
-                                                          (t.name for t in mp.graph.initializer) if x in qnames}
+        weight_names = (weight_names - set(qweights)) | (set(store) - set(traced.store))
         aliases = {v: q for v, q in Q.aliases(qweights).items() if v in weight_names}
         kernel = Q.kernel_tensors(qweights) & weight_names
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ How each USE of W is executed (a graph rewrite after tracing, `apply`):
         -> its own DequantizeLinear(view of the same bytes) [+ minimum] right before that node: one layer's fp32
            weight exists while its gradient node runs and is freed after (exact: the forward's values).
 The integer kernels need ONNX Runtime's pre-packing (without it MatMulNBits dequantizes on every call), so the
-tensors that feed MatMulNBits are loaded by ONNX Runtime itself (`kernel_tensors`), not shared by the runtime.
+tensors that feed MatMulNBits are loaded by ONNX Runtime itself (`kernel_tensors`; the manifest's tensor table
+marks them `kernel`), not shared by the runtime.
 Norm weights and other 1-D tensors stay float32. `QWeight.dequantized()` is what the reference model must hold
 to reproduce the graphs.
 """
@@ -101,9 +102,6 @@ class QWeight:
             out[n["min"]] = np.ascontiguousarray(self.minimum, np.float32)
         return out
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.stored().values())
-
 
 def quantize(name: str, w: np.ndarray, scheme: str, block: int = INT4_BLOCK) -> QWeight:
     """Requantize a float32 [N, K] weight (K a multiple of `block`)."""
@@ -130,8 +128,8 @@ def quantizable(init: TensorProto, block: int = INT4_BLOCK) -> bool:
 
 # ------------------------------------------------------------------------------------------------ graph rewrite
 class _Rewriter:
-    def __init__(self, graph, qweights: dict[str, QWeight], accuracy_level: int, ids_name: str):
-        self.g, self.qw, self.acc, self.ids = graph, qweights, accuracy_level, ids_name
+    def __init__(self, accuracy_level: int):
+        self.acc = accuracy_level
         self.consts: dict[str, np.ndarray] = {}
         self.used: set[str] = set()           # stored tensor names referenced
         self.n = 0
@@ -242,7 +240,7 @@ def _is_linear(nd, w: str) -> str | None:
 def apply(graph, qweights: dict[str, QWeight], accuracy_level: int, ids_name: str = "input_ids") -> dict:
     """Rewrite every use of the named float initializers (in place). Returns {stored tensor name: array}
     of what the graph now references (quantized tensors, views, constants) and a count of each kind of use."""
-    rw = _Rewriter(graph, qweights, accuracy_level, ids_name)
+    rw = _Rewriter(accuracy_level)
     counts = {"matmul_nbits": 0, "gather": 0, "dequantize": 0}
     nodes = []
     for nd in graph.node:
@@ -332,7 +330,6 @@ def describe(scheme: str, qweights: dict[str, QWeight], counts: dict | None = No
         "block_size": INT4_BLOCK,
         "accuracy_level": dict(accuracy or ACCURACY),
         "uses": dict(counts or {}),
-        "kernel_tensors": sorted(kernel_tensors(qweights)),
         "kept_float": "1-D tensors (norm weights) and non-weight constants",
     })
     return d
