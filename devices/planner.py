@@ -9,16 +9,18 @@ Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/pl
   weights     frozen weights as stored (the manifest's external-data table; else counted from the model facts:
               fp32 4 B/param, int8 1 B + a fp32 scale per row, int4 0.5 B + a fp32 scale per 32-block; the
               vocabulary table once when tied). The runtime maps weights.bin once and shares it between both
-              sessions (`weight_copies` = 1)
+              sessions (`weight_copies` = 1), except the MatMulNBits inputs of int8/int4 bundles (`kernel` in the
+              tensor table): each session loads and pre-packs its own (`kernel_copies` x their bytes, per graph)
   adapters    LoRA A/B, gradients, AdamW m and v, the rollback backup and the update's numpy temporaries
               (`adapter_copies` x the adapters' fp32 bytes)
   kv_cache    2 * L * kv * hd * T * 4: the present K/V the teacher pass over X.Y produces
   teacher     hidden states out S*T*H*4 (x `c_out_copies`: ORT buffer + numpy copy), kept logits *V*4,
-              attention scores nh*T^2*4 (x `c_scores`), per-token working set c_tok*T*(H+I)*4, and for int8/int4
-              bundles the [V, H] tables the decoder dequantizes whole (embedding, lm_head) as fp32
+              attention scores nh*T^2*4 (x `c_scores`), per-token working set c_tok*T*(H+I)*4, and for legacy
+              int8/int4 bundles (DequantizeLinear everywhere) the [V, H] tables dequantized whole as fp32
   train_step  saved-for-backward activations of the student on Y: L*(c_saved_h*m*H + c_saved_i*m*I +
-              c_saved_scores*nh*m^2)*4, the teacher_hidden input S*m*H*4, the dequantized lm_head table of
-              quantized bundles; with enable_mem_pattern and K >= 2 one more copy of the saved activations
+              c_saved_scores*nh*m^2)*4, the teacher_hidden input S*m*H*4, the backward's dequantized [N, K]
+              weights (MatMulNBits bundles, `c_dq_backward` x the largest); with enable_mem_pattern and K >= 2 one
+              more copy of the saved activations
 The teacher pass and the train step do not run at the same time, but ONNX Runtime's CPU arena keeps each
 session's high-water mark: with the arena on the two phases add up; with it off the larger phase counts (plus,
 for quantized bundles, one dequantized table landing on the heap the train step left fragmented).
@@ -54,6 +56,9 @@ COEFFS: dict[str, float] = {
     "c_dq_int4_decoder": 0.33,        # int4: share of the linear layers' fp32 size live in the decoder run
     "c_dq_int4_train": 0.21,          # ... in the train step (measured at a 32x16 window, benchmarks/planner.md)
     "c_noarena_int4": 0.35,           # int4 without the arena: heap slack, x the linear layers' fp32 size
+    "kernel_copies": 2.0,             # resident bytes per session per stored byte of a MatMulNBits input: the loaded
+                                      # initializer and its pre-packed copy (fitted, benchmarks/planner.md section 3)
+    "c_dq_backward": 1.0,             # fp32 [N, K] weights the backward dequantizes live at once, x the largest one
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
     "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
 }
@@ -210,12 +215,33 @@ class Prediction:
         return d
 
 
+def kernel_bytes(bundle: Bundle) -> dict[str, float]:
+    """Bytes of the stored tensors ONNX Runtime loads and pre-packs itself (MatMulNBits' inputs, `kernel` in the
+    manifest), per graph: each session holds its own pre-packed copy of what it uses."""
+    out = {"decoder": 0.0, "train_step": 0.0}
+    for t in bundle.stored_tensors:
+        if t.kernel:
+            for g in t.graphs:
+                if g in out:
+                    out[g] += t.length
+    return out
+
+
+def backward_dequantized(bundle: Bundle, f: ModelFacts) -> float:
+    """fp32 bytes of the largest frozen linear weight: the train step's backward dequantizes each weight it needs
+    (dY @ W) per node, one [N, K] fp32 tensor at a time (export/quant.py), never a vocabulary table."""
+    if f.scheme == "fp32" or not bundle.kernel_tensors:
+        return 0.0
+    return float(max(r * c for r, c in linear_shapes(f)) * F32)
+
+
 def dequantized_tables(bundle: Bundle, f: ModelFacts) -> dict[str, float]:
-    """float32 bytes of the quantized vocabulary tables (embedding, lm_head) each graph dequantizes in full per
-    run: a DequantizeLinear of a [V, H] table is one fp32 [V, H] tensor live during the run. The linear layers'
-    dequantized weights are short-lived (one at a time) and stay inside the working-set coefficients."""
+    """Legacy bundles (quantized before MatMulNBits: no `kernel` tensors): float32 bytes of the quantized
+    vocabulary tables (embedding, lm_head) each graph dequantizes in full per run: a DequantizeLinear of a [V, H]
+    table is one fp32 [V, H] tensor live during the run. The linear layers' dequantized weights are short-lived
+    (one at a time) and stay inside the working-set coefficients. Bundles with kernel tensors: none."""
     table = float(f.V * f.H * F32)
-    if f.scheme == "fp32":
+    if f.scheme == "fp32" or bundle.kernel_tensors:
         return {"decoder": 0.0, "train_step": 0.0}
     ts = bundle.stored_tensors
     if ts:
@@ -264,8 +290,14 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
         notes.append(f"weights from {src}: {format_size(w_one)} (the model facts give {format_size(w_facts)}"
                      + ("; a tied table stored twice?)" if w_one > 1.1 * w_facts else ")"))
     dq = dequantized_tables(b, f)
-    # int4 (block-wise DequantizeLinear, not fused by ORT here): part of the linear layers' fp32 copies stay live
-    lin_fp32 = f.L * sum(r * cc for r, cc in linear_shapes(f)) * F32 if f.scheme == "int4" else 0.0
+    kern = kernel_bytes(b)
+    k_unique = float(sum(t.length for t in b.stored_tensors if t.kernel and not t.alias_of))
+    if k_unique:
+        # the memory-mapped part once, plus each session's own pre-packed copy of the MatMulNBits inputs it uses
+        w_one = w_one - k_unique + c["kernel_copies"] * (kern["decoder"] + kern["train_step"])
+    # legacy int4 (block-wise DequantizeLinear, not fused by ORT): part of the linear layers' fp32 copies stay live
+    legacy4 = f.scheme == "int4" and not k_unique
+    lin_fp32 = f.L * sum(r * cc for r, cc in linear_shapes(f)) * F32 if legacy4 else 0.0
     ad = f.adapter_params * F32
     kv = 2 * f.L * f.kv * f.hd * T * F32
     t_hidden = f.S * T * f.H * F32 * c["c_out_copies"]
@@ -276,7 +308,8 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
     s_saved = f.L * (c["c_saved_h"] * m * f.H + c["c_saved_i"] * m * f.I) * F32
     s_scores = f.L * c["c_saved_scores"] * f.nh * m * m * F32
     s_in = f.S * m * f.H * F32
-    s_dq = c["c_dq"] * dq["train_step"] + c["c_dq_int4_train"] * lin_fp32
+    s_dq = (c["c_dq"] * dq["train_step"] + c["c_dq_int4_train"] * lin_fp32
+            + c["c_dq_backward"] * backward_dequantized(b, f))
     s_pattern = (s_saved + s_scores) if (mem_pattern and k >= 2) else 0.0
     # a dequantized table is freed after its op; later activations of the same run reuse part of its memory
     t_ov = c["c_overlap"] * min(t_dq, t_hidden + t_scores + t_tok)
@@ -311,6 +344,7 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
     detail = {
         "weights.layers": wb["layers"], "weights.embedding": wb["embedding"], "weights.lm_head": wb["lm_head"],
         "weights.norms": wb["norms"], "weights.stored": w_one,
+        "weights.kernel_decoder": kern["decoder"], "weights.kernel_train_step": kern["train_step"],
         "adapters.one_copy": float(ad),
         "teacher.hidden_states": t_hidden, "teacher.logits": t_logits, "teacher.attn_scores": t_scores,
         "teacher.working_set": t_tok, "teacher.dequantized": t_dq, "teacher.malloc_slack": detail_slack,

@@ -16,6 +16,9 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 PROFILES_FILE = Path(__file__).with_name("profiles.json")
 
 
+ACCURACY_KEYS = ("decoder", "train_step", "decoder:4", "decoder:8", "train_step:4", "train_step:8")
+
+
 @dataclass
 class Profile:
     name: str
@@ -32,8 +35,9 @@ class Profile:
     k: int = 16                           # optimizer steps per round
     memory_budget_mb: int | None = None   # peak RSS budget the planner fits the window into (None = no limit)
     device: str = "auto"                  # auto|cpu|cuda|tensorrt|dml|coreml|openvino|qnn (see providers.py)
-    # MatMulNBits accuracy_level per graph of an int8/int4 bundle ({"decoder": 4, "train_step": 1}): 0/1 =
-    # float activations (exact), 4 = int8 activations (the integer kernels). {} = what the bundle was exported with
+    # MatMulNBits accuracy_level per graph of an int8/int4 bundle, optionally per weight bits ("decoder:8" before
+    # "decoder"): 0/1 = float activations (exact), 4 = int8 activations (the integer kernels); a key left out =
+    # what the bundle was exported with (1). Measured in benchmarks/quant_agreement.md
     matmul_accuracy: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,9 +68,9 @@ class Profile:
             bad("session_config must be an object of string entries")
         self.session_config = {str(k): str(v) for k, v in self.session_config.items()}
         if not isinstance(self.matmul_accuracy, dict) or any(
-                g not in ("decoder", "train_step") or v not in (0, 1, 2, 3, 4)
-                for g, v in self.matmul_accuracy.items()):
-            bad("matmul_accuracy must map decoder/train_step to an accuracy level 0-4 "
+                k not in ACCURACY_KEYS or v not in (0, 1, 2, 3, 4) or isinstance(v, bool)
+                for k, v in self.matmul_accuracy.items()):
+            bad(f"matmul_accuracy must map {'/'.join(ACCURACY_KEYS)} to an accuracy level 0-4 "
                 f"(got {self.matmul_accuracy!r})")
         for k in ("enable_cpu_mem_arena", "enable_mem_pattern"):
             if not isinstance(getattr(self, k), bool):

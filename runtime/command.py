@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, help="tokens absorbed per round (default: bundle)")
     p.add_argument("--m", type=int, help="tokens synchronized per round (default: bundle)")
     p.add_argument("--k", type=int, help="optimizer steps per round (default: bundle)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="peak RSS budget, e.g. 600MB, 1GiB: the window (n, m, or the defaults) shrinks until the "
+                        "planner's prediction + 10 %% fits (absorber plan; default: the profile's budget)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: bundle)")
     p.add_argument("--eps", type=float, help="stop a round early when the loss is under eps")
     p.add_argument("--teacher", choices=("current", "base", "compose"),
@@ -77,7 +80,12 @@ def main(args) -> int:
     out = sys.stdout
     t_start = time.perf_counter()
     stream = Stream.open(args.bundle, device=args.device, state_dir=args.state, profile=args.profile,
-                         config_overrides=overrides, share_weights=not args.no_share_weights)
+                         config_overrides=overrides, share_weights=not args.no_share_weights,
+                         memory_budget=args.memory_budget)
+    if args.memory_budget and not args.json:
+        from absorber.devices.planner import format_size
+        print(f"memory budget {args.memory_budget}: window n={stream.cfg.n}, m={stream.cfg.m}, k={stream.cfg.k} "
+              f"(predicted peak {format_size(stream.prediction.peak_bytes)})", file=sys.stderr)
     if stream.resumed and not args.json:
         print(f"resumed from {args.state}: {stream.rounds} rounds, {stream.tokens_absorbed} tokens absorbed, "
               f"{stream.offset_chars} characters of input already consumed", file=sys.stderr)

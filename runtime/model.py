@@ -19,6 +19,8 @@ from absorber import bundle_format as F
 from absorber.bundle_format import Bundle
 from absorber.config import AbsorberConfig, override
 from absorber.errors import AbsorberError
+from absorber.devices import default_profile
+from absorber.devices.planner import parse_size, plan, predict
 from absorber.runtime.bundle import open_bundle
 from absorber.runtime.optim import Scratch
 from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
@@ -26,6 +28,7 @@ from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
 RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
                     "teacher", "gamma", "probes", "sink", "fill", "sync_skip")
+PLAN_MARGIN = 0.10      # safety margin on the planner's prediction (its calibration error, benchmarks/planner.md)
 
 
 class Model:
@@ -105,9 +108,14 @@ class Model:
     def max_positions(self) -> int:
         return self.bundle.max_positions
 
-    def config(self, overrides: dict | None = None) -> AbsorberConfig:
+    def config(self, overrides: dict | None = None, memory_budget: int | str | None = None) -> AbsorberConfig:
         """A stream's settings: the bundle's defaults, then the profile's n/m/k, then `overrides` (None values
-        are ignored). The loss (kind, layers, sync_skip) and the slice are fixed by the bundle."""
+        are ignored). The loss (kind, layers, sync_skip) and the slice are fixed by the bundle.
+
+        memory_budget (bytes or a size such as "600MB"; default: the profile's memory_budget_mb unless n or m is
+        given): the planner's predicted peak RSS of a round (absorber plan) plus a 10 % margin must fit it. The
+        window above is an upper bound that shrinks (n/m ratio kept, m a multiple of 16) until it does; one clear
+        error when even the smallest window does not fit."""
         cfg = self.bundle.defaults()
         if self.profile is not None:
             cfg = override(cfg, **{k: getattr(self.profile, k, None) for k in ("n", "m", "k")})
@@ -125,7 +133,30 @@ class Model:
             raise AbsorberError("kl_weight > 0 is not supported by the runtime (hidden-state loss only)")
         if cfg.n + cfg.m > self.max_positions:
             raise AbsorberError(f"n+m = {cfg.n + cfg.m} exceeds the model's {self.max_positions} positions")
+        budget = memory_budget
+        if budget is None and self.profile is not None and not ({"n", "m"} & set(overrides)):
+            budget = self.profile.memory_budget_bytes     # a profile's budget is a default: an explicit n/m wins
+        if budget is not None:
+            cfg = self._fit_budget(cfg, parse_size(budget))
         return cfg
+
+    def _fit_budget(self, cfg: AbsorberConfig, budget: int) -> AbsorberConfig:
+        """cfg with the largest window no larger than cfg's (n/m ratio kept) whose predicted peak (devices.planner,
+        with this model's session settings) plus PLAN_MARGIN fits the budget; one clear error when none does."""
+        kw = self.planner_settings()
+        if predict(self.bundle, cfg.n, cfg.m, cfg.k, **kw).peak_bytes * (1 + PLAN_MARGIN) <= budget:
+            return cfg
+        p = plan(self.bundle, budget, cfg.k, ratio=cfg.n / cfg.m, max_m=cfg.m, margin=PLAN_MARGIN, **kw)
+        return override(cfg, n=p.n, m=p.m)
+
+    def predict_peak(self, cfg: AbsorberConfig):
+        """The planner's Prediction (devices.planner) of a round's peak RSS at cfg's window on this model."""
+        return predict(self.bundle, cfg.n, cfg.m, cfg.k, **self.planner_settings())
+
+    def planner_settings(self) -> dict:
+        """The session settings the planner's prediction depends on (arena, memory pattern)."""
+        pr = self.profile if self.profile is not None else default_profile()   # what the sessions were opened with
+        return {"arena": bool(pr.enable_cpu_mem_arena), "mem_pattern": bool(pr.enable_mem_pattern)}
 
     def zero_b(self, shape: tuple[int, ...]) -> np.ndarray:
         """A read-only zero array of `shape` (a view of the shared zero-B buffer)."""

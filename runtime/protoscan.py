@@ -192,11 +192,11 @@ def _fields_at(buf: memoryview, base: int):
         yield fn, wt, v, base + start
 
 
-def int_attribute_sites(data: bytes, op_type: str, attribute: str) -> list[tuple[int, int]]:
-    """(file offset, value) of the one-byte varint of an integer attribute on every top-level graph node of
-    op_type, so that a setting such as MatMulNBits' accuracy_level can be changed in place without the onnx
-    package (a value below 128 is one byte: the file keeps its length)."""
-    sites = []
+def node_int_attributes(data: bytes, op_type: str) -> list[dict[str, tuple[int, int]]]:
+    """For every top-level graph node of op_type, its integer attributes: name -> (file offset of the varint,
+    value), so that a setting such as MatMulNBits' accuracy_level can be read, and changed in place when it is
+    one byte (below 128: the file keeps its length), without the onnx package."""
+    nodes = []
     try:
         for fn, wt, g, gpos in _fields_at(memoryview(data), 0):
             if fn != 7 or wt != 2:
@@ -212,6 +212,7 @@ def int_attribute_sites(data: bytes, op_type: str, attribute: str) -> list[tuple
                         attrs.append((v3, p3))
                 if op != op_type:
                     continue
+                found = {}
                 for a, apos in attrs:
                     name, site = "", None
                     for f4, w4, v4, p4 in _fields_at(a, apos):
@@ -219,10 +220,9 @@ def int_attribute_sites(data: bytes, op_type: str, attribute: str) -> list[tuple
                             name = bytes(v4).decode("utf-8", "replace")
                         elif f4 == 3 and w4 == 0:
                             site = (p4, v4)
-                    if name == attribute and site is not None:
-                        if site[1] >= 128:
-                            raise ProtoError(f"{attribute}={site[1]} is not a one-byte value")
-                        sites.append(site)
+                    if name and site is not None:
+                        found[name] = site
+                nodes.append(found)
     except ProtoError as e:
         raise AbsorberError(f"not a valid ONNX model ({e})") from None
-    return sites
+    return nodes

@@ -21,7 +21,7 @@ from absorber.bundle_format import Bundle
 from absorber.devices import get_profile, session_kwargs
 from absorber.errors import AbsorberError
 from absorber.runtime.bundle import check_session_io
-from absorber.runtime.protoscan import int_attribute_sites
+from absorber.runtime.protoscan import node_int_attributes
 
 NP_OF = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8, "int32": np.int32,
          "int64": np.int64, "float64": np.float64, "int16": np.int16, "uint16": np.uint16}
@@ -108,6 +108,13 @@ def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps
     return sess, kw["providers"]
 
 
+def accuracy_for(profile, graph: str, bits: int) -> int | None:
+    """The profile's MatMulNBits accuracy_level for a node of `graph` with `bits`-bit weights: the key
+    "graph:bits" first, then "graph"; None = keep what the bundle was exported with."""
+    acc = getattr(profile, "matmul_accuracy", None) or {}
+    return acc.get(f"{graph}:{bits}", acc.get(graph))
+
+
 def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
     """The graph file, or its bytes with the profile's MatMulNBits accuracy_level patched in (one byte per node,
     no onnx package; external data then resolves against the bundle folder)."""
@@ -117,15 +124,24 @@ def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
     if profile is None:
         from absorber.devices.profiles import default_profile
         profile = default_profile()
-    want = (getattr(profile, "matmul_accuracy", None) or {}).get(graph)
-    if want is None:
+    if not getattr(profile, "matmul_accuracy", None):
         return str(path)
     data = path.read_bytes()
-    sites = int_attribute_sites(data, "MatMulNBits", "accuracy_level")
-    if all(v == want for _, v in sites):
+    patch = []
+    for node in node_int_attributes(data, "MatMulNBits"):
+        if "accuracy_level" not in node:
+            raise AbsorberError(f"bundle {bundle.path}: a MatMulNBits node of {graph} has no accuracy_level "
+                                "(re-export the bundle)")
+        off, now = node["accuracy_level"]
+        want = accuracy_for(profile, graph, node.get("bits", (0, 4))[1])
+        if want is not None and want != now:
+            if now >= 128:
+                raise AbsorberError(f"bundle {bundle.path}: accuracy_level={now} in {graph} is not one byte")
+            patch.append((off, want))
+    if not patch:
         return str(path)
     buf = bytearray(data)
-    for off, _ in sites:
+    for off, want in patch:
         buf[off] = int(want)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
     return bytes(buf)

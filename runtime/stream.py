@@ -71,27 +71,30 @@ class Stream:
     @classmethod
     def open(cls, bundle_dir: str | os.PathLike, device: str = "cpu", state_dir=None, profile=None,
              config_overrides: dict | None = None, share_weights: bool = True, verify_hashes: bool = True,
-             save_every_round: bool = True) -> "Stream":
+             save_every_round: bool = True, memory_budget: int | str | None = None) -> "Stream":
         """Open a bundle as a Model of its own and one stream on it (resumed from `state_dir` when it holds a
         state of this bundle; refused if saved for another). For several streams, open the Model once and
         make Streams on it. config_overrides: AbsorberConfig fields (n, m, k, eps, lr, clip, weight_decay,
         betas, adam_eps, reset, decay, teacher; sync_skip only with the bundle's value) over the bundle's
-        defaults and the profile's n/m/k."""
+        defaults and the profile's n/m/k. memory_budget: bytes or "600MB"; the window is fitted to it by the
+        planner (see Model.config)."""
         model = Model.open(bundle_dir, device=device, profile=profile, share_weights=share_weights,
                            verify_hashes=verify_hashes)
         stream = cls(model, state_dir=state_dir, config_overrides=config_overrides,
-                     save_every_round=save_every_round)
+                     save_every_round=save_every_round, memory_budget=memory_budget)
         stream._owns_model = True
         return stream
 
     def __init__(self, model: Model, state_dir: str | os.PathLike | None = None,
-                 config_overrides: dict | None = None, save_every_round: bool = True):
+                 config_overrides: dict | None = None, save_every_round: bool = True,
+                 memory_budget: int | str | None = None):
         t0 = time.perf_counter()
         self.model = model
         self._owns_model = False
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.save_every_round = save_every_round
-        self.cfg = model.config(config_overrides)
+        self.cfg = model.config(config_overrides, memory_budget=memory_budget)
+        self.prediction = model.predict_peak(self.cfg)     # the planner's peak RSS of a round at this window
         self.loss_kind = model.bundle.loss_kind
         self.loss_skip = model.bundle.loss_skip        # compiled into train_step.onnx
         # adapters + optimizer (flat buffers; per-tensor views are what the sessions read/write)
@@ -457,7 +460,8 @@ class Stream:
                 "last_loss": self.last_loss, "window": len(self.window), "pending": len(self.pending),
                 "rollbacks": self.rollbacks, "invalid_bytes": self.invalid_bytes, "offset_chars": self.offset_chars,
                 "input_bytes": self.input_bytes, "optimizer_step": self.opt.step, "rss_mb": round(rss_mb(), 1),
-                "resumed": self.resumed}
+                "resumed": self.resumed, "n": self.cfg.n, "m": self.cfg.m, "k": self.cfg.k,
+                "predicted_peak_mb": round(self.prediction.peak_bytes / 2**20, 1)}
 
     def close(self) -> None:
         """Release this stream's buffers; the Model too when Stream.open made it for this stream alone

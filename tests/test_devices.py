@@ -252,6 +252,28 @@ def test_planner_dequantized_tables_from_external_table():
     assert q.detail["teacher.malloc_slack"] == 32 * 8 * 4
 
 
+def test_planner_kernel_tensors_per_session():
+    """MatMulNBits bundles: the shared part of weights.bin once, each session's pre-packed copy of the kernel
+    tensors it uses, no dequantized table, and the backward's one fp32 [N, K] weight at a time."""
+    tab = [{"name": "model.layers.0.mlp.up_proj.base.weight.q4", "dtype": "uint8", "shape": [16, 1, 16],
+            "graphs": ["decoder", "train_step"], "length": 256, "offset": 0, "kernel": True},
+           {"name": "model.layers.0.mlp.up_proj.base.weight.view", "dtype": "uint4", "shape": [16, 32],
+            "graphs": ["train_step"], "length": 256, "offset": 0, "alias_of": "model.layers.0.mlp.up_proj.base.weight.q4"},
+           {"name": "lm_head.weight.q4", "dtype": "uint8", "shape": [32, 1, 4], "graphs": ["decoder"],
+            "length": 128, "offset": 256, "kernel": True},
+           {"name": "model.norm.weight", "dtype": "float", "shape": [8], "graphs": ["decoder", "train_step"],
+            "length": 32, "offset": 384}]
+    man = dict(TINY, quant={"scheme": "int4"}, external_data=[{"file": "weights.bin", "tensors": tab}])
+    c = dict(UNIT, kernel_copies=1.5, c_dq_backward=2.0)
+    p = predict(man, 4, 2, coeffs=c)
+    assert p.detail["weights.kernel_decoder"] == 256 + 128 and p.detail["weights.kernel_train_step"] == 256
+    assert p.terms["weights"] == 32 + 1.5 * (384 + 256)     # mapped once + a pre-packed copy per session
+    assert p.detail["teacher.dequantized"] == 0                # a gather of quantized rows, MatMulNBits lm_head
+    assert p.detail["train_step.dequantized"] == 2.0 * 16 * 8 * 4   # the largest [N, K] = gate/up 16 x 8
+    q = predict(man, 4, 2, coeffs=c, arena=False)
+    assert q.detail["teacher.malloc_slack"] == 0 and "heap_slack" not in q.terms
+
+
 def test_planner_quant_schemes_and_untied_head():
     m8 = dict(TINY, quant={"scheme": "int8"})
     m4 = dict(TINY, quant={"scheme": "int4"})

@@ -228,3 +228,22 @@ def test_bad_accuracy_in_a_profile_is_one_line():
     from absorber.errors import AbsorberError
     with pytest.raises(AbsorberError, match="matmul_accuracy"):
         Profile("p", matmul_accuracy={"decoder": 7})
+
+
+def test_accuracy_per_weight_bits(tiny_bundle_int4, exact_profile):
+    """A "graph:bits" key reaches only the MatMulNBits nodes of that weight width: the tiny int4 bundle has no
+    8-bit node, so "decoder:8" changes nothing and "decoder:4" changes the logits."""
+    from absorber.runtime import Stream
+    from absorber.runtime.sessions import accuracy_for
+    ids = list(range(3, 40))
+    exact = Stream.open(tiny_bundle_int4, profile=exact_profile).logits(ids)
+    only8 = dataclasses.replace(exact_profile, matmul_accuracy={"decoder": 1, "decoder:8": 4})
+    only4 = dataclasses.replace(exact_profile, matmul_accuracy={"decoder": 1, "decoder:4": 4})
+    np.testing.assert_array_equal(Stream.open(tiny_bundle_int4, profile=only8).logits(ids), exact)
+    assert np.abs(Stream.open(tiny_bundle_int4, profile=only4).logits(ids) - exact).max() > 0
+    assert accuracy_for(only8, "decoder", 8) == 4 and accuracy_for(only8, "decoder", 4) == 1
+    assert accuracy_for(only8, "train_step", 8) is None
+    from absorber.devices.profiles import Profile
+    from absorber.errors import AbsorberError
+    with pytest.raises(AbsorberError, match="matmul_accuracy"):
+        Profile("p", matmul_accuracy={"decoder:2": 4})

@@ -759,3 +759,47 @@ def test_window_history_and_rss_stay_bounded(bundle):
     assert s.history[-1].tokens_absorbed == s.tokens_absorbed and s.history[-1].steps == 0
     growth = (proc.memory_info().rss - warm) / 2**20
     assert growth < 8, f"RSS grew {growth:.1f} MB over {rounds - 200} rounds"   # measured ~0.5 MB
+
+
+def test_memory_budget_fits_the_window(tiny_bundle):
+    """--memory-budget: the window (here n=128, m=64) shrinks, ratio kept, until the planner's prediction + 10 %
+    fits; a roomy budget leaves it; one too small for any window is one clear error."""
+    from absorber.runtime import Model, Stream
+    from absorber.runtime.model import PLAN_MARGIN
+    model = Model.open(tiny_bundle, verify_hashes=False)
+    try:
+        big = {"n": 128, "m": 64}
+        cfg = model.config(big)
+        full = model.predict_peak(cfg).peak_bytes
+        half = model.predict_peak(model.config({"n": 64, "m": 32})).peak_bytes
+        assert half < full
+        roomy = model.config(big, memory_budget=int(full * (1 + PLAN_MARGIN)) + 1)
+        assert (roomy.n, roomy.m) == (128, 64)
+        budget = int(half * (1 + PLAN_MARGIN)) + 1                  # fits 64/32, not 96/48 (m in steps of 16)
+        tight = model.config(big, memory_budget=budget)
+        assert (tight.n, tight.m) == (64, 32)
+        assert model.predict_peak(tight).peak_bytes * (1 + PLAN_MARGIN) <= budget
+        s = Stream(model, config_overrides=big, memory_budget=f"{budget}B")
+        st = s.stats()
+        assert (st["n"], st["m"]) == (tight.n, tight.m)
+        assert st["predicted_peak_mb"] == round(model.predict_peak(tight).peak_bytes / 2**20, 1)
+        s.close()
+        with pytest.raises(AbsorberError, match="too small") as e:
+            model.config(big, memory_budget="1MB")
+        assert "\n" not in str(e.value)
+        with pytest.raises(AbsorberError, match="bad memory size"):
+            model.config(big, memory_budget="lots")
+    finally:
+        model.close()
+
+
+def test_run_cli_memory_budget(tiny_bundle, tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    r = _run(["run", str(tiny_bundle), "--input", str(text), "--n", "64", "--m", "32", "--memory-budget", "1KB", "-q"])
+    assert r.returncode != 0 and "too small" in r.stderr and "Traceback" not in r.stderr
+    r = _run(["run", str(tiny_bundle), "--input", str(text), "--n", "64", "--m", "32", "--memory-budget", "64GB",
+              "--json"])
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (summary["n"], summary["m"]) == (64, 32) and summary["predicted_peak_mb"] > 0

@@ -48,8 +48,10 @@ VENV_PACKAGES = ["optimum-onnx", "optimum", "transformers", "torch", "onnxruntim
                  "accelerate"]
 KERNELS = {
     ("absorber", "fp32"): "fp32 MatMul",
-    ("absorber", "int8"): "weight-only int8 (DequantizeLinear → fp32 MatMul)",
-    ("absorber", "int4"): "weight-only int4 (DequantizeLinear → fp32 MatMul)",
+    ("absorber", "int8"): "com.microsoft.MatMulNBits 8-bit blocks of 32 (linear layers and lm_head), "
+                          "the profile's accuracy_level",
+    ("absorber", "int4"): "com.microsoft.MatMulNBits 4-bit blocks of 32 (linear layers; lm_head 8-bit, the GGUF's "
+                          "Q8_0), the profile's accuracy_level",
     ("optimum-onnx", "fp32"): "fp32 MatMul",
     ("optimum-onnx", "int8"): "dynamic int8 (activations quantized per call; MatMulInteger)",
 }

@@ -120,7 +120,7 @@ def _summary(engine: str, rounds, wall: float, cfg) -> dict:
            for k in ("seconds", "teacher_seconds", "train_seconds", "optimizer_seconds")}
     per["bookkeeping_seconds"] = max(per["seconds"] - per["teacher_seconds"] - per["train_seconds"], 0.0)
     steps = sum(r["steps"] for r in rs)
-    return {"engine": engine, "rounds": len(rs), "tokens_absorbed": absorbed, "wall_s": wall,
+    return {"engine": engine, "window": {"n": cfg.n, "m": cfg.m, "k": cfg.k}, "rounds": len(rs), "tokens_absorbed": absorbed, "wall_s": wall,
             "absorbed_tok_s": absorbed / busy if busy else None, "per_round": per, "steps": steps,
             "train_step_s": (sum(r["train_seconds"] for r in rs) / (steps + len(rs))) if rs else None,
             "loss_first_mean": _mean([r["loss_first"] for r in rs]), "loss_last_mean": _mean([r["loss_last"] for r in rs])}
@@ -133,8 +133,9 @@ def _mean(xs):
 
 def task_runtime(a: dict) -> dict:
     from absorber.runtime import Stream
-    s = Stream.open(a["bundle"], device=a.get("device", "cpu"),
-                    config_overrides={"n": a["n"], "m": a["m"], "k": a["k"]}, share_weights=a.get("share", True))
+    s = Stream.open(a["bundle"], device=a.get("device", "cpu"), profile=a.get("profile"),
+                    config_overrides={"n": a["n"], "m": a["m"], "k": a["k"]}, share_weights=a.get("share", True),
+                    memory_budget=a.get("memory_budget"))
     tok = s.tokenizer
     ids = tok.encode(stream_text(a["tokens"]), add_special_tokens=False).ids[: a["tokens"]]
     t0 = time.perf_counter()
@@ -147,18 +148,19 @@ def task_runtime(a: dict) -> dict:
     produced = getattr(s, "last_answer_tokens", n_new)
     res = _summary("runtime", rounds, wall, s.cfg) | _decode_numbers(ttft, t_total, produced)
     res.update(peak_rss_mb=peak_rss_mb(), open_s=getattr(s, "open_seconds", None),
-               quant=s.bundle.quant_scheme)
+               quant=s.bundle.quant_scheme, predicted_peak_mb=s.prediction.peak_bytes / 2**20, memory_budget=a.get("memory_budget"))
     return res
 
 
 def task_rss_runtime(a: dict) -> dict:
     from absorber.runtime import Stream
-    s = Stream.open(a["bundle"], config_overrides={"n": a["n"], "m": a["m"], "k": a["k"]})
+    s = Stream.open(a["bundle"], profile=a.get("profile"), config_overrides={"n": a["n"], "m": a["m"], "k": a["k"]},
+                    memory_budget=a.get("memory_budget"))
     ids = s.tokenizer.encode(stream_text(a["tokens"]), add_special_tokens=False).ids[: a["tokens"]]
     curve = [(0, rss_mb())]
     t0 = time.perf_counter()
-    for i in range(0, len(ids), a["n"]):
-        s.feed_tokens(ids[i:i + a["n"]])
+    for i in range(0, len(ids), s.cfg.n):
+        s.feed_tokens(ids[i:i + s.cfg.n])
         curve.append((s.tokens_seen, rss_mb()))
     return {"engine": "runtime", "curve": curve, "tokens": len(ids), "seconds": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb()}
