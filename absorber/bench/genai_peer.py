@@ -393,23 +393,13 @@ def markdown(res: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m absorber.bench.genai_peer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", action="append", default=[], help="this runtime's bundle (repeat: fp32, int8, int4)")
-    p.add_argument("--context", type=int, default=256, help="context tokens before the prompt (default: m=256)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--processes", type=int, default=1, help="fresh processes per engine (default %(default)s)")
+    p = O.peer_parser("python -m absorber.bench.genai_peer", __doc__, "fp32, int8, int4", VENV, "genai_peer")
     p.add_argument("--precision", action="append", choices=PRECISIONS,
                    help="genai builds to measure (repeat; default: fp32, int8, int4)")
     p.add_argument("--accuracy-level", type=int, action="append", choices=range(5), metavar="0-4",
                    help="MatMulNBits accuracy_level of the genai int8/int4 builds (repeat; default: the level this "
                         "runtime runs its int bundles at, and 4, the builder's own CPU default)")
     p.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="MatMulNBits block size (default %(default)s)")
-    p.add_argument("--venv", default=str(VENV), help="the onnxruntime-genai virtual environment (default %(default)s)")
-    p.add_argument("--json", dest="json_out", default="benchmarks/genai_peer.json")
-    p.add_argument("--md", default="benchmarks/genai_peer.md")
     return p
 
 
@@ -423,12 +413,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m absorber.bench.ge
     res = run_genai(args.bundle, args.context, args.new_tokens, args.repeats, args.warmup, Path(args.venv),
                     tuple(args.precision or PRECISIONS), args.accuracy_level, args.block_size, say=say,
                     command=" ".join([prog, *argv]), processes=args.processes)
-    md = markdown(res)
-    print(md)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
-    if args.md:
-        Path(args.md).write_text(md)
+    O.write_results(res, markdown(res), args.json_out, args.md)
     return 0
 
 

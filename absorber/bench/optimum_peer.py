@@ -477,20 +477,33 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m absorber.bench.optimum_peer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", action="append", default=[], help="this runtime's bundle (repeat: fp32, int8)")
+def peer_parser(prog: str, doc: str, bundles: str, venv: Path, name: str) -> argparse.ArgumentParser:
+    """The arguments every decode peer takes (this module's and absorber.bench.genai_peer's)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", action="append", default=[], help=f"this runtime's bundle (repeat: {bundles})")
     p.add_argument("--context", type=int, default=256, help="context tokens before the prompt (default: m=256)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--processes", type=int, default=1,
                    help="fresh processes per engine; TTFT and decode are medians over them (default %(default)s)")
-    p.add_argument("--venv", default=str(VENV), help="the optimum-onnx virtual environment (default %(default)s)")
-    p.add_argument("--json", dest="json_out", default="benchmarks/optimum_peer.json")
-    p.add_argument("--md", default="benchmarks/optimum_peer.md")
+    p.add_argument("--venv", default=str(venv), help="the peer's virtual environment (default %(default)s)")
+    p.add_argument("--json", dest="json_out", default=f"benchmarks/{name}.json")
+    p.add_argument("--md", default=f"benchmarks/{name}.md")
     return p
+
+
+def write_results(res: dict, md: str, json_out: str | None, md_out: str | None) -> None:
+    """Print the markdown; write the JSON and the markdown where asked."""
+    print(md)
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=1))
+    if md_out:
+        Path(md_out).write_text(md)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return peer_parser("python -m absorber.bench.optimum_peer", __doc__, "fp32, int8", VENV, "optimum_peer")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m absorber.bench.optimum_peer") -> int:
@@ -505,12 +518,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m absorber.bench.op
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     res = run_peer(args.bundle, args.context, args.new_tokens, args.repeats, args.warmup, Path(args.venv), say=say,
                    command=" ".join([prog, *argv]), processes=args.processes)
-    md = markdown(res)
-    print(md)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1))
-    if args.md:
-        Path(args.md).write_text(md)
+    write_results(res, markdown(res), args.json_out, args.md)
     return 0
 
 
