@@ -35,6 +35,9 @@ class Absorption:
         self.initial = [p.detach().clone() for p in self.params] if cfg.reset == "adapters" else None
         self.b_params = [p for n, p in lora.adapters(model).items() if n.endswith(".lora_B")]
         self.probe_prefix: list[int] = []    # token ids of config.PROBE_PREFIX (set by the streaming loop)
+        self.prefix: list[int] = []          # cfg.prefix: the stream's first tokens (set by the streaming loop)
+        self.anchor_ids: list[int] = []      # cfg.anchor: the replay text's ids (set by the streaming loop)
+        self._anchor_target: torch.Tensor | None = None
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -49,11 +52,35 @@ class Absorption:
             for p in self.b_params:
                 p.mul_(1.0 - cfg.decay)
 
+    def _prefix_tensor(self, like: torch.Tensor) -> torch.Tensor | None:
+        if not self.prefix:
+            return None
+        return torch.tensor([self.prefix], dtype=like.dtype, device=like.device)
+
+    def anchor_target(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchor ids [1, A], the base model's hidden states on them, no context): computed once."""
+        ids = torch.tensor([self.anchor_ids], device=device)
+        if self._anchor_target is None:
+            with torch.no_grad(), lora.disabled(self.model):
+                self._anchor_target, _ = sync.forward_states(self.model, ids, self.layers)
+        return ids, self._anchor_target
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor, t: sync.Teacher | None) -> torch.Tensor:
+        cfg = self.cfg
         if self.method == "ttt":
             return sync.next_token_loss(self.model, x)
-        hs, logits = sync.forward_states(self.model, y, self.layers, with_logits=self.cfg.kl_weight > 0)
-        return sync.sync_loss(hs, t.hidden, self.cfg.loss, logits, t.logprobs, self.cfg.kl_weight, self.cfg.sync_skip)
+        pre = self._prefix_tensor(y)
+        yy = y if pre is None else torch.cat([pre, y], dim=1)
+        hs, logits = sync.forward_states(self.model, yy, self.layers, with_logits=cfg.kl_weight > 0)
+        if pre is not None:   # the loss is over Y's positions only; the prefix is the student's sink
+            m = y.shape[1]
+            hs, logits = hs[:, -m:], (logits[-m:] if logits is not None else None)
+        loss = sync.sync_loss(hs, t.hidden, cfg.loss, logits, t.logprobs, cfg.kl_weight, cfg.sync_skip)
+        if cfg.anchor > 0 and self.anchor_ids:
+            a_ids, a_t = self.anchor_target(y.device)
+            a_hs, _ = sync.forward_states(self.model, a_ids, self.layers)
+            loss = loss + cfg.anchor * sync.sync_loss(a_hs, a_t, cfg.loss, skip=cfg.sync_skip)
+        return loss
 
     def _save(self):
         return ([p.detach().clone() for p in self.params],
@@ -78,7 +105,8 @@ class Absorption:
     def _teacher(self, x: torch.Tensor, y: torch.Tensor) -> sync.Teacher:
         cfg = self.cfg
         return sync.teacher(self.model, x, y, self.layers, with_logprobs=cfg.kl_weight > 0,
-                            base=cfg.teacher == "base", gamma=cfg.gamma if cfg.teacher == "compose" else None)
+                            base=cfg.teacher == "base", gamma=cfg.gamma if cfg.teacher == "compose" else None,
+                            prefix_ids=self._prefix_tensor(x))
 
     def _steps(self, x: torch.Tensor, y: torch.Tensor, teacher: sync.Teacher | None) -> tuple[list[float], int, bool]:
         """Up to K AdamW steps on one synchronized text; (losses, steps, rolled back)."""

@@ -17,6 +17,13 @@ def probe_parts(n: int, probes: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def anchor_text() -> str:
+    """The fixed replay text of the anchor term (AbsorberConfig.anchor): plain, varied prose written for this
+    project, unrelated to any stream."""
+    from importlib.resources import files
+    return files("absorber").joinpath("anchor.txt").read_text(encoding="utf-8")
+
+
 @dataclass
 class LoraConfig:
     """The trainable slice: LoRA adapters A:[in, r], B:[r, out] added to frozen linear layers."""
@@ -43,7 +50,8 @@ class AbsorberConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    loss: str = "l1"             # "l1" (paper) or "l2"
+    loss: str = "l1"             # "l1" (paper), "l2", or "l1n": per-layer L1 divided by the teacher's mean |h| of
+                                 # that layer (massive activations no longer dominate; Deep Context Distillation)
     loss_layers: tuple[int, ...] | None = None   # hidden_states indices matched; None = 1..L (h^0 is context-free)
     kl_weight: float = 0.0       # add KL(teacher || student) on next-token distributions (paper: worse; ablation)
     # --- against drift of the accumulated adapters over many rounds (benchmarks/eval.md measures each) ---
@@ -64,6 +72,14 @@ class AbsorberConfig:
     probes: int = 0              # recall probes per round, synchronized before Y: X is cut into `probes` parts;
                                  # probe j = PROBE_PREFIX + part j; the teacher sees X then the probe, the student
                                  # the probe alone (a fact Y never uses is in the loss this way). 0: off
+    prefix: int = 0              # the stream's first `prefix` tokens stay in front of the window for good, in the
+                                 # teacher (prefix.X.Y), the student (prefix.Y) and the answering passes, at
+                                 # positions 0..prefix-1: Y's first token is no longer the student's attention
+                                 # sink (the StreamingLLM / Cartridges sink address). 0: off
+    anchor: float = 0.0          # weight of an anchor term in every step: L1 of the student's hidden states on a
+                                 # fixed replay text (absorber/anchor.txt, no context) against the base model's
+                                 # on it: the adapters may not change ordinary text. 0: off
+    anchor_tokens: int = 64      # tokens of the anchor text used
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -89,8 +105,11 @@ class AbsorberConfig:
             raise AbsorberError(f"n and m must be positive (got n={self.n}, m={self.m})")
         if self.k < 0:
             raise AbsorberError(f"k must be >= 0 (got {self.k})")
-        if self.loss not in ("l1", "l2"):
-            raise AbsorberError(f"loss must be l1 or l2 (got {self.loss!r})")
+        if self.loss not in ("l1", "l2", "l1n"):
+            raise AbsorberError(f"loss must be l1, l2 or l1n (got {self.loss!r})")
+        if self.prefix < 0 or self.anchor < 0 or self.anchor_tokens < 2:
+            raise AbsorberError(f"prefix and anchor must be >= 0 and anchor_tokens >= 2 (got {self.prefix}, "
+                                f"{self.anchor}, {self.anchor_tokens})")
         if not 0 <= self.sync_skip < self.m:
             raise AbsorberError(f"sync_skip must be in 0..m-1 (got {self.sync_skip}, m={self.m})")
         if self.reset not in ("none", "moments", "adapters"):
@@ -111,7 +130,7 @@ class AbsorberConfig:
 LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "layers", "seed": "seed",
              "lora.rank": "rank", "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers",
              "lora.seed": "seed"}
-_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "lora.rank", "lora.seed")
+_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "probes", "lora.rank", "lora.seed")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 

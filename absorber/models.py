@@ -290,6 +290,31 @@ def tiny_llama(seed: int = 0, vocab: int = 512, hidden: int = 64, layers: int = 
     return model
 
 
+def tiny_gemma3(seed: int = 0, vocab: int = 512, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 1,
+                head_dim: int = 16, intermediate: int = 128, sliding_window: int = 16, max_positions: int = 2048):
+    """A tiny random Gemma-3 text model from a config (tests): sliding-window layers with one global layer
+    every `layers` (the last), q/k norms, tied and scaled embeddings, two RoPE bases, as Gemma-3-270M."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(seed)
+    types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=head_dim, sliding_window=sliding_window, layer_types=types,
+                           max_position_embeddings=max_positions, query_pre_attn_scalar=head_dim,
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # peaky, as tiny_llama; norms stay as initialized
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(2.0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer with no merges (259 ids: 3 specials + 256 bytes) for tests with tiny models.
     Returns a transformers fast tokenizer whose `backend_tokenizer` is a plain `tokenizers.Tokenizer`."""

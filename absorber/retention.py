@@ -216,7 +216,7 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
                      rs: RetentionSettings | None = None, log: Callable[[str], None] | None = None,
                      pool: ModelPool | None = None, on_run: Callable[[dict], None] | None = None) -> dict:
     """Every run (label, method, config) on every text; the curve per run pooled over texts. The window and
-    full NLLs do not depend on the run: they are computed once per (text, n, m) and shared."""
+    full NLLs do not depend on the run: they are computed once per (text, n, m, prefix) and shared."""
     rs = rs or RetentionSettings()
     pool = pool or ModelPool(base)
     per: dict[str, dict] = {}
@@ -227,7 +227,7 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
             if log:
                 log(f"{label} ({mth}) on {name}: {rs.facts} facts in the first {rs.plant_rounds} rounds")
             out = stream_facts(pool, tok, ids, heldout, cfg, mth, rs, seed=rs.seed + 1000 * ti, log=log,
-                               baselines=base_cache.setdefault((name, cfg.n, cfg.m), {}))
+                               baselines=base_cache.setdefault((name, cfg.n, cfg.m, cfg.prefix), {}))
             recs += [dict(r, text=name) for r in out["records"]]
             dmg += [dict(d, text=name) for d in out["damage"]]
             rnd += [dict(x, text=name) for x in out["rounds"]]

@@ -37,6 +37,10 @@ class StreamingAbsorber:
             if tokenizer is not None and self.cfg.probes:
                 from absorber.config import PROBE_PREFIX
                 self.absorption.probe_prefix = tokenizer.encode(PROBE_PREFIX, add_special_tokens=False)
+            if tokenizer is not None and self.cfg.anchor > 0:
+                from absorber.config import anchor_text
+                ids = tokenizer.encode(anchor_text(), add_special_tokens=False)
+                self.absorption.anchor_ids = ids[:self.cfg.anchor_tokens]
         else:
             self.absorption = None
         self.window: list[int] = []
@@ -53,10 +57,11 @@ class StreamingAbsorber:
         """Tokens the window may hold before a round runs."""
         if self.method == "full":
             return self.max_positions
-        return self.cfg.n + self.cfg.m
+        # the sink baseline's sink tokens count against n+m; an absorber's fixed prefix comes on top of them
+        return self.cfg.n + self.cfg.m + (len(self.sink_tokens) if self.method != "sink" else 0)
 
     def context(self) -> list[int]:
-        """The tokens the model sees now (sink tokens first for `sink`)."""
+        """The tokens the model sees now (sink tokens first for `sink`, and for cfg.prefix)."""
         return self.sink_tokens + self.window
 
     # ---------------------------------------------------------------- feeding
@@ -68,9 +73,12 @@ class StreamingAbsorber:
         while i < len(ids):
             room = self.capacity - len(self.context())
             take = ids[i:i + max(room, 0)]
-            if self.method == "sink" and len(self.sink_tokens) < self.cfg.sink:
-                take = take[: self.cfg.sink - len(self.sink_tokens)]
+            keep = self.cfg.sink if self.method == "sink" else (self.cfg.prefix if self.absorption else 0)
+            if len(self.sink_tokens) < keep:
+                take = ids[i:i + keep - len(self.sink_tokens)]
                 self.sink_tokens.extend(take)
+                if self.absorption is not None:
+                    self.absorption.prefix = list(self.sink_tokens)
             else:
                 self.window.extend(take)
             i += len(take)

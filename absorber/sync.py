@@ -55,18 +55,22 @@ class Teacher:
 
 @torch.no_grad()
 def teacher(model: nn.Module, x_ids: torch.Tensor, y_ids: torch.Tensor, layers: list[int],
-            with_logprobs: bool = False, base: bool = False, gamma: float | None = None) -> Teacher:
+            with_logprobs: bool = False, base: bool = False, gamma: float | None = None,
+            prefix_ids: torch.Tensor | None = None) -> Teacher:
     """The model with X in context: its states at Y's positions (X·Y at positions 0..n+m-1).
     base=True: the base model (adapters switched off) is the teacher instead of the current one.
     gamma (the compositional teacher): h_base(X·Y) + gamma * (h_current(Y) - h_base(Y)) at Y's positions, Y
-    alone at positions 0..m-1: the base model with X in context plus what the adapters add on Y without X."""
+    alone at positions 0..m-1: the base model with X in context plus what the adapters add on Y without X.
+    prefix_ids (AbsorberConfig.prefix): fixed sink tokens in front of X·Y (and of Y for the student)."""
     from absorber import lora
-    ids = torch.cat([x_ids, y_ids], dim=1)
+    ids = torch.cat([x_ids, y_ids], dim=1) if prefix_ids is None else torch.cat([prefix_ids, x_ids, y_ids], dim=1)
     m = y_ids.shape[1]
     with lora.disabled(model) if (base or gamma is not None) else contextlib.nullcontext():
         hs, logits = forward_states(model, ids, layers, with_logits=with_logprobs)
     hs = hs[:, -m:]
     if gamma is not None:
+        if prefix_ids is not None:
+            raise ValueError("the compositional teacher does not take a prefix yet")
         hs = compose_target(hs, *own_contribution(model, y_ids, layers), gamma)
         if with_logprobs:
             raise ValueError("the compositional teacher has no logits target (kl_weight must be 0)")
@@ -99,7 +103,10 @@ def sync_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "l1",
         if student_logits is not None and teacher_logprobs is not None:
             student_logits, teacher_logprobs = student_logits[skip:], teacher_logprobs[skip:]
     d = student - target
-    loss = d.abs().mean() if kind == "l1" else (d * d).mean()
+    if kind == "l1n":   # per layer: mean |d| / mean |target|, then the mean over layers
+        loss = (d.abs().mean(dim=(1, 2)) / target.abs().mean(dim=(1, 2)).clamp_min(1e-6)).mean()
+    else:
+        loss = d.abs().mean() if kind == "l1" else (d * d).mean()
     if kl_weight and student_logits is not None and teacher_logprobs is not None:
         s_lp = F.log_softmax(student_logits.float(), -1)
         loss = loss + kl_weight * (teacher_logprobs.exp() * (teacher_logprobs - s_lp)).sum(-1).mean()

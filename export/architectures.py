@@ -56,7 +56,15 @@ LLAMA = Architecture(
     tested=("SmolLM2-135M-Instruct (llama)", "tiny random LlamaConfig"),
 )
 
-REGISTRY: tuple[Architecture, ...] = (LLAMA,)
+GEMMA3 = Architecture(
+    family="gemma3",
+    model_types=("gemma3_text",),
+    targets=ALL_LINEAR,
+    tested=("Gemma-3-270M base (gemma3_text)", "tiny random Gemma3TextConfig (sliding-window layers, tied "
+            "embeddings)"),
+)
+
+REGISTRY: tuple[Architecture, ...] = (LLAMA, GEMMA3)
 
 
 def supported_model_types() -> list[str]:

@@ -236,3 +236,86 @@ def test_eval_cli_forgetting_curve(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res["methods"]) == {"window", "absorber"} and res["command"] is None or isinstance(res["command"], str)
     assert len(res["methods"]["absorber"]["records"]) == 2 * 2
+
+
+# ------------------------------------------------------------------ the retention levers in the reference
+def test_l1n_divides_each_layer_by_the_teacher_scale():
+    import torch
+    from absorber import sync
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 10, 8, generator=g), torch.randn(3, 10, 8, generator=g)
+    t[1] *= 1000.0                                      # one layer with massive activations
+    want = torch.stack([(s[i] - t[i]).abs().mean() / t[i].abs().mean() for i in range(3)]).mean()
+    assert float(sync.sync_loss(s, t, "l1n")) == pytest.approx(float(want), rel=1e-6)
+    # the raw L1 is all that one layer; the normalized one is not
+    assert float(sync.sync_loss(s, t, "l1")) > 100 * float(sync.sync_loss(s, t, "l1n"))
+
+
+def test_prefix_stays_in_front_of_teacher_student_and_window(tiny_tok, rng_ids):
+    """prefix=p: the stream's first p tokens never leave; the teacher sees prefix·X·Y, the student prefix·Y, the
+    loss covers only Y; the answering context is prefix + window."""
+    import torch
+    from absorber import sync
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.models import tiny_llama
+    from absorber.stream import StreamingAbsorber
+    model = tiny_llama(seed=0, vocab=512)
+    cfg = AbsorberConfig(n=16, m=8, k=1, prefix=3, sync_skip=0, lora=LoraConfig(rank=2, alpha=4))
+    sa = StreamingAbsorber(model, tiny_tok, cfg)
+    ids = rng_ids(3 + 16 + 8 + 16, seed=4)
+    captured = {}
+    orig = sync.teacher
+
+    def spy(model_, x, y, layers, **kw):
+        captured["prefix"] = kw.get("prefix_ids")
+        return orig(model_, x, y, layers, **kw)
+    sync_teacher = sync.teacher
+    sync.teacher = spy
+    try:
+        sa.feed_tokens(ids[:3 + 16 + 8])
+    finally:
+        sync.teacher = sync_teacher
+    assert len(sa.rounds) == 1
+    assert captured["prefix"].tolist() == [ids[:3]]
+    assert sa.context()[:3] == ids[:3] and sa.context()[3:] == ids[3 + 16:3 + 16 + 8]
+    sa.feed_tokens(ids[3 + 16 + 8:])
+    assert len(sa.rounds) == 2 and sa.context()[:3] == ids[:3]
+    # teacher with a prefix = the model on prefix·X·Y, at Y's positions
+    layers = sync.loss_layers(model)
+    p, x, y = (torch.tensor([v]) for v in (ids[:3], ids[3:19], ids[19:27]))
+    t = sync.teacher(model, x, y, layers, base=True, prefix_ids=p).hidden
+    from absorber import lora
+    with lora.disabled(model):
+        full, _ = sync.forward_states(model, torch.cat([p, x, y], 1), layers)
+    torch.testing.assert_close(t, full[:, -8:], rtol=0, atol=1e-6)
+
+
+def test_anchor_term_pulls_ordinary_text_back_to_the_base_model(tiny_tok, rng_ids):
+    """anchor=w: every step adds w x L1(student, base) on the fixed replay text; it is zero while the adapters
+    are identity and grows with their effect on that text."""
+    import torch
+    from absorber import lora
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig, anchor_text
+    from absorber.models import tiny_llama
+    from absorber.stream import StreamingAbsorber
+    assert len(anchor_text().split()) > 100
+    model = tiny_llama(seed=0, vocab=512)
+    cfg = AbsorberConfig(n=16, m=8, k=2, anchor=1.0, anchor_tokens=12, lora=LoraConfig(rank=2, alpha=4))
+    sa = StreamingAbsorber(model, tiny_tok, cfg)
+    ab: Absorption = sa.absorption
+    assert len(ab.anchor_ids) == 12
+    x, y = torch.tensor([rng_ids(16, seed=1)]), torch.tensor([rng_ids(8, seed=2)])
+    t = ab._teacher(x, y)
+    plain = Absorption.__new__(Absorption)
+    plain.__dict__.update(ab.__dict__)
+    plain.anchor_ids = []
+    assert float(ab._loss(x, y, t)) == pytest.approx(float(plain._loss(x, y, t)), abs=1e-7)   # B = 0
+    with torch.no_grad():
+        for name, p_ in lora.adapters(model).items():
+            if name.endswith("lora_B"):
+                p_.normal_(0, 0.05)
+    extra = float(ab._loss(x, y, t)) - float(plain._loss(x, y, t))
+    assert extra > 1e-4
+    with pytest.raises(Exception, match="anchor"):
+        AbsorberConfig(anchor=-1.0).validate()

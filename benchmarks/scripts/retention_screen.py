@@ -4,7 +4,9 @@
         --plant-rounds 6 --variants window,base,compose,current --json benchmarks/retention_screen.json
 
 Variants: window (no absorption), base (the shipped teacher), compose (compositional teacher, gamma=1),
-compose0.5, current (the paper's teacher), ttt. Each variant streams every speech with fresh adapters.
+compose0.5, current (the paper's teacher), ttt, or any `key=value/key=value` list of AbsorberConfig settings on
+top of the shipped teacher (e.g. `probes=2/anchor=1/prefix=4/sync_skip=0`). Each variant streams every speech
+with fresh adapters.
 """
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ VARIANTS = {
     "compose+probes": ("absorber", {"teacher": "compose", "probes": 2}),
     "ttt": ("ttt", {}),
 }
+
+
+def variant(label: str, base):
+    """(method, config) of a named variant or of a `key=value/key=value` list of settings."""
+    from absorber.config import override, parse_value
+    if label in VARIANTS:
+        method, flags = VARIANTS[label]
+        return method, override(base, **flags)
+    flags = {}
+    for part in label.split("/"):
+        key, _, val = part.partition("=")
+        flags[key] = parse_value(key, val)
+    return "absorber", override(base, **flags)
 
 
 def main(argv=None) -> int:
@@ -57,7 +72,7 @@ def main(argv=None) -> int:
     held = next((s for s in data.speeches(None) if s.fileid.startswith(a.heldout)), spoken[0])
     heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
     base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr)
-    runs = [(v, VARIANTS[v][0], override(base, **VARIANTS[v][1])) for v in a.variants.split(",")]
+    runs = [(v, *variant(v, base)) for v in a.variants.split(",")]
     rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds,
                               distances=tuple(int(x) for x in a.distances.split(",")))
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
