@@ -251,7 +251,7 @@ def test_l1n_divides_each_layer_by_the_teacher_scale():
     assert float(sync.sync_loss(s, t, "l1")) > 100 * float(sync.sync_loss(s, t, "l1n"))
 
 
-def test_prefix_stays_in_front_of_teacher_student_and_window(tiny_tok, rng_ids):
+def test_prefix_stays_in_front_of_teacher_student_and_window(tiny_tok, rng_ids, monkeypatch):
     """prefix=p: the stream's first p tokens never leave; the teacher sees prefix·X·Y, the student prefix·Y, the
     loss covers only Y; the answering context is prefix + window."""
     import torch
@@ -269,12 +269,9 @@ def test_prefix_stays_in_front_of_teacher_student_and_window(tiny_tok, rng_ids):
     def spy(model_, x, y, layers, **kw):
         captured["prefix"] = kw.get("prefix_ids")
         return orig(model_, x, y, layers, **kw)
-    sync_teacher = sync.teacher
-    sync.teacher = spy
-    try:
-        sa.feed_tokens(ids[:3 + 16 + 8])
-    finally:
-        sync.teacher = sync_teacher
+    monkeypatch.setattr(sync, "teacher", spy)
+    sa.feed_tokens(ids[:3 + 16 + 8])
+    monkeypatch.undo()
     assert len(sa.rounds) == 1
     assert captured["prefix"].tolist() == [ids[:3]]
     assert sa.context()[:3] == ids[:3] and sa.context()[3:] == ids[3 + 16:3 + 16 + 8]

@@ -145,23 +145,20 @@ def venv_measure(a: dict) -> dict:
 
 
 def venv_versions(_: dict) -> dict:
-    from importlib import metadata
-    out = {"python": sys.version.split()[0]}
-    for p in VENV_PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
+    return _optimum_peer().package_versions(VENV_PACKAGES)
 
 
 def _measure_protocol(first: Callable[[], int], full: Callable[[], int], repeats: int, warmup: int) -> dict:
-    """optimum_peer.measure_protocol, loaded by path in the venv (no absorber there, so no package import)."""
+    return _optimum_peer().measure_protocol(first, full, repeats, warmup)
+
+
+def _optimum_peer():
+    """optimum_peer, loaded by path (inside the venv there is no absorber package to import it from)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("_optimum_peer", Path(__file__).with_name("optimum_peer.py"))
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)  # type: ignore[union-attr]
-    return m.measure_protocol(first, full, repeats, warmup)
+    return m
 
 
 VENV_TASKS: dict[str, Callable[[dict], dict]] = {"venv-build": venv_build, "venv-measure": venv_measure,
@@ -170,42 +167,15 @@ VENV_TASKS: dict[str, Callable[[dict], dict]] = {"venv-build": venv_build, "venv
 
 # ------------------------------------------------------------------------------------------------ main side
 def run_in_venv(task: str, a: dict, venv: Path = VENV, timeout: float = 1800) -> dict:
-    """One venv task, isolated (-I), this file loaded by path (optimum_peer's boot line)."""
-    r = subprocess.run([str(O.venv_python(venv)), "-I", "-c", O._VENV_BOOT, os.path.abspath(__file__), task,
-                        json.dumps(a)], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "TQDM_DISABLE": "1"})
-    if r.returncode != 0:
-        raise RuntimeError(f"{task} in the genai venv failed: {O.one_line(r.stderr or r.stdout or 'no output')}")
-    return O._last_json(r.stdout)
+    """One venv task of this file, in the genai venv (optimum_peer.run_in_venv)."""
+    return O.run_in_venv(task, a, venv, timeout, script=__file__, name="genai")
 
 
 def ensure_venv(venv: Path = VENV, say: Callable[[str], None] = print) -> dict:
-    """Create the venv once: torch==2.13.0 first, then onnxruntime-genai 0.18 (else the newest 0.x) with the
-    builder's imports. Returns the installed versions and the pip steps that ran."""
-    steps: list[str] = []
-    pip_say = lambda s: say(s.replace("optimum-peer", "genai-peer"))  # noqa: E731
-    if not O.venv_python(venv).is_file():
-        say(f"genai-peer: creating {venv}")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    try:
-        v = run_in_venv("venv-versions", {}, venv)
-    except RuntimeError:
-        v = {}
-    if not v.get("torch"):
-        O._pip(venv, [TORCH_SPEC], pip_say)
-        steps.append(f"pip install {TORCH_SPEC}")
-    if not all(v.get(k) for k in ("onnxruntime-genai", "transformers", "onnx", "onnx-ir")):
-        errors = []
-        for specs in GENAI_SPECS:
-            try:
-                O._pip(venv, specs, pip_say)
-                steps.append("pip install " + " ".join(f'"{s}"' if any(c in s for c in "<*") else s for s in specs))
-                break
-            except RuntimeError as e:
-                errors.append(str(e))
-        else:
-            raise RuntimeError("onnxruntime-genai does not install: " + " | ".join(errors))
-    return {"versions": run_in_venv("venv-versions", {}, venv), "pip_steps": steps, "venv": str(venv)}
+    """The genai venv: torch==2.13.0, then onnxruntime-genai 0.18 (else the newest 0.x) with the builder's
+    imports."""
+    return O.install_venv(venv, say, run_in_venv, "genai-peer", ("onnxruntime-genai", "transformers", "onnx",
+                                                                  "onnx-ir"), GENAI_SPECS)
 
 
 def runtime_accuracy(bundle: str) -> dict[int, int] | None:

@@ -151,15 +151,20 @@ def venv_measure(a: dict) -> dict:
     return res | {"open_s": open_s, "answer": text, "providers": getattr(model, "providers", None)}
 
 
-def venv_versions(_: dict) -> dict:
+def package_versions(packages: list[str]) -> dict:
+    """{package: version or None} of the running interpreter, with its Python version (run inside a venv)."""
     from importlib import metadata
     out = {"python": sys.version.split()[0]}
-    for p in VENV_PACKAGES:
+    for p in packages:
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             out[p] = None
     return out
+
+
+def venv_versions(_: dict) -> dict:
+    return package_versions(VENV_PACKAGES)
 
 
 VENV_TASKS: dict[str, Callable[[dict], dict]] = {"venv-export": venv_export, "venv-measure": venv_measure,
@@ -175,51 +180,60 @@ def venv_python(venv: Path = VENV) -> Path:
     return venv / "bin" / "python"
 
 
-def run_in_venv(task: str, a: dict, venv: Path = VENV, timeout: float = 1800) -> dict:
-    """Run one venv task in the venv; the last stdout line is its JSON. This very file is loaded by path under
-    another name, in isolated mode (-I), so that no module of this checkout (absorber/, absorber/bench/) can
-    shadow a top-level module of the venv."""
-    r = subprocess.run([str(venv_python(venv)), "-I", "-c", _VENV_BOOT, os.path.abspath(__file__), task, json.dumps(a)],
+def run_in_venv(task: str, a: dict, venv: Path = VENV, timeout: float = 1800, script: str = __file__,
+                name: str = "optimum") -> dict:
+    """Run one venv task of `script` (a peer module) in the venv; the last stdout line is its JSON. The script is
+    loaded by path under another name, in isolated mode (-I), so that no module of this checkout (absorber/,
+    absorber/bench/) can shadow a top-level module of the venv."""
+    r = subprocess.run([str(venv_python(venv)), "-I", "-c", _VENV_BOOT, os.path.abspath(script), task, json.dumps(a)],
                        capture_output=True, text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
     if r.returncode != 0:
-        raise RuntimeError(f"{task} in the optimum venv failed: {one_line(r.stderr or r.stdout or 'no output')}")
+        raise RuntimeError(f"{task} in the {name} venv failed: {one_line(r.stderr or r.stdout or 'no output')}")
     return _last_json(r.stdout)
 
 
-def _pip(venv: Path, specs: list[str], say: Callable[[str], None]) -> None:
-    say(f"optimum-peer: pip install {' '.join(specs)}")
+def _pip(venv: Path, specs: list[str], say: Callable[[str], None], name: str = "optimum-peer") -> None:
+    say(f"{name}: pip install {' '.join(specs)}")
     r = subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q", *specs], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"pip install {' '.join(specs)}: {one_line(r.stderr or r.stdout)}")
 
 
-def ensure_venv(venv: Path = VENV, say: Callable[[str], None] = print) -> dict:
-    """Create the venv once and install torch==2.13.0 first, then optimum-onnx with transformers<4.58 (the
-    newest optimum-onnx, else an older one). Returns the installed versions and the pip steps that ran."""
+def install_venv(venv: Path, say: Callable[[str], None], run: Callable[[str, dict, Path], dict], name: str,
+                 needed: tuple[str, ...], spec_sets: list[list[str]]) -> dict:
+    """Create a peer's venv once: torch==2.13.0 first (the CPU wheel), then the first of `spec_sets` that
+    installs, unless every package of `needed` is there already. `run` runs a venv task of the peer's module.
+    Returns the installed versions and the pip steps that ran."""
     steps: list[str] = []
     if not venv_python(venv).is_file():
-        say(f"optimum-peer: creating {venv}")
+        say(f"{name}: creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     try:
-        v = run_in_venv("venv-versions", {}, venv)
+        v = run("venv-versions", {}, venv)
     except RuntimeError:
         v = {}
     if not v.get("torch"):
-        _pip(venv, [TORCH_SPEC], say)
+        _pip(venv, [TORCH_SPEC], say, name)
         steps.append(f"pip install {TORCH_SPEC}")
-    if not all(v.get(k) for k in ("optimum-onnx", "transformers", "onnxruntime", "accelerate")):
+    if not all(v.get(k) for k in needed):
         errors = []
-        for specs in PEER_SPECS:
+        for specs in spec_sets:
             try:
-                _pip(venv, specs, say)
-                steps.append("pip install " + " ".join(f'"{s}"' if "<" in s else s for s in specs))
+                _pip(venv, specs, say, name)
+                steps.append("pip install " + " ".join(f'"{s}"' if any(c in s for c in "<*") else s for s in specs))
                 break
             except RuntimeError as e:
                 errors.append(str(e))
         else:
-            raise RuntimeError("optimum-onnx does not install: " + " | ".join(errors))
-    v = run_in_venv("venv-versions", {}, venv)
-    return {"versions": v, "pip_steps": steps, "venv": str(venv)}
+            raise RuntimeError(f"{needed[0]} does not install: " + " | ".join(errors))
+    return {"versions": run("venv-versions", {}, venv), "pip_steps": steps, "venv": str(venv)}
+
+
+def ensure_venv(venv: Path = VENV, say: Callable[[str], None] = print) -> dict:
+    """The optimum venv: torch==2.13.0, then optimum-onnx with transformers<4.58 (the newest optimum-onnx, else
+    an older one)."""
+    return install_venv(venv, say, run_in_venv, "optimum-peer", ("optimum-onnx", "transformers", "onnxruntime",
+                                                                  "accelerate"), PEER_SPECS)
 
 
 def fix_hf_folder_for_transformers4(d: Path) -> list[str]:
