@@ -35,9 +35,11 @@ class Absorption:
         self.initial = [p.detach().clone() for p in self.params] if cfg.reset == "adapters" else None
         self.b_params = [p for n, p in lora.adapters(model).items() if n.endswith(".lora_B")]
         self.probe_prefix: list[int] = []    # token ids of config.PROBE_PREFIX (set by the streaming loop)
+        self.gen_prompts: list[list[int]] = []   # cfg.probe_gen: ids of config.GEN_PROBE_PROMPTS (idem)
         self.prefix: list[int] = []          # cfg.prefix: the stream's first tokens (set by the streaming loop)
         self.anchor_ids: list[int] = []      # cfg.anchor: the replay text's ids (set by the streaming loop)
         self._anchor_target: torch.Tensor | None = None
+        self._ttt_context: torch.Tensor | None = None   # cfg.ttt_context: the end of the previous round's X
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -68,7 +70,8 @@ class Absorption:
     def _loss(self, x: torch.Tensor, y: torch.Tensor, t: sync.Teacher | None) -> torch.Tensor:
         cfg = self.cfg
         if self.method == "ttt":
-            return sync.next_token_loss(self.model, x)
+            ctx = self._ttt_context
+            return sync.next_token_loss(self.model, x, ctx if ctx is not None and ctx.shape[1] else None)
         pre = self._prefix_tensor(y)
         yy = y if pre is None else torch.cat([pre, y], dim=1)
         hs, logits = sync.forward_states(self.model, yy, self.layers, with_logits=cfg.kl_weight > 0)
@@ -97,10 +100,25 @@ class Absorption:
             self.opt.state[k] = v
 
     def probe_ids(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The round's recall probes (cfg.probes): X cut into that many parts, each after the probe prefix."""
+        """The round's recall probes (cfg.probes): X cut into that many parts, each after the probe prefix; with
+        cfg.probe_gen, each prompt followed by the base model's own greedy continuation with X in context."""
         from absorber.config import probe_parts
+        if self.cfg.probe_gen > 0:
+            return [self._generated_probe(x, prompt) for prompt in self.gen_prompts[:self.cfg.probes]]
         pre = torch.tensor([self.probe_prefix], dtype=x.dtype, device=x.device).reshape(1, -1)
         return [torch.cat([pre, x[:, a:b]], dim=1) for a, b in probe_parts(x.shape[1], self.cfg.probes)]
+
+    @torch.no_grad()
+    def _generated_probe(self, x: torch.Tensor, prompt: list[int]) -> torch.Tensor:
+        """prompt + what the base model (adapters off) writes after (prefix)·X·prompt: [1, len(prompt) + G]."""
+        p = torch.tensor([prompt], dtype=x.dtype, device=x.device)
+        pre = self._prefix_tensor(x)
+        ctx = torch.cat(([pre] if pre is not None else []) + [x, p], dim=1)
+        with lora.disabled(self.model):
+            out = self.model.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=self.cfg.probe_gen,
+                                      min_new_tokens=self.cfg.probe_gen, do_sample=False, repetition_penalty=1.3,
+                                      pad_token_id=0)
+        return torch.cat([p, out[:, ctx.shape[1]:]], dim=1)
 
     def _teacher(self, x: torch.Tensor, y: torch.Tensor) -> sync.Teacher:
         cfg = self.cfg
@@ -164,6 +182,8 @@ class Absorption:
             steps += s
             if rolled_back:
                 break
+        if self.method == "ttt" and cfg.ttt_context > 0:
+            self._ttt_context = x[:, -cfg.ttt_context:].detach().clone()
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",

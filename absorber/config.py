@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROBE_PREFIX = "To recap what was said so far: "   # recall probes (AbsorberConfig.probes) start with this text
+# generated probes (AbsorberConfig.probe_gen): prompt j is followed by what the base model says next with X in
+# context. Worded to draw out the kind of content a user asks about later (who, what role, which numbers).
+GEN_PROBE_PROMPTS = (
+    "\n\nTo recap, the names, roles, places and numbers mentioned so far are:",
+    "\n\nIn short, the speaker announced that",
+    "\n\nThe key facts from the passage above are:",
+    "\n\nQ: What did the speaker promise?\nA: The speaker promised",
+)
 
 
 def probe_parts(n: int, probes: int) -> list[tuple[int, int]]:
@@ -72,6 +80,11 @@ class AbsorberConfig:
     probes: int = 0              # recall probes per round, synchronized before Y: X is cut into `probes` parts;
                                  # probe j = PROBE_PREFIX + part j; the teacher sees X then the probe, the student
                                  # the probe alone (a fact Y never uses is in the loss this way). 0: off
+    probe_gen: int = 0           # > 0: generated probes instead of replayed parts of X: probe j is
+                                 # GEN_PROBE_PROMPTS[j] followed by `probe_gen` tokens the base model writes
+                                 # (greedy, repetition penalty 1.3) with X in context (Cartridges' self-study,
+                                 # LIFT's auxiliary text): the student learns what the model says ABOUT X, in words
+                                 # other than X's. Reference only. 0: off
     prefix: int = 0              # the stream's first `prefix` tokens stay in front of the window for good, in the
                                  # teacher (prefix.X.Y), the student (prefix.Y) and the answering passes, at
                                  # positions 0..prefix-1: Y's first token is no longer the student's attention
@@ -80,6 +93,8 @@ class AbsorberConfig:
                                  # fixed replay text (absorber/anchor.txt, no context) against the base model's
                                  # on it: the adapters may not change ordinary text. 0: off
     anchor_tokens: int = 64      # tokens of the anchor text used
+    ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
+                                 # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -122,6 +137,11 @@ class AbsorberConfig:
             raise AbsorberError(f"gamma must be in [0, 1] (got {self.gamma})")
         if self.probes < 0 or self.probes > self.n:
             raise AbsorberError(f"probes must be in 0..n (got {self.probes})")
+        if self.probe_gen < 0 or (self.probe_gen and self.probes > len(GEN_PROBE_PROMPTS)):
+            raise AbsorberError(f"probe_gen must be >= 0 and, with it, probes at most {len(GEN_PROBE_PROMPTS)} "
+                                f"(got probe_gen={self.probe_gen}, probes={self.probes})")
+        if self.ttt_context < 0:
+            raise AbsorberError(f"ttt_context must be >= 0 (got {self.ttt_context})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
 
@@ -130,7 +150,7 @@ class AbsorberConfig:
 LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "layers", "seed": "seed",
              "lora.rank": "rank", "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers",
              "lora.seed": "seed"}
-_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "probes", "lora.rank", "lora.seed")
+_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "probes", "probe_gen", "ttt_context", "lora.rank", "lora.seed")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 

@@ -37,6 +37,10 @@ class StreamingAbsorber:
             if tokenizer is not None and self.cfg.probes:
                 from absorber.config import PROBE_PREFIX
                 self.absorption.probe_prefix = tokenizer.encode(PROBE_PREFIX, add_special_tokens=False)
+            if tokenizer is not None and self.cfg.probe_gen:
+                from absorber.config import GEN_PROBE_PROMPTS
+                self.absorption.gen_prompts = [tokenizer.encode(t, add_special_tokens=False)
+                                               for t in GEN_PROBE_PROMPTS]
             if tokenizer is not None and self.cfg.anchor > 0:
                 from absorber.config import anchor_text
                 ids = tokenizer.encode(anchor_text(), add_special_tokens=False)

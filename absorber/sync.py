@@ -126,8 +126,13 @@ class SyncLoss(nn.Module):
         return sync_loss(hs, teacher_hidden, self.kind, skip=self.skip)
 
 
-def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Plain language-model loss on ids (the TTT baseline trains the same adapters with it)."""
-    out = model(input_ids=ids, position_ids=positions(ids.shape[1], device=ids.device),
-                attention_mask=torch.ones_like(ids), use_cache=False)
-    return F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:])
+def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain language-model loss on ids (the TTT baseline trains the same adapters with it). With `context`
+    [1, c], the ids follow it in the input and only the ids' tokens are scored (Temp-LoRA's recipe: each chunk
+    conditioned on the text before it)."""
+    c = 0 if context is None else context.shape[1]
+    full = ids if context is None else torch.cat([context, ids], dim=1)
+    out = model(input_ids=full, position_ids=positions(full.shape[1], device=ids.device),
+                attention_mask=torch.ones_like(full), use_cache=False)
+    start = max(c - 1, 0)                     # the logit at c-1 predicts ids[0]
+    return F.cross_entropy(out.logits[0, start:-1].float(), full[0, start + 1:])

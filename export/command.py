@@ -19,9 +19,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="bundle folder to write (must not exist, be empty, or be a bundle to replace)")
     from absorber.bundle_format import QUANT_SCHEMES
-    parser.add_argument("--quant", default="fp32", choices=list(QUANT_SCHEMES),
+    parser.add_argument("--quant", default="fp32", metavar="|".join(QUANT_SCHEMES),
                         help="frozen base weights: fp32, int8 or int4 in blocks of 32, run by MatMulNBits "
-                             "(default fp32); a GGUF source's Q4_1/Q8_0 blocks are carried over exactly")
+                             "(default fp32); a GGUF source's Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 blocks are carried over "
+                             "exactly. A comma list (fp32,int8,int4) traces once and writes OUT/<scheme> for each")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: AbsorberConfig's, 16)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="LoRA alpha (default: alpha/rank stays AbsorberConfig's, 32/16, so 2 x rank)")
@@ -73,10 +74,18 @@ def main(args) -> int:
     from pathlib import Path
 
     from absorber.config import AbsorberConfig, override
-    from absorber.export.bundle import _check_args, _check_out, export_bundle
+    from absorber.bundle_format import QUANT_SCHEMES
+    from absorber.errors import AbsorberError
+    from absorber.export.bundle import _check_args, _check_out, export_bundles
 
-    _check_args(args.quant, args.opset)          # fail fast, before loading a model
-    _check_out(Path(os.path.abspath(args.out)))
+    quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+    bad = [q for q in quants if q not in QUANT_SCHEMES]
+    if bad or not quants or len(set(quants)) != len(quants):
+        raise AbsorberError(f"--quant: {args.quant!r} is not a list of distinct {', '.join(QUANT_SCHEMES)}")
+    outs = {quants[0]: args.out} if len(quants) == 1 else {q: os.path.join(args.out, q) for q in quants}
+    for q, d in outs.items():                    # fail fast, before loading a model
+        _check_args(q, args.opset)
+        _check_out(Path(os.path.abspath(d)))
     cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
                    seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip)
     cfg.validate()
@@ -84,9 +93,10 @@ def main(args) -> int:
     say(f"loading {args.model}")
     model, tok = _load(args.model)
     source = None
-    if args.quant != "fp32" and args.model != "tiny":
+    if any(q != "fp32" for q in quants) and args.model != "tiny":
         source = carried_source(args.model, model, say)
-    path = export_bundle(model, tok, args.out, quant=args.quant, cfg=cfg, opset=args.opset, max_len=args.max_len,
-                         progress=say, source=source)
-    print(path)
+    paths = export_bundles(model, tok, outs, cfg=cfg, opset=args.opset, max_len=args.max_len, progress=say,
+                           source=source)
+    for q in quants:
+        print(paths[q])
     return 0

@@ -1,13 +1,15 @@
 """Quantized frozen weights executed by integer kernels (numpy + onnx, no torch).
 
 Every 2-D frozen weight W [N, K] (linear layers [out, in], the embedding / lm_head table [vocab, hidden]) whose
-K is a multiple of the block (32) is stored in blocks of 32 consecutive columns, in the layout of ONNX Runtime's
-`com.microsoft.MatMulNBits` (B: uint8 [N, K/32, 32*bits/8], element 2i in the low nibble for 4 bits):
+K is a multiple of the block (32) is stored in blocks of 32 consecutive columns (16 for weights carried over from
+GGUF Q6_K), in the layout of ONNX Runtime's `com.microsoft.MatMulNBits` (B: uint8 [N, K/block, block*bits/8],
+element 2i in the low nibble for 4 bits):
 
   4 bits:  W = scale * q + minimum,   q in 0..15, scale and minimum float32 per block (GGUF Q4_1's form,
-           carried over exactly from a Q4_1 source; a float source is requantized into it, min/max per block)
+           carried over exactly from Q4_1/Q4_0/Q4_K; a float source is requantized into it, min/max per block)
   8 bits:  W = (q - 128) * scale,     q in 0..255 (uint8 zero point 128), scale float32 per block
-           (GGUF Q8_0's form, carried over exactly; a float source is requantized symmetrically per block)
+           (GGUF Q8_0's form; Q8_0/Q5_0/Q6_K are carried over exactly; a float source is requantized
+           symmetrically per block)
 
 How each USE of W is executed (a graph rewrite after tracing, `apply`):
   x @ W^T (FusedMatMul transB / Gemm transB: every linear layer, the lm_head)
@@ -53,7 +55,7 @@ class QWeight:
     q: np.ndarray                  # uint8 [N, K], values 0 .. 2**bits - 1
     scale: np.ndarray              # float32 [N, K / block]
     minimum: np.ndarray | None     # float32 [N, K / block] (4 bits), None for 8 bits
-    source: str = "requantized"    # or "gguf:Q4_1", "gguf:Q8_0" (carried over exactly)
+    source: str = "requantized"    # or "gguf:<type>" (carried over exactly, export/gguf_source.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -327,7 +329,8 @@ def describe(scheme: str, qweights: dict[str, QWeight], counts: dict | None = No
         "quantized": sorted(qweights),
         "bits": {n: qw.bits for n, qw in sorted(qweights.items())},
         "sources": sources,
-        "block_size": INT4_BLOCK,
+        "block_size": INT4_BLOCK,                        # of every requantized weight; carried ones: `blocks`
+        "blocks": {n: qw.block for n, qw in sorted(qweights.items()) if qw.block != INT4_BLOCK},
         "accuracy_level": dict(accuracy or ACCURACY),
         "uses": dict(counts or {}),
         "kept_float": "1-D tensors (norm weights) and non-weight constants",

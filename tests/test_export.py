@@ -437,6 +437,16 @@ def test_cli_exports_tiny_bundle(tmp_path):
     assert main(["export", "tiny", "--out", str(out), "-q"]) == 0      # an existing bundle is replaced
     assert _manifest(out)["quant"]["scheme"] == "fp32"
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+    assert main(["export", "tiny", "--out", str(tmp_path / "both"), "--quant", "fp32,int8", "-q"]) == 0
+    assert {q: _manifest(tmp_path / "both" / q)["quant"]["scheme"] for q in ("fp32", "int8")} == \
+        {"fp32": "fp32", "int8": "int8"}                                  # one trace, one bundle per scheme
+
+
+def test_cli_rejects_a_bad_quant_list_before_loading(tmp_path, capsys):
+    from absorber.cli import main
+    assert main(["export", "tiny", "--out", str(tmp_path / "b"), "--quant", "int4,int5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int4,int5" in err[0] and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

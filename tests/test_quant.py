@@ -81,28 +81,58 @@ def test_int8_activations_are_an_approximation():
 
 
 # ------------------------------------------------------------------------------------------- GGUF carry-over
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_gguf_blocks_carry_over_exactly(kind):
-    """A GGUF Q4_1 / Q8_0 tensor, parsed into the bundle's blocks, dequantizes to gguf's own values bit for bit,
-    and MatMulNBits' packed bytes hold those same values."""
+def _gguf_bytes(kind: str, rows: int, cols: int) -> np.ndarray:
+    """A GGUF tensor's bytes: quantized by gguf-py where it can, else random blocks with finite fp16 scales
+    (every byte pattern of a K-quant block is a valid block)."""
     import gguf
-    from gguf.quants import dequantize, quantize
+    from gguf.quants import quantize
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    w = (RNG.standard_normal((rows, cols)) * 0.1).astype(np.float32)
+    try:
+        return quantize(w, t)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        raw = RNG.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+        fp16 = {"Q4_K": (0, 2), "Q6_K": (208,)}[kind]            # offsets of the fp16 super-block scales
+        for o in fp16:
+            raw[..., o:o + 2] = (RNG.standard_normal((rows, cols // block, 1)) * 1e-3).astype(np.float16) \
+                .view(np.uint8).reshape(rows, cols // block, 2)
+        return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0", "Q4_K", "Q8_0", "Q5_0", "Q6_K"])
+def test_gguf_blocks_carry_over_exactly(kind):
+    """A GGUF tensor of each carried type, parsed into the bundle's blocks, dequantizes to gguf's own values bit
+    for bit, MatMulNBits' packed bytes hold those same codes, and MatMulNBits computes with them."""
+    import gguf
+    from gguf.quants import dequantize
 
     from absorber.export.gguf_source import _parse
     t = getattr(gguf.GGMLQuantizationType, kind)
-    w = (RNG.standard_normal((12, 96)) * 0.1).astype(np.float32)
-    raw = quantize(w, t)
+    rows, cols = 12, 512                                         # two K-quant super-blocks per row
+    raw = _gguf_bytes(kind, rows, cols)
     ref = dequantize(raw, t)
-    q, d, m, bits = _parse(kind, raw, 12)
-    qw = Q.QWeight("w", bits, 32, q, d, m, source=f"gguf:{kind}")
+    assert np.isfinite(ref).all() and np.unique(ref).size > 16    # a real spread of values, not a trivial block
+    q, d, m, bits, block = _parse(kind, raw, rows)
+    qw = Q.QWeight("w", bits, block, q, d, m, source=f"gguf:{kind}")
     np.testing.assert_array_equal(qw.dequantized(), ref)
-    assert np.abs(ref - w).max() > 0                    # a lossy source: exactness is not trivial
     packed = qw.packed()
     if bits == 4:
-        unpacked = np.stack([packed & 15, packed >> 4], axis=-1).reshape(12, 96)
+        unpacked = np.stack([packed & 15, packed >> 4], axis=-1).reshape(rows, cols)
     else:
-        unpacked = packed.reshape(12, 96)
+        unpacked = packed.reshape(rows, cols)
     np.testing.assert_array_equal(unpacked, q)
+    # the graph form (MatMulNBits + the minimum's block sums) against numpy on the same dequantized weight
+    g = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, cols])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, rows])])
+    g.node.extend([helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain=Q.MS, transB=1)])
+    g.initializer.extend([numpy_helper.from_array(ref, "w")])
+    Q.apply(g, {"w": qw}, accuracy_level=1)
+    mp = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(Q.MS, 1)])
+    x = RNG.standard_normal((3, cols)).astype(np.float32)
+    y = ort.InferenceSession(mp.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ ref.T.astype(np.float64)
+    assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_carried_weights_from_a_gguf_file(tmp_path):

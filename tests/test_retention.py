@@ -316,3 +316,64 @@ def test_anchor_term_pulls_ordinary_text_back_to_the_base_model(tiny_tok, rng_id
     assert extra > 1e-4
     with pytest.raises(Exception, match="anchor"):
         AbsorberConfig(anchor=-1.0).validate()
+
+
+def test_generated_probes_are_the_base_models_own_continuation(tiny_tok, rng_ids):
+    """probe_gen=G: probe j is GEN_PROBE_PROMPTS[j] + the G tokens the base model (adapters off, though they are
+    not zero here) writes greedily after X·prompt; a round synchronizes both probes and Y; too many probes is a
+    one-line error."""
+    import torch
+    from absorber import lora
+    from absorber.config import GEN_PROBE_PROMPTS, AbsorberConfig, LoraConfig
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    from absorber.stream import StreamingAbsorber
+    model = tiny_llama(seed=0, vocab=512)
+    cfg = AbsorberConfig(n=16, m=8, k=1, probes=2, probe_gen=5, lora=LoraConfig(rank=2, alpha=4))
+    sa = StreamingAbsorber(model, tiny_tok, cfg)
+    ab = sa.absorption
+    with torch.no_grad():                      # non-identity adapters: the probe must not depend on them
+        for p in lora.adapters(model).values():
+            p.normal_(0, 0.5)
+    x = torch.tensor([rng_ids(16, seed=2)])
+    probes = ab.probe_ids(x)
+    assert len(probes) == 2
+    for j, pr in enumerate(probes):
+        prompt = tiny_tok.encode(GEN_PROBE_PROMPTS[j], add_special_tokens=False)
+        assert pr.shape[1] == len(prompt) + 5 and pr[0, :len(prompt)].tolist() == prompt
+        ctx = torch.cat([x, pr[:, :len(prompt)]], dim=1)
+        with torch.no_grad(), lora.disabled(model):
+            want = model.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=5, min_new_tokens=5,
+                                  do_sample=False, repetition_penalty=1.3, pad_token_id=0)[:, ctx.shape[1]:]
+        assert pr[0, len(prompt):].tolist() == want[0].tolist()
+    sa.feed_tokens(rng_ids(16 + 8 + 1, seed=3))
+    assert len(sa.rounds) == 1 and sa.rounds[0].steps == 3 * cfg.k          # two probes and Y
+    with pytest.raises(AbsorberError, match="probe_gen"):
+        AbsorberConfig(probes=5, probe_gen=8).validate()
+
+
+def test_ttt_context_conditions_each_chunk_on_the_previous_one(tiny_tok, rng_ids):
+    """ttt_context=c (Temp-LoRA): from the second round on, TTT's next-token loss scores X's tokens with the last c
+    tokens of the previous X in front; the first round has no context; c=0 keeps X alone."""
+    import torch
+    import torch.nn.functional as F
+    from absorber import sync
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.models import tiny_llama
+    from absorber.stream import StreamingAbsorber
+    ids = rng_ids(16 * 3 + 8, seed=5)
+    cfg = AbsorberConfig(n=16, m=8, k=1, lr=0.0, ttt_context=6, lora=LoraConfig(rank=2, alpha=4))
+    sa = StreamingAbsorber(tiny_llama(seed=0, vocab=512), tiny_tok, cfg, method="ttt")
+    sa.feed_tokens(ids[:16 + 8])
+    first = sa.rounds[-1].loss_first
+    sa.feed_tokens(ids[16 + 8:16 * 2 + 8])
+    second = sa.rounds[-1].loss_first
+    model = sa.model
+    with torch.no_grad():
+        x1, x2 = torch.tensor([ids[:16]]), torch.tensor([ids[16:32]])
+        assert first == pytest.approx(float(sync.next_token_loss(model, x1)), rel=1e-5)
+        full = torch.cat([x1[:, -6:], x2], dim=1)
+        logits = model(input_ids=full, use_cache=False).logits[0]
+        want = F.cross_entropy(logits[5:-1].float(), full[0, 6:])       # the 16 tokens of X2, each predicted
+        assert second == pytest.approx(float(want), rel=1e-5)
+        assert second != pytest.approx(float(sync.next_token_loss(model, x2)), rel=1e-3)   # the context matters

@@ -5,7 +5,8 @@
 
 Variants: window (no absorption), base (the shipped teacher), compose (compositional teacher, gamma=1),
 compose0.5, current (the paper's teacher), ttt, or any `key=value/key=value` list of AbsorberConfig settings on
-top of the shipped teacher (e.g. `probes=2/anchor=1/prefix=4/sync_skip=0`). Each variant streams every speech
+top of the shipped teacher (e.g. `probes=2/anchor=1/prefix=4/sync_skip=0`), optionally after a method
+(`ttt/lr=0.0001/ttt_context=64`: TTT with Temp-LoRA's conditioned chunks). Each variant streams every speech
 with fresh adapters.
 """
 from __future__ import annotations
@@ -35,10 +36,13 @@ def variant(label: str, base):
         method, flags = VARIANTS[label]
         return method, override(base, **flags)
     flags = {}
-    for part in label.split("/"):
+    method, parts = "absorber", label.split("/")
+    if parts[0] in ("ttt", "absorber"):          # a method first: `ttt/lr=0.0001/ttt_context=64`
+        method, parts = parts[0], parts[1:]
+    for part in parts:
         key, _, val = part.partition("=")
         flags[key] = parse_value(key, val)
-    return "absorber", override(base, **flags)
+    return method, override(base, **flags)
 
 
 def main(argv=None) -> int:
