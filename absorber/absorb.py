@@ -83,6 +83,8 @@ class Absorption:
             a_ids, a_t = self.anchor_target(y.device)
             a_hs, _ = sync.forward_states(self.model, a_ids, self.layers)
             loss = loss + cfg.anchor * sync.sync_loss(a_hs, a_t, cfg.loss, skip=cfg.sync_skip)
+        if cfg.ntp_weight > 0:   # write X itself into the adapters (TTT's term) beside the sync on Y
+            loss = loss + cfg.ntp_weight * sync.next_token_loss(self.model, x)
         return loss
 
     def _save(self):

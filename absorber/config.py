@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -93,6 +94,8 @@ class AbsorberConfig:
                                  # fixed replay text (absorber/anchor.txt, no context) against the base model's
                                  # on it: the adapters may not change ordinary text. 0: off
     anchor_tokens: int = 64      # tokens of the anchor text used
+    ntp_weight: float = 0.0      # method "absorber": + ntp_weight x the next-token loss of the student on X
+                                 # itself (no context) in every step: sync on Y plus TTT on X (0: off)
     ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
                                  # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
@@ -140,6 +143,8 @@ class AbsorberConfig:
         if self.probe_gen < 0 or (self.probe_gen and self.probes > len(GEN_PROBE_PROMPTS)):
             raise AbsorberError(f"probe_gen must be >= 0 and, with it, probes at most {len(GEN_PROBE_PROMPTS)} "
                                 f"(got probe_gen={self.probe_gen}, probes={self.probes})")
+        if not (self.ntp_weight >= 0 and math.isfinite(self.ntp_weight)):
+            raise AbsorberError(f"ntp_weight must be a finite number >= 0 (got {self.ntp_weight})")
         if self.ttt_context < 0:
             raise AbsorberError(f"ttt_context must be >= 0 (got {self.ttt_context})")
         if self.lora.rank < 1:

@@ -36,6 +36,7 @@ class Fact:
     question: str      # asked later, worded differently
     answer: str        # scored by teacher-forced NLL after the question prompt (leading space)
     kind: str
+    template: int = -1  # which template it was drawn from (decoys are drawn from the same one)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,11 +98,31 @@ def make_facts(count: int, seed: int = 0) -> list[Fact]:
     used: set = set()
     out: list[Fact] = []
     while len(out) < count:
-        batch = _templates(rng, used)
+        batch = list(enumerate(_templates(rng, used)))
         rng.shuffle(batch)
-        for kind, s, q, a in batch:
+        for t, (kind, s, q, a) in batch:
             if len(out) < count:
-                out.append(Fact(s, q, a, kind))
+                out.append(Fact(s, q, a, kind, t))
+    return out
+
+
+def decoys(facts: list[Fact], seed: int = 0) -> list[Fact]:
+    """Per fact, the same question with an answer of the same kind that was never said: another draw of the
+    same template ("Judge Imelda Farrow" -> "Judge Anselm Szabo"). The control of the forgetting curve: a
+    method that only learns the speech's register, or that answers questions of this shape better in general,
+    lowers the decoy's NLL as much as the true answer's; one that remembers the fact lowers only the latter."""
+    rng = random.Random(seed + 7919)
+    said = " ".join(f.statement for f in facts)
+    used = {w for f in facts for w in [f.answer.strip()]}
+    out = []
+    for f in facts:
+        for _ in range(200):
+            kind, _s, _q, a = _templates(rng, set(used))[f.template]
+            if a != f.answer and a.strip() not in said:
+                out.append(Fact(f.statement, f.question, a, f.kind, f.template))
+                break
+        else:
+            raise ValueError(f"no decoy for the {f.kind} fact {f.answer!r}")
     return out
 
 

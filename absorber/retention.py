@@ -14,6 +14,10 @@ For one real transcript and one method (the reference's StreamingAbsorber):
   * retention(d) = (sum NLL_window - sum NLL_method) / (sum NLL_window - sum NLL_full) over the facts (and
     the texts) at that distance, with a percentile bootstrap interval over facts: 1 = the fact is as well
     known as with it in context, 0 = no better than the window, < 0 = worse than the window.
+  * the control: each fact also has a decoy (`facts.decoys`: the same question, an answer of the same kind
+    that was never said). decoy_lift(d) is how much the method lowers the decoys' NLL on the same scale, and
+    specific(d) = retention(d) - decoy_lift(d) is what it keeps of the facts themselves rather than of the
+    speech's register or the question format.
   * damage: the perplexity of a held-out speech (unrelated to the stream) under the method's model, with no
     stream context, against the base model's, at the same rounds.
 No generation: a 135M model answers weakly, but its likelihoods are informative.
@@ -107,6 +111,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
     and the base held-out NLL from an earlier call on the same text and settings (they do not depend on the
     method), reused and returned."""
     ids, fs, spans, ev, passages = prepare(tok, text_ids, cfg, rs, seed)
+    dec = FX.decoys(fs, seed)
     n, m = cfg.n, cfg.m
     last_round = max(ev) + max(rs.distances)
     need = n + m + (last_round - 1) * n
@@ -136,6 +141,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
         todo = [(j, d) for j, d in due[r] if (j, d) not in baselines]
         if todo:
             win = answer_nlls(base_model, tok, ctx, [fs[j] for j, _ in todo])
+            win_dec = answer_nlls(base_model, tok, ctx, [dec[j] for j, _ in todo])
             by_passage: dict[tuple, list[int]] = {}
             for i, (j, _) in enumerate(todo):      # facts of the same chunk share their passage
                 by_passage.setdefault((ev[j], len(passages[j])), []).append(i)
@@ -145,13 +151,15 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 for i, v in zip(i_s, answer_nlls(base_model, tok, passages[j0] + ctx, [fs[todo[i][0]] for i in i_s])):
                     full[i] = v
             for i, key in enumerate(todo):
-                baselines[key] = (win[i], full[i])
+                baselines[key] = (win[i], full[i], win_dec[i])
         mine = None if method == "window" else answer_nlls(sa.model, tok, ctx, [fs[j] for j, _ in due[r]])
+        mine_dec = None if method == "window" else answer_nlls(sa.model, tok, ctx, [dec[j] for j, _ in due[r]])
         for i, (j, d) in enumerate(due[r]):
-            w, f_ = baselines[(j, d)]
+            w, f_, wd = baselines[(j, d)]
             mth = w if mine is None else mine[i]
+            md = wd if mine_dec is None else mine_dec[i]
             records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
-                            "nll_method": mth, "nll_full": f_})
+                            "nll_method": mth, "nll_full": f_, "nll_window_decoy": wd, "nll_method_decoy": md})
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
             if "heldout" not in baselines:
@@ -177,15 +185,34 @@ def retention(records: list[dict]) -> float:
     return (w - mth) / gap if records and gap > 0 else float("nan")
 
 
-def bootstrap_ci(records: list[dict], draws: int, seed: int, unit=("text", "fact")) -> tuple[float, float] | None:
-    """95 % percentile interval of retention, resampling facts (the (text, fact) pairs) with replacement."""
+def decoy_lift(records: list[dict]) -> float:
+    """The control: how much the method lowers the NLL of answers that were never said (the decoys), on the
+    same scale as retention (the true answers' window-to-full gap). Near retention: the method learned the
+    register or the question shape, not the facts. NaN for records without decoys."""
+    if not records or any("nll_method_decoy" not in r for r in records):
+        return float("nan")
+    w = sum(r["nll_window"] for r in records)
+    f = sum(r["nll_full"] for r in records)
+    wd = sum(r["nll_window_decoy"] for r in records)
+    md = sum(r["nll_method_decoy"] for r in records)
+    return (wd - md) / (w - f) if w - f > 0 else float("nan")
+
+
+def specific_retention(records: list[dict]) -> float:
+    """Retention less the decoy lift: what the method keeps of the facts themselves."""
+    return retention(records) - decoy_lift(records)
+
+
+def bootstrap_ci(records: list[dict], draws: int, seed: int, unit=("text", "fact"),
+                 stat: Callable[[list[dict]], float] = retention) -> tuple[float, float] | None:
+    """95 % percentile interval of `stat` (retention), resampling facts (the (text, fact) pairs) with replacement."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(u) for u in unit), []).append(r)
     keys = list(groups)
     if len(keys) < 2 or not draws:
         return None
-    return percentile_interval(lambda idx: retention([x for i in idx for x in groups[keys[i]]]), len(keys),
+    return percentile_interval(lambda idx: stat([x for i in idx for x in groups[keys[i]]]), len(keys),
                                draws, seed)
 
 
@@ -194,8 +221,12 @@ def curve(records: list[dict], rs: RetentionSettings) -> list[dict]:
     out = []
     for d in rs.distances:
         sub = [r for r in records if r["distance"] == d]
+        dl = decoy_lift(sub)
         out.append({"distance": d, "facts": len(sub), "retention": retention(sub),
                     "ci95": bootstrap_ci(sub, rs.bootstrap, rs.seed),
+                    "decoy_lift": dl, "specific": retention(sub) - dl,
+                    "specific_ci95": None if math.isnan(dl) else bootstrap_ci(sub, rs.bootstrap, rs.seed,
+                                                                             stat=specific_retention),
                     "nll_window": sum(r["nll_window"] for r in sub), "nll_method": sum(r["nll_method"] for r in sub),
                     "nll_full": sum(r["nll_full"] for r in sub)})
     return out
@@ -243,13 +274,16 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
 
 def format_curve(result: dict) -> str:
     ds = result["settings"]["retention"]["distances"]
-    lines = ["| method | " + " | ".join(f"d={d}" for d in ds) + " | damage (end) |",
-             "|---|" + "---|" * (len(ds) + 1)]
+    lines = ["| method | " + " | ".join(f"d={d}" for d in ds) + f" | specific d={ds[-1]} | damage (end) |",
+             "|---|" + "---|" * (len(ds) + 2)]
     for mth, d in result["methods"].items():
         cells = []
         for c in d["curve"]:
             ci = c["ci95"]
             cells.append(f"{c['retention']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         dm = d["damage"].get("ppl_change_at_end")
-        lines.append(f"| {mth} | " + " | ".join(cells) + f" | {'–' if dm is None else f'{dm:+.1%}'} |")
+        last = d["curve"][-1] if d["curve"] else {}
+        sp = last.get("specific")
+        spc = "–" if sp is None or math.isnan(sp) else f"{sp:.2f}"
+        lines.append(f"| {mth} | " + " | ".join(cells) + f" | {spc} | {'–' if dm is None else f'{dm:+.1%}'} |")
     return "\n".join(lines)

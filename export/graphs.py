@@ -316,8 +316,11 @@ def export_decoder(model, layers: list[int], adapters: list[str], frozen: set[st
             self.model = m
 
         def forward(self, input_ids, position_ids, past):
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)],
-                                 config=self.model.config)
+            # no config: every layer a full DynamicLayer. With the config, Gemma-3's sliding layers become
+            # DynamicSlidingWindowLayer, whose cropping is a data-dependent branch the trace fixes at the example
+            # (past + new < window): decode past the window then failed in an Expand. The sliding window is
+            # applied by the attention mask (from the model config) either way; the runtime keeps full KV.
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)])
             out = self.model.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
                                    use_cache=True, output_hidden_states=True)
             hs = torch.stack([out.hidden_states[i][0] for i in layers])

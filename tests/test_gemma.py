@@ -111,3 +111,21 @@ def test_gemma3_rounds_match_the_reference(gemma_bundles, quant):
     got = s.adapters()
     flat = lambda d: np.concatenate([d[n].ravel() for n in sorted(got)])  # noqa: E731
     assert np.linalg.norm(flat(got) - flat(snap)) / np.linalg.norm(flat(snap)) < 1e-4
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_gemma3_decodes_past_the_sliding_window_as_torch(gemma_bundles, quant):
+    """Greedy decoding with the KV cache, prompt and generated tokens running past the sliding window: the
+    runtime's tokens are torch's (the decoder graph once failed there: its sliding cache layers were traced
+    at a past shorter than the window)."""
+    from absorber.runtime import Stream
+    outs, cfg = gemma_bundles
+    model, _ = _ref(outs[quant], cfg)
+    prompt = _ids(WINDOW - 4)
+    new = WINDOW + 8                      # prompt + generated = 2 x WINDOW + 4
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, len(prompt):].tolist()
+    s = Stream.open(outs[quant], profile=_profile(cfg))
+    got = s.generate_ids(list(prompt), new)
+    assert list(got)[:new] == want

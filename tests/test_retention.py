@@ -67,6 +67,32 @@ def test_retention_arithmetic_and_interval():
     assert RT.retention([dict(r, nll_method=r["nll_full"]) for r in recs]) == pytest.approx(1.0)
 
 
+def test_decoy_lift_takes_out_what_is_not_the_fact():
+    # window 100, full 20 (gap 80); the method lowers true answers by 40 and decoys by 16: lift 0.2, specific 0.3
+    recs = [{"text": "a", "fact": j, "nll_window": 10.0, "nll_method": 6.0, "nll_full": 2.0,
+             "nll_window_decoy": 12.0, "nll_method_decoy": 10.4} for j in range(10)]
+    assert RT.retention(recs) == pytest.approx(0.5)
+    assert RT.decoy_lift(recs) == pytest.approx(0.2)
+    assert RT.specific_retention(recs) == pytest.approx(0.3)
+    lo, hi = RT.bootstrap_ci([dict(r, nll_method_decoy=r["nll_method_decoy"] + (j % 3) - 1)
+                              for j, r in enumerate(recs)], 200, 0, stat=RT.specific_retention)
+    assert lo < 0.3 + 1e-9 and hi > 0.3 - 1e-9
+    assert math.isnan(RT.decoy_lift([{k: v for k, v in r.items() if "decoy" not in k} for r in recs]))
+
+
+def test_decoys_ask_the_same_question_with_an_answer_never_said():
+    from absorber import facts as FX
+    fs = FX.make_facts(30, seed=3)
+    ds = FX.decoys(fs, seed=3)
+    said = " ".join(f.statement for f in fs)
+    assert len(ds) == len(fs)
+    for f, d in zip(fs, ds):
+        assert d.question == f.question and d.kind == f.kind and d.template == f.template >= 0
+        assert d.answer != f.answer and d.answer.strip() not in said
+        assert d.answer.startswith(" ")
+    assert FX.decoys(fs, seed=3) == ds        # seeded
+
+
 # ------------------------------------------------------------------------------------------------ compose teacher
 def test_compose_target_arithmetic():
     from absorber import sync
@@ -206,6 +232,10 @@ def test_forgetting_curve_end_to_end_on_a_tiny_model(tiny_model, tiny_tok):
     w = {(r["fact"], r["distance"]): (r["nll_window"], r["nll_full"]) for r in res["methods"]["window"]["records"]}
     a = {(r["fact"], r["distance"]): (r["nll_window"], r["nll_full"]) for r in res["methods"]["absorber"]["records"]}
     assert w == a
+    # the decoy control: zero lift for the window, computed for every record of the absorber
+    assert all(r["nll_method_decoy"] == r["nll_window_decoy"] for r in res["methods"]["window"]["records"])
+    assert all(x["decoy_lift"] == 0.0 or math.isnan(x["decoy_lift"]) for x in res["methods"]["window"]["curve"])
+    assert any(r["nll_method_decoy"] != r["nll_window_decoy"] for r in res["methods"]["absorber"]["records"])
     # absorption changes the answers' NLL and the held-out text's
     assert any(r["nll_method"] != r["nll_window"] for r in res["methods"]["absorber"]["records"])
     assert res["methods"]["absorber"]["damage"]["ppl_change_at_end"] != 0.0
@@ -377,3 +407,27 @@ def test_ttt_context_conditions_each_chunk_on_the_previous_one(tiny_tok, rng_ids
         want = F.cross_entropy(logits[5:-1].float(), full[0, 6:])       # the 16 tokens of X2, each predicted
         assert second == pytest.approx(float(want), rel=1e-5)
         assert second != pytest.approx(float(sync.next_token_loss(model, x2)), rel=1e-3)   # the context matters
+
+
+def test_ntp_weight_adds_the_next_token_loss_on_x_to_the_sync_loss(tiny_tok, rng_ids):
+    """ntp_weight=w: the absorber's step loss is the sync loss on Y plus w x TTT's next-token loss on X alone."""
+    import torch
+    from absorber import lora, sync
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    ids = rng_ids(24, seed=7)
+    x, y = torch.tensor([ids[:16]]), torch.tensor([ids[16:]])
+    losses = {}
+    for w in (0.0, 0.5):
+        cfg = AbsorberConfig(n=16, m=8, k=1, lr=0.0, ntp_weight=w, lora=LoraConfig(rank=2, alpha=4))
+        model = tiny_llama(seed=0, vocab=512)
+        lora.inject(model, cfg.lora)
+        ab = Absorption(model, cfg)
+        losses[w] = ab.round(x, y).loss_first
+        with torch.no_grad():
+            ntp = float(sync.next_token_loss(ab.model, x))
+    assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * ntp, rel=1e-5)
+    with pytest.raises(AbsorberError, match="ntp_weight"):
+        AbsorberConfig(ntp_weight=-1.0).validate()

@@ -1,5 +1,8 @@
 """Rebuild the forgetting-curve table of benchmarks/retention.md from the raw records of a screen.
 
+Screens run since the decoy control landed also get the specific retention per distance (retention less the
+decoy lift: absorber/retention.py).
+
     python benchmarks/scripts/retention_report.py benchmarks/retention_screen.json
 """
 from __future__ import annotations
@@ -16,9 +19,11 @@ def main(argv=None) -> int:
           f"{d['settings']['plant_rounds']} rounds; held-out speech for damage: {d['heldout']}"
           + (" (partial: a run was still going)" if d.get("partial") else ""))
     print()
+    has_decoys = any("specific" in c for v in d["methods"].values() for c in v["curve"])
     print("| variant | " + " | ".join(f"retention d={x} [95% CI]" for x in ds)
-          + " | sync loss first→last | s/round | held-out PPL change (end / worst) |")
-    print("|---|" + "---|" * (len(ds) + 3))
+          + " | sync loss first→last | s/round | held-out PPL change (end / worst) |"
+          + (" " + " | ".join(f"specific d={x} [95% CI]" for x in ds) + " |" if has_decoys else ""))
+    print("|---|" + "---|" * (len(ds) + 3 + (len(ds) if has_decoys else 0)))
     for label, v in d["methods"].items():
         cells = []
         for c in v["curve"]:
@@ -32,7 +37,12 @@ def main(argv=None) -> int:
         lf, ll, sec = losses.get("first"), losses.get("last"), losses.get("seconds")
         lcell = "–" if lf is None else f"{lf:.3f}→{ll:.3f}"
         scell = "–" if sec is None else f"{sec:.1f}"
-        print(f"| {label} | " + " | ".join(cells) + f" | {lcell} | {scell} | {dmg} |")
+        spec = []
+        for c in v["curve"]:
+            sp, ci = c.get("specific"), c.get("specific_ci95")
+            spec.append("–" if sp is None or sp != sp else f"{sp:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        print(f"| {label} | " + " | ".join(cells) + f" | {lcell} | {scell} | {dmg} |"
+              + (" " + " | ".join(spec) + " |" if has_decoys else ""))
     return 0
 
 
