@@ -95,7 +95,8 @@ class AbsorberConfig:
                                  # on it: the adapters may not change ordinary text. 0: off
     anchor_tokens: int = 64      # tokens of the anchor text used
     ntp_weight: float = 0.0      # method "absorber": + ntp_weight x the next-token loss of the student on X
-                                 # itself (no context) in every step: sync on Y plus TTT on X (0: off)
+                                 # itself (no context) in every step: sync on Y plus TTT on X; the round's
+                                 # reported losses include the term. Reference only (bundles: 0). 0: off
     ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
                                  # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline

@@ -113,11 +113,11 @@ def decoys(facts: list[Fact], seed: int = 0) -> list[Fact]:
     lowers the decoy's NLL as much as the true answer's; one that remembers the fact lowers only the latter."""
     rng = random.Random(seed + 7919)
     said = " ".join(f.statement for f in facts)
-    used = {w for f in facts for w in [f.answer.strip()]}
+    used = {f.answer.strip() for f in facts}     # names drawn for the decoys avoid the true answers' names
     out = []
     for f in facts:
         for _ in range(200):
-            kind, _s, _q, a = _templates(rng, set(used))[f.template]
+            a = _templates(rng, set(used))[f.template][3]
             if a != f.answer and a.strip() not in said:
                 out.append(Fact(f.statement, f.question, a, f.kind, f.template))
                 break

@@ -104,6 +104,13 @@ def answer_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fa
     return nlls
 
 
+def answer_and_decoy_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact],
+                          decoys: Sequence[FX.Fact]) -> tuple[list[float], list[float]]:
+    """answer_nlls of the facts and of their decoys, in one call: the shared context's forward runs once."""
+    nlls = answer_nlls(model, tok, context, list(facts) + list(decoys))
+    return nlls[:len(facts)], nlls[len(facts):]
+
+
 def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Sequence[int], cfg: AbsorberConfig,
                  method: str, rs: RetentionSettings, seed: int, log: Callable[[str], None] | None = None,
                  baselines: dict | None = None) -> dict:
@@ -140,8 +147,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
         res = done[-1] if done else None
         todo = [(j, d) for j, d in due[r] if (j, d) not in baselines]
         if todo:
-            win = answer_nlls(base_model, tok, ctx, [fs[j] for j, _ in todo])
-            win_dec = answer_nlls(base_model, tok, ctx, [dec[j] for j, _ in todo])
+            win, win_dec = answer_and_decoy_nlls(base_model, tok, ctx, [fs[j] for j, _ in todo],
+                                                 [dec[j] for j, _ in todo])
             by_passage: dict[tuple, list[int]] = {}
             for i, (j, _) in enumerate(todo):      # facts of the same chunk share their passage
                 by_passage.setdefault((ev[j], len(passages[j])), []).append(i)
@@ -152,8 +159,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                     full[i] = v
             for i, key in enumerate(todo):
                 baselines[key] = (win[i], full[i], win_dec[i])
-        mine = None if method == "window" else answer_nlls(sa.model, tok, ctx, [fs[j] for j, _ in due[r]])
-        mine_dec = None if method == "window" else answer_nlls(sa.model, tok, ctx, [dec[j] for j, _ in due[r]])
+        mine, mine_dec = (None, None) if method == "window" else answer_and_decoy_nlls(
+            sa.model, tok, ctx, [fs[j] for j, _ in due[r]], [dec[j] for j, _ in due[r]])
         for i, (j, d) in enumerate(due[r]):
             w, f_, wd = baselines[(j, d)]
             mth = w if mine is None else mine[i]
@@ -221,10 +228,10 @@ def curve(records: list[dict], rs: RetentionSettings) -> list[dict]:
     out = []
     for d in rs.distances:
         sub = [r for r in records if r["distance"] == d]
-        dl = decoy_lift(sub)
-        out.append({"distance": d, "facts": len(sub), "retention": retention(sub),
+        ret, dl = retention(sub), decoy_lift(sub)
+        out.append({"distance": d, "facts": len(sub), "retention": ret,
                     "ci95": bootstrap_ci(sub, rs.bootstrap, rs.seed),
-                    "decoy_lift": dl, "specific": retention(sub) - dl,
+                    "decoy_lift": dl, "specific": ret - dl,
                     "specific_ci95": None if math.isnan(dl) else bootstrap_ci(sub, rs.bootstrap, rs.seed,
                                                                              stat=specific_retention),
                     "nll_window": sum(r["nll_window"] for r in sub), "nll_method": sum(r["nll_method"] for r in sub),
