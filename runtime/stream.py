@@ -205,6 +205,9 @@ class Stream:
         self.extra_meta = dict(meta.get("extra") or {})
         self._replay = self.offset_chars
         self.resumed = True
+        # a save inside a round keeps the tokens that refill the window after it as `pending`; put them back in
+        # the window now (no round), or a stream that gets no new text would report them pending forever
+        self._drain_pending(max_rounds=0)
 
     # ------------------------------------------------------------------ feeding
     def skip_replayed(self, text: str) -> str:
