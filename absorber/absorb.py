@@ -39,6 +39,7 @@ class Absorption:
         self.prefix: list[int] = []          # cfg.prefix: the stream's first tokens (set by the streaming loop)
         self.anchor_ids: list[int] = []      # cfg.anchor: the replay text's ids (set by the streaming loop)
         self._anchor_target: torch.Tensor | None = None
+        self._anchor_logprobs: torch.Tensor | None = None
         self._ttt_context: torch.Tensor | None = None   # cfg.ttt_context: the end of the previous round's X
 
     @torch.no_grad()
@@ -59,13 +60,15 @@ class Absorption:
             return None
         return torch.tensor([self.prefix], dtype=like.dtype, device=like.device)
 
-    def anchor_target(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anchor ids [1, A], the base model's hidden states on them, no context): computed once."""
+    def anchor_target(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(anchor ids [1, A], the base model's hidden states [layers, A, H] and next-token log-probabilities
+        [A, V] on them, no context): computed once."""
         ids = torch.tensor([self.anchor_ids], device=device)
         if self._anchor_target is None:
             with torch.no_grad(), lora.disabled(self.model):
-                self._anchor_target, _ = sync.forward_states(self.model, ids, self.layers)
-        return ids, self._anchor_target
+                self._anchor_target, logits = sync.forward_states(self.model, ids, self.layers, with_logits=True)
+                self._anchor_logprobs = torch.log_softmax(logits.float(), -1)
+        return ids, self._anchor_target, self._anchor_logprobs
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, t: sync.Teacher | None) -> torch.Tensor:
         cfg = self.cfg
@@ -79,10 +82,13 @@ class Absorption:
             m = y.shape[1]
             hs, logits = hs[:, -m:], (logits[-m:] if logits is not None else None)
         loss = sync.sync_loss(hs, t.hidden, cfg.loss, logits, t.logprobs, cfg.kl_weight, cfg.sync_skip)
-        if cfg.anchor > 0 and self.anchor_ids:
-            a_ids, a_t = self.anchor_target(y.device)
-            a_hs, _ = sync.forward_states(self.model, a_ids, self.layers)
-            loss = loss + cfg.anchor * sync.sync_loss(a_hs, a_t, cfg.loss, skip=cfg.sync_skip)
+        if (cfg.anchor > 0 or cfg.anchor_kl > 0) and self.anchor_ids:
+            a_ids, a_t, a_lp = self.anchor_target(y.device)
+            a_hs, a_logits = sync.forward_states(self.model, a_ids, self.layers, with_logits=cfg.anchor_kl > 0)
+            if cfg.anchor > 0:
+                loss = loss + cfg.anchor * sync.sync_loss(a_hs, a_t, cfg.loss, skip=cfg.sync_skip)
+            if cfg.anchor_kl > 0:
+                loss = loss + cfg.anchor_kl * sync.kl_base_student(a_lp, a_logits)
         if cfg.ntp_weight > 0:   # write X itself into the adapters (TTT's term) beside the sync on Y
             loss = loss + cfg.ntp_weight * sync.next_token_loss(self.model, x)
         return loss

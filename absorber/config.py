@@ -94,6 +94,10 @@ class AbsorberConfig:
                                  # fixed replay text (absorber/anchor.txt, no context) against the base model's
                                  # on it: the adapters may not change ordinary text. 0: off
     anchor_tokens: int = 64      # tokens of the anchor text used
+    anchor_kl: float = 0.0       # weight of KL(base || student) on the anchor text's next-token distributions
+                                 # (no context), in every step: what held-out perplexity measures, without the
+                                 # massive channels that dominate the hidden-state L1 of `anchor`. Reference
+                                 # only (bundles: 0). 0: off
     ntp_weight: float = 0.0      # method "absorber": + ntp_weight x the next-token loss of the student on X
                                  # itself (no context) in every step: sync on Y plus TTT on X; the round's
                                  # reported losses include the term. Reference only (bundles: 0). 0: off
@@ -126,7 +130,7 @@ class AbsorberConfig:
             raise AbsorberError(f"k must be >= 0 (got {self.k})")
         if self.loss not in ("l1", "l2", "l1n"):
             raise AbsorberError(f"loss must be l1, l2 or l1n (got {self.loss!r})")
-        if self.prefix < 0 or self.anchor < 0 or self.anchor_tokens < 2:
+        if self.prefix < 0 or self.anchor < 0 or self.anchor_kl < 0 or self.anchor_tokens < 2:
             raise AbsorberError(f"prefix and anchor must be >= 0 and anchor_tokens >= 2 (got {self.prefix}, "
                                 f"{self.anchor}, {self.anchor_tokens})")
         if not 0 <= self.sync_skip < self.m:

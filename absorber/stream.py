@@ -41,7 +41,7 @@ class StreamingAbsorber:
                 from absorber.config import GEN_PROBE_PROMPTS
                 self.absorption.gen_prompts = [tokenizer.encode(t, add_special_tokens=False)
                                                for t in GEN_PROBE_PROMPTS]
-            if tokenizer is not None and self.cfg.anchor > 0:
+            if tokenizer is not None and (self.cfg.anchor > 0 or self.cfg.anchor_kl > 0):
                 from absorber.config import anchor_text
                 ids = tokenizer.encode(anchor_text(), add_special_tokens=False)
                 self.absorption.anchor_ids = ids[:self.cfg.anchor_tokens]

@@ -108,9 +108,14 @@ def sync_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "l1",
     else:
         loss = d.abs().mean() if kind == "l1" else (d * d).mean()
     if kl_weight and student_logits is not None and teacher_logprobs is not None:
-        s_lp = F.log_softmax(student_logits.float(), -1)
-        loss = loss + kl_weight * (teacher_logprobs.exp() * (teacher_logprobs - s_lp)).sum(-1).mean()
+        loss = loss + kl_weight * kl_base_student(teacher_logprobs, student_logits)
     return loss
+
+
+def kl_base_student(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position [T, V], averaged over positions."""
+    s_lp = F.log_softmax(student_logits.float(), -1)
+    return (teacher_logprobs.exp() * (teacher_logprobs - s_lp)).sum(-1).mean()
 
 
 class SyncLoss(nn.Module):

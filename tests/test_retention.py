@@ -317,35 +317,72 @@ def test_prefix_stays_in_front_of_teacher_student_and_window(tiny_tok, rng_ids, 
     torch.testing.assert_close(t, full[:, -8:], rtol=0, atol=1e-6)
 
 
-def test_anchor_term_pulls_ordinary_text_back_to_the_base_model(tiny_tok, rng_ids):
-    """anchor=w: every step adds w x L1(student, base) on the fixed replay text; it is zero while the adapters
-    are identity and grows with their effect on that text."""
+def _anchored(tiny_tok, rng_ids, **anchor):
+    """(model, the Absorption with the anchor setting, a copy without anchor ids, x, y, teacher) on a tiny Llama,
+    12 anchor tokens; then perturb() makes the adapters non-identity."""
     import torch
     from absorber import lora
     from absorber.absorb import Absorption
-    from absorber.config import AbsorberConfig, LoraConfig, anchor_text
+    from absorber.config import AbsorberConfig, LoraConfig
     from absorber.models import tiny_llama
     from absorber.stream import StreamingAbsorber
-    assert len(anchor_text().split()) > 100
     model = tiny_llama(seed=0, vocab=512)
-    cfg = AbsorberConfig(n=16, m=8, k=2, anchor=1.0, anchor_tokens=12, lora=LoraConfig(rank=2, alpha=4))
-    sa = StreamingAbsorber(model, tiny_tok, cfg)
-    ab: Absorption = sa.absorption
+    cfg = AbsorberConfig(n=16, m=8, k=2, anchor_tokens=12, lora=LoraConfig(rank=2, alpha=4), **anchor)
+    ab: Absorption = StreamingAbsorber(model, tiny_tok, cfg).absorption
     assert len(ab.anchor_ids) == 12
     x, y = torch.tensor([rng_ids(16, seed=1)]), torch.tensor([rng_ids(8, seed=2)])
-    t = ab._teacher(x, y)
     plain = Absorption.__new__(Absorption)
     plain.__dict__.update(ab.__dict__)
     plain.anchor_ids = []
+
+    def perturb() -> None:
+        with torch.no_grad():
+            for name, p_ in lora.adapters(model).items():
+                if name.endswith("lora_B"):
+                    p_.normal_(0, 0.05)
+    return model, ab, plain, x, y, ab._teacher(x, y), perturb
+
+
+def test_anchor_term_pulls_ordinary_text_back_to_the_base_model(tiny_tok, rng_ids):
+    """anchor=w: every step adds w x L1(student, base) on the fixed replay text; it is zero while the adapters
+    are identity and grows with their effect on that text."""
+    from absorber.config import AbsorberConfig, anchor_text
+    assert len(anchor_text().split()) > 100
+    _, ab, plain, x, y, t, perturb = _anchored(tiny_tok, rng_ids, anchor=1.0)
     assert float(ab._loss(x, y, t)) == pytest.approx(float(plain._loss(x, y, t)), abs=1e-7)   # B = 0
-    with torch.no_grad():
-        for name, p_ in lora.adapters(model).items():
-            if name.endswith("lora_B"):
-                p_.normal_(0, 0.05)
+    perturb()
     extra = float(ab._loss(x, y, t)) - float(plain._loss(x, y, t))
     assert extra > 1e-4
     with pytest.raises(Exception, match="anchor"):
         AbsorberConfig(anchor=-1.0).validate()
+
+
+def test_anchor_kl_is_the_base_to_student_kl_on_the_anchor_text(tiny_tok, rng_ids):
+    """anchor_kl=w: every step adds w x KL(base || student) of the next-token distributions on the anchor text
+    (no context): zero while the adapters are identity, equal to the KL computed by hand once they are not; the
+    exporter refuses it (the traced train step does not carry it)."""
+    import torch
+    import torch.nn.functional as F
+    from absorber import lora
+    from absorber.config import AbsorberConfig
+    from absorber.export import export_bundle
+    from absorber.models import tiny_llama
+    model, ab, plain, x, y, t, perturb = _anchored(tiny_tok, rng_ids, anchor_kl=2.0)
+    assert float(ab._loss(x, y, t)) == pytest.approx(float(plain._loss(x, y, t)), abs=1e-6)   # B = 0
+    perturb()
+    a = torch.tensor([ab.anchor_ids])
+    with torch.no_grad():
+        student = F.log_softmax(model(input_ids=a).logits[0].float(), -1)
+        with lora.disabled(model):
+            base = F.log_softmax(model(input_ids=a).logits[0].float(), -1)
+    by_hand = float((base.exp() * (base - student)).sum(-1).mean())
+    assert by_hand > 1e-5
+    extra = float(ab._loss(x, y, t)) - float(plain._loss(x, y, t))
+    assert extra == pytest.approx(2.0 * by_hand, rel=1e-3)
+    with pytest.raises(Exception, match="anchor"):
+        AbsorberConfig(anchor_kl=-1.0).validate()
+    with pytest.raises(Exception, match="anchor_kl > 0 is not supported by the exported train step"):
+        export_bundle(tiny_llama(seed=0, vocab=512), tiny_tok, "/nonexistent/never-written", cfg=ab.cfg)
 
 
 def test_generated_probes_are_the_base_models_own_continuation(tiny_tok, rng_ids):
