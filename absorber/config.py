@@ -101,6 +101,9 @@ class AbsorberConfig:
     ntp_weight: float = 0.0      # method "absorber": + ntp_weight x the next-token loss of the student on X
                                  # itself (no context) in every step: sync on Y plus TTT on X; the round's
                                  # reported losses include the term. Reference only (bundles: 0). 0: off
+    ntp_top: float = 1.0         # with ntp_weight: the next-token term scores only this fraction of X's tokens,
+                                 # those the frozen model (no context) finds most surprising (invented names,
+                                 # numbers: where facts are), not the predictable ones that carry the register
     ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
                                  # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
@@ -148,6 +151,8 @@ class AbsorberConfig:
         if self.probe_gen < 0 or (self.probe_gen and self.probes > len(GEN_PROBE_PROMPTS)):
             raise AbsorberError(f"probe_gen must be >= 0 and, with it, probes at most {len(GEN_PROBE_PROMPTS)} "
                                 f"(got probe_gen={self.probe_gen}, probes={self.probes})")
+        if not (0 < self.ntp_top <= 1):
+            raise AbsorberError(f"ntp_top must be in (0, 1] (got {self.ntp_top})")
         if not (self.ntp_weight >= 0 and math.isfinite(self.ntp_weight)):
             raise AbsorberError(f"ntp_weight must be a finite number >= 0 (got {self.ntp_weight})")
         if self.ttt_context < 0:

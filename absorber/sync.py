@@ -9,6 +9,7 @@ added KL term on next-token distributions are kept for ablation).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -131,13 +132,22 @@ class SyncLoss(nn.Module):
         return sync_loss(hs, teacher_hidden, self.kind, skip=self.skip)
 
 
-def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None,
+                    reduction: str = "mean") -> torch.Tensor:
     """Plain language-model loss on ids (the TTT baseline trains the same adapters with it). With `context`
     [1, c], the ids follow it in the input and only the ids' tokens are scored (Temp-LoRA's recipe: each chunk
-    conditioned on the text before it)."""
+    conditioned on the text before it). reduction="none": one loss per scored token."""
     c = 0 if context is None else context.shape[1]
     full = ids if context is None else torch.cat([context, ids], dim=1)
     out = model(input_ids=full, position_ids=positions(full.shape[1], device=ids.device),
                 attention_mask=torch.ones_like(full), use_cache=False)
     start = max(c - 1, 0)                     # the logit at c-1 predicts ids[0]
-    return F.cross_entropy(out.logits[0, start:-1].float(), full[0, start + 1:])
+    return F.cross_entropy(out.logits[0, start:-1].float(), full[0, start + 1:], reduction=reduction)
+
+
+def surprising(nll: torch.Tensor, top: float) -> torch.Tensor:
+    """A mask [T] of the ceil(top x T) largest per-token NLLs (at least one)."""
+    keep = max(1, math.ceil(top * nll.numel()))
+    mask = torch.zeros_like(nll, dtype=torch.bool)
+    mask[torch.topk(nll, keep).indices] = True
+    return mask

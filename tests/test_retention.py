@@ -468,3 +468,41 @@ def test_ntp_weight_adds_the_next_token_loss_on_x_to_the_sync_loss(tiny_tok, rng
     assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * ntp, rel=1e-5)
     with pytest.raises(AbsorberError, match="ntp_weight"):
         AbsorberConfig(ntp_weight=-1.0).validate()
+
+
+def test_ntp_top_scores_only_the_most_surprising_tokens_of_x(tiny_tok, rng_ids):
+    """ntp_top=q: the next-token term is the mean loss over the ceil(q x (n-1)) tokens of X with the largest NLL
+    under the frozen model (no context); the mask is computed with the adapters off, once per X."""
+    import torch
+    from absorber import lora, sync
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    ids = rng_ids(24, seed=7)
+    x, y = torch.tensor([ids[:16]]), torch.tensor([ids[16:]])
+    mask = sync.surprising(torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1]), 0.4)
+    assert mask.tolist() == [False, True, False, True, False]
+    assert sync.surprising(torch.tensor([0.5, 3.0]), 0.01).tolist() == [False, True]     # at least one
+    losses = {}
+    for top in (1.0, 0.25):
+        cfg = AbsorberConfig(n=16, m=8, k=1, lr=0.0, ntp_weight=0.5, ntp_top=top, lora=LoraConfig(rank=2, alpha=4))
+        model = tiny_llama(seed=0, vocab=512)
+        lora.inject(model, cfg.lora)
+        ab = Absorption(model, cfg)
+        torch.manual_seed(1)                        # the same adapters for both settings
+        with torch.no_grad():                       # adapters not identity: the mask must still be the base's
+            for name, p_ in lora.adapters(model).items():
+                if name.endswith("lora_B"):
+                    p_.normal_(0, 0.05)
+            per = sync.next_token_loss(model, x, reduction="none")
+            with lora.disabled(model):
+                base = sync.next_token_loss(model, x, reduction="none")
+        losses[top] = ab.round(x, y).loss_first
+        if top < 1:
+            m = ab._ntp_mask(x)
+            assert int(m.sum()) == 4 and torch.equal(m, sync.surprising(base, top))
+    keep = sync.surprising(base, 0.25)
+    assert losses[0.25] - losses[1.0] == pytest.approx(0.5 * (float(per[keep].mean()) - float(per.mean())), rel=1e-4)
+    with pytest.raises(AbsorberError, match="ntp_top"):
+        AbsorberConfig(ntp_top=0.0).validate()
