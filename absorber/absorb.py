@@ -41,7 +41,7 @@ class Absorption:
         self._anchor_target: torch.Tensor | None = None
         self._anchor_logprobs: torch.Tensor | None = None
         self._ttt_context: torch.Tensor | None = None   # cfg.ttt_context: the end of the previous round's X
-        self._ntp_mask_for: tuple[torch.Tensor, torch.Tensor] | None = None   # cfg.ntp_top: (X, its mask)
+        self._ntp_keep: torch.Tensor | None = None      # cfg.ntp_top: the round's mask of X's scored tokens
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -91,20 +91,17 @@ class Absorption:
             if cfg.anchor_kl > 0:
                 loss = loss + cfg.anchor_kl * sync.kl_base_student(a_lp, a_logits)
         if cfg.ntp_weight > 0:   # write X itself into the adapters (TTT's term) beside the sync on Y
-            if cfg.ntp_top < 1:
-                per_token = sync.next_token_loss(self.model, x, reduction="none")
-                loss = loss + cfg.ntp_weight * per_token[self._ntp_mask(x)].mean()
-            else:
-                loss = loss + cfg.ntp_weight * sync.next_token_loss(self.model, x)
+            per_token = sync.next_token_loss(self.model, x, reduction="none")
+            kept = per_token if self._ntp_keep is None else per_token[self._ntp_keep]
+            loss = loss + cfg.ntp_weight * kept.mean()
         return loss
 
+    @torch.no_grad()
     def _ntp_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """cfg.ntp_top: X's most surprising tokens for the frozen model (no context), once per X."""
-        if self._ntp_mask_for is None or not torch.equal(self._ntp_mask_for[0], x):
-            with torch.no_grad(), lora.disabled(self.model):
-                nll = sync.next_token_loss(self.model, x, reduction="none")
-            self._ntp_mask_for = (x.clone(), sync.surprising(nll, self.cfg.ntp_top))
-        return self._ntp_mask_for[1]
+        """cfg.ntp_top: X's most surprising tokens for the frozen model (no context); once per round."""
+        with lora.disabled(self.model):
+            nll = sync.next_token_loss(self.model, x, reduction="none")
+        return sync.surprising(nll, self.cfg.ntp_top)
 
     def _save(self):
         return ([p.detach().clone() for p in self.params],
@@ -190,6 +187,8 @@ class Absorption:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._before_round()
+        self._ntp_keep = (self._ntp_mask(x) if self.method == "absorber" and cfg.ntp_weight > 0 and cfg.ntp_top < 1
+                          else None)
         targets: list[tuple[torch.Tensor, sync.Teacher | None]] = []
         if self.method == "absorber":
             targets = [(p, self._teacher(x, p)) for p in self.probe_ids(x)]

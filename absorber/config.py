@@ -134,8 +134,8 @@ class AbsorberConfig:
         if self.loss not in ("l1", "l2", "l1n"):
             raise AbsorberError(f"loss must be l1, l2 or l1n (got {self.loss!r})")
         if self.prefix < 0 or self.anchor < 0 or self.anchor_kl < 0 or self.anchor_tokens < 2:
-            raise AbsorberError(f"prefix and anchor must be >= 0 and anchor_tokens >= 2 (got {self.prefix}, "
-                                f"{self.anchor}, {self.anchor_tokens})")
+            raise AbsorberError(f"prefix, anchor and anchor_kl must be >= 0 and anchor_tokens >= 2 (got "
+                                f"{self.prefix}, {self.anchor}, {self.anchor_kl}, {self.anchor_tokens})")
         if not 0 <= self.sync_skip < self.m:
             raise AbsorberError(f"sync_skip must be in 0..m-1 (got {self.sync_skip}, m={self.m})")
         if self.reset not in ("none", "moments", "adapters"):
