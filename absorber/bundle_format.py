@@ -120,7 +120,9 @@ _io = {"type": "array", "items": {"type": "object", "required": ["name", "dtype"
                                   "properties": {"name": _str, "dtype": _str,
                                                  "shape": {"type": "array", "items": _dim}}}}
 _graph = {"type": "object", "required": ["file", "inputs", "outputs", "opset"],
-          "properties": {"file": _plain_file, "inputs": _io, "outputs": _io, "opset": _int, "ir_version": _int}}
+          "properties": {"file": _plain_file, "inputs": _io, "outputs": _io, "opset": _int, "ir_version": _int,
+                         # train step only: per-layer activation recomputation (export/recompute.py) and its counts
+                         "recompute": {"type": "object", "additionalProperties": _int}}}
 
 MANIFEST_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -416,6 +418,11 @@ class Bundle:
     @property
     def loss_skip(self) -> int:
         return int(self.manifest["loss"]["skip"])
+
+    @property
+    def recompute(self) -> bool:
+        """The train step recomputes each layer's forward in its backward (bundles before it: False)."""
+        return "recompute" in self.manifest["graphs"]["train_step"]
 
     @property
     def quant_scheme(self) -> str:

@@ -119,6 +119,25 @@ def kl_base_student(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor
     return (teacher_logprobs.exp() * (teacher_logprobs - s_lp)).sum(-1).mean()
 
 
+def sync_loss_per_layer(student: list[torch.Tensor], target: torch.Tensor, kind: str = "l1",
+                        skip: int = 0) -> torch.Tensor:
+    """sync_loss (no KL term) with the student's states as one [m, H] tensor per layer, never stacked: each
+    layer's distance is taken where that layer is computed. The same value (summed in another order, float
+    rounding), and in the traced train step no [layers, m, H] stack of the student's states exists, so the
+    per-layer recomputation of export/recompute.py can leave each layer's part of the loss to that layer."""
+    terms = []
+    for j, h in enumerate(student):
+        d = h[skip:] - target[j, skip:]
+        if kind == "l1n":
+            terms.append(d.abs().mean() / target[j, skip:].abs().mean().clamp_min(1e-6))
+        else:
+            terms.append(d.abs().sum() if kind == "l1" else (d * d).sum())
+    total = torch.stack(terms).sum()
+    if kind == "l1n":
+        return total / len(student)
+    return total / (len(student) * student[0][skip:].numel())
+
+
 class SyncLoss(nn.Module):
     """The student side as one module: forward(Y ids, Y positions, teacher hidden) -> loss.
     This is what the exporter traces into the train-step graph, so runtime and reference share one definition."""
@@ -128,8 +147,10 @@ class SyncLoss(nn.Module):
         self.model, self.layers, self.kind, self.skip = model, list(layers), kind, skip
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-        hs, _ = forward_states(self.model, input_ids, self.layers, position_ids)
-        return sync_loss(hs, teacher_hidden, self.kind, skip=self.skip)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        return sync_loss_per_layer([out.hidden_states[i][0] for i in self.layers], teacher_hidden, self.kind,
+                                   self.skip)
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None,

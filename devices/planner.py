@@ -14,15 +14,18 @@ Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/pl
   adapters    LoRA A/B, gradients, AdamW m and v, the rollback backup and the update's numpy temporaries
               (`adapter_copies` x the adapters' fp32 bytes)
   kv_cache    2 * L * kv * hd * T * 4: the present K/V the teacher pass over X.Y produces
-  teacher     hidden states out S*T*H*4 (x `c_out_copies`: ORT buffer + numpy copy), kept logits *V*4,
-              attention scores nh*T^2*4 (x `c_scores`), per-token working set c_tok*T*(H+I)*4, and for legacy
+  teacher     two decoder passes, X into the KV cache, then Y (the larger counts, B = max(n, m)): hidden states
+              out S*B*H*4 (x `c_out_copies`: ORT buffer + numpy copy), kept logits *V*4, attention scores
+              nh*max(n^2, m*T)*4 (x `c_scores`), per-token working set c_tok*B*(H+I)*4, and for legacy
               int8/int4 bundles (DequantizeLinear everywhere) the [V, H] tables dequantized whole as fp32
   train_step  saved-for-backward activations of the student on Y: L*(c_saved_h*m*H + c_saved_i*m*I +
-              c_saved_scores*nh*m^2)*4, the teacher_hidden input S*m*H*4, the backward's dequantized [N, K]
+              c_saved_scores*nh*m^2)*4 (a recomputing train step, manifest graphs.train_step.recompute:
+              L*c_rc_keep*m*H*4 + c_rc_layers layers' worth of the same), the teacher_hidden input S*m*H*4, the backward's dequantized [N, K]
               weights (MatMulNBits bundles, `c_dq_backward` x the largest); with enable_mem_pattern and K >= 2 one
               more copy of the saved activations
-The teacher pass and the train step do not run at the same time, but ONNX Runtime's CPU arena keeps each
-session's high-water mark: with the arena on the two phases add up; with it off the larger phase counts (plus,
+The teacher pass and the train step do not run at the same time. With the arena on, the runtime's two sessions
+share one arena (runtime/sessions.py), which reuses only part of what the teacher freed: the model adds the two
+phases, with coefficients fitted that way (benchmarks/planner.md section 0); with it off the larger phase counts (plus,
 for quantized bundles, one dequantized table landing on the heap the train step left fragmented).
 K (optimizer steps per round) adds time, not memory (except through enable_mem_pattern, see above).
 """
@@ -42,13 +45,13 @@ F32 = 4
 
 # Named coefficients of the model. Defaults are calibrated in benchmarks/planner.md (see there for how).
 COEFFS: dict[str, float] = {
-    "baseline_bytes": 70 * 2**20,     # python + numpy + onnxruntime + tokenizers + runtime (measured)
+    "baseline_bytes": 110 * 2**20,    # python + numpy + onnxruntime + tokenizers + runtime (fitted, planner.md section 0)
     "baseline_per_layer": 2.4 * 2**20,  # both sessions' graphs, per decoder layer (measured: 4 vs 30 layers)
     "weight_copies": 1.0,             # resident copies of the frozen weights (see module doc)
     "adapter_copies": 7.0,            # params, grads, AdamW m and v, rollback snapshot, 2 update temporaries
     "c_out_copies": 2.0,              # graph outputs: the ORT buffer and the numpy array handed to Python
     "c_scores": 1.1,                  # attention scores + softmax probabilities of one layer live at once
-    "c_tok": 6.0,                     # per-token working set of one layer, in units of (H + I) floats
+    "c_tok": 4.0,                     # per-token working set of one layer, in units of (H + I) floats
     "c_saved_h": 15.0,                # saved-for-backward per layer per token, in H floats
     "c_saved_i": 6.0,                 # ... in I floats (gate, up, act, product)
     "c_saved_scores": 1.1,            # ... attention probabilities (and the pre-softmax scores) per layer
@@ -58,6 +61,9 @@ COEFFS: dict[str, float] = {
     "c_noarena_int4": 0.35,           # int4 without the arena: heap slack, x the linear layers' fp32 size
     "kernel_copies": 2.0,             # resident bytes per session per stored byte of a MatMulNBits input: the loaded
                                       # initializer and its pre-packed copy (fitted, benchmarks/planner.md section 3)
+    "c_rc_keep": 1.0,                 # recomputing bundles: kept per layer per token, in H floats (residual, normed
+                                      # input, the loss' slice)
+    "c_rc_layers": 1.0,               # ... layers' activations live at once in the backward
     "c_dq_backward": 1.0,             # fp32 [N, K] weights the backward dequantizes live at once, x the largest one
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
     "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
@@ -300,13 +306,20 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
     lin_fp32 = f.L * sum(r * cc for r, cc in linear_shapes(f)) * F32 if legacy4 else 0.0
     ad = f.adapter_params * F32
     kv = 2 * f.L * f.kv * f.hd * T * F32
-    t_hidden = f.S * T * f.H * F32 * c["c_out_copies"]
+    # the teacher reads X into the KV cache, then Y (runtime.generate.hidden_states_after): the larger pass counts
+    big = max(n, m)
+    t_hidden = f.S * big * f.H * F32 * c["c_out_copies"]
     t_logits = (T if logits_kept <= 0 else min(logits_kept, T)) * f.V * F32 * c["c_out_copies"]
-    t_scores = c["c_scores"] * f.nh * T * T * F32
-    t_tok = c["c_tok"] * T * (f.H + f.I) * F32
+    t_scores = c["c_scores"] * f.nh * max(n * n, m * T) * F32
+    t_tok = c["c_tok"] * big * (f.H + f.I) * F32
     t_dq = c["c_dq"] * dq["decoder"] + c["c_dq_int4_decoder"] * lin_fp32
     s_saved = f.L * (c["c_saved_h"] * m * f.H + c["c_saved_i"] * m * f.I) * F32
     s_scores = f.L * c["c_saved_scores"] * f.nh * m * m * F32
+    if b.recompute:
+        # per-layer recomputation: the layer-boundary tensors of every layer, one (or so) layer's activations
+        s_saved = (f.L * c["c_rc_keep"] * m * f.H
+                   + c["c_rc_layers"] * (c["c_saved_h"] * m * f.H + c["c_saved_i"] * m * f.I)) * F32
+        s_scores = c["c_rc_layers"] * c["c_saved_scores"] * f.nh * m * m * F32
     s_in = f.S * m * f.H * F32
     s_dq = (c["c_dq"] * dq["train_step"] + c["c_dq_int4_train"] * lin_fp32
             + c["c_dq_backward"] * backward_dequantized(b, f))

@@ -39,6 +39,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
                                                                    "(default: the model's max positions)")
+    parser.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",
+                        help="the train step recomputes each layer's forward in its backward instead of keeping "
+                             "its activations: ~30%% less peak memory while absorbing, ~12%% slower rounds "
+                             "(default auto: on for int8/int4, off for fp32)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the bundle path")
 
 
@@ -96,7 +100,7 @@ def main(args) -> int:
     if any(q != "fp32" for q in quants) and args.model != "tiny":
         source = carried_source(args.model, model, say)
     paths = export_bundles(model, tok, outs, cfg=cfg, opset=args.opset, max_len=args.max_len, progress=say,
-                           source=source)
+                           source=source, recompute={"auto": None, "on": True, "off": False}[args.recompute])
     for q in quants:
         print(paths[q])
     return 0

@@ -33,6 +33,22 @@ def hidden_states(model, ids: list[int], adapters: dict) -> np.ndarray:
     return model.decoder.run([F.HIDDEN_STATES], prefill_feeds(model, ids, adapters, 1))[0]
 
 
+def hidden_states_after(model, context: list[int], ids: list[int], adapters: dict) -> np.ndarray:
+    """hidden_states [S, len(ids), H] of ids read after context (positions 0..len(context)+len(ids)-1), the
+    context passed through the KV cache first: the same values as hidden_states(context + ids)[:, len(context):]
+    up to float rounding, without the context's states and its [T, T] attention at full length (the teacher
+    pass's memory: a second decoder call instead of one over X.Y)."""
+    if not context:
+        return hidden_states(model, ids, adapters)
+    first = prefill_feeds(model, context, adapters, 1)
+    past = dict(zip(model.past_names, model.decoder.run(list(model.present_names), first)))
+    del first
+    n, T = len(context), len(ids)
+    feeds = {F.INPUT_IDS: np.asarray([ids], np.int64), F.POSITION_IDS: np.arange(n, n + T, dtype=np.int64)[None],
+             F.LOGITS_TO_KEEP: np.asarray(1, np.int64), **past, **adapters}
+    return model.decoder.run([F.HIDDEN_STATES], feeds)[0]
+
+
 def all_logits(model, ids: list[int], adapters: dict) -> np.ndarray:
     """Logits [T, V] at every position of ids (positions 0..T-1)."""
     return model.decoder.run([F.LOGITS], prefill_feeds(model, ids, adapters, 0))[0][0]

@@ -7,6 +7,7 @@ numpy can view becomes one OrtValue over the map, and both sessions get those Or
 and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left to ONNX Runtime, and so are the
 inputs of the integer kernels (MatMulNBits, `Bundle.kernel_tensors`): ONNX Runtime pre-packs those into its own
 layout per session (without it the kernel dequantizes on every call) and releases what it loaded.
+With the CPU arena on, both sessions allocate their activations from one process-wide arena (`_use_shared_arena`).
 """
 from __future__ import annotations
 
@@ -86,6 +87,26 @@ def _shared_initializers(bundle: Bundle, graph: str, maps: list[np.memmap],
     return out
 
 
+_ENV_ARENA: list[bool] = []
+
+
+def _use_shared_arena(so, profile, device: str) -> None:
+    """Both sessions (and every Model of the process) allocate from ONE CPU arena instead of one each.
+
+    Each session's own arena keeps its high-water mark for good, so a round's peak was the teacher's arena PLUS
+    the train step's; from one arena the train step reuses what the teacher pass freed (SmolLM2-135M int4,
+    n=512 m=256: benchmarks/bench_avx512.md). It grows by what is asked (kSameAsRequested), not to the next
+    power of two. The allocator is registered once per process with onnxruntime's environment."""
+    if device != "cpu" or not so.enable_cpu_mem_arena:
+        return
+    if not _ENV_ARENA:
+        mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # OrtArenaCfg(max_mem=0: no cap, arena_extend_strategy=1: kSameAsRequested, -1: defaults)
+        ort.create_and_register_allocator(mem, ort.OrtArenaCfg(0, 1, -1, -1))
+        _ENV_ARENA.append(True)
+    so.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps, shared):
     extra = bundle.session_config
     inits = _shared_initializers(bundle, graph, maps, shared) if share else {}
@@ -96,6 +117,7 @@ def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps
     kw = session_kwargs(profile, device, extra)
     so = kw["sess_options"]
     so.log_severity_level = max(so.log_severity_level, 3)   # no warnings about unused initializers
+    _use_shared_arena(so, profile, device)
     for name, ov in inits.items():
         so.add_initializer(name, ov)
     model = _with_accuracy(bundle, graph, profile, so)

@@ -336,7 +336,7 @@ class Stream:
         teacher="compose" gamma x (h_current(y) - h_base(y)) on y alone."""
         cfg = self.cfg
         feeds = self.param_views if cfg.teacher == "current" else self._base_feeds
-        teacher = np.ascontiguousarray(G.hidden_states(self.model, x + y, feeds)[:, len(x):])
+        teacher = G.hidden_states_after(self.model, x, y, feeds)
         if cfg.teacher == "compose":
             own = G.hidden_states(self.model, y, self.param_views)
             own -= G.hidden_states(self.model, y, self._base_feeds)

@@ -138,7 +138,10 @@ def test_session_options_from_profile():
                                                             "session.custom": 7})
     assert so.intra_op_num_threads == min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                           else os.cpu_count())
-    assert so.enable_cpu_mem_arena is False
+    assert so.enable_cpu_mem_arena is True          # every CPU profile keeps the (one shared) arena
+    import dataclasses
+    assert session_options(dataclasses.replace(get_profile("tiny"), enable_cpu_mem_arena=False)) \
+        .enable_cpu_mem_arena is False
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"   # manifest overrides profile
     so3 = session_options(get_profile("tiny"), extra_config={"session.qdq_matmulnbits_accuracy_level": "1"})
@@ -219,18 +222,30 @@ def test_planner_arithmetic_by_hand():
     assert p.terms["weights"] == 5792
     assert p.terms["adapters"] == 32 * 4 * 4                       # 32 params, 4 B, 4 copies = 512
     assert p.terms["kv_cache"] == 2 * 2 * 1 * 4 * 6 * 4            # 2 L kv hd T 4B = 384
-    # teacher, T=6: hidden S*T*H*4 = 384, logits 1*V*4 = 128, scores nh*T^2*4 = 288, working T*(H+I)*4 = 576
-    assert p.terms["teacher"] == 384 + 128 + 288 + 576
+    # teacher, X (n=4) into the KV cache then Y (m=2), the larger pass B = 4 counts: hidden S*B*H*4 = 256,
+    # logits 1*V*4 = 128, scores nh*max(n^2, m*T)*4 = 128, working B*(H+I)*4 = 384
+    assert p.terms["teacher"] == 256 + 128 + 128 + 384
     # train, m=2: saved L*(m*H + m*I)*4 = 384, scores L*nh*m^2*4 = 64, teacher_hidden in S*m*H*4 = 128
     assert p.terms["train_step"] == 384 + 64 + 128
     # arena on: both phases' high-water marks stay
-    assert p.peak_bytes == 1000 + 5792 + 512 + 384 + 1376 + 576 == 9640
+    assert p.peak_bytes == 1000 + 5792 + 512 + 384 + 896 + 576 == 9160
     q = predict(TINY, n=4, m=2, k=3, coeffs=UNIT, arena=False)     # no arena: the larger phase only
-    assert q.peak_bytes == 1000 + 5792 + 512 + max(384 + 1376, 576) and q.combine == "max"
+    assert q.peak_bytes == 1000 + 5792 + 512 + max(384 + 896, 576) and q.combine == "max"
     # mem pattern on, K >= 2: one more copy of the train activations (saved + attention)
     r = predict(TINY, n=4, m=2, k=3, coeffs=UNIT, mem_pattern=True)
-    assert r.peak_bytes == 9640 + 384 + 64
-    assert predict(TINY, n=4, m=2, k=1, coeffs=UNIT, mem_pattern=True).peak_bytes == 9640
+    assert r.peak_bytes == 9160 + 384 + 64
+    assert predict(TINY, n=4, m=2, k=1, coeffs=UNIT, mem_pattern=True).peak_bytes == 9160
+
+
+def test_planner_recomputing_train_step():
+    """A bundle whose train step recomputes each layer (manifest graphs.train_step.recompute): the boundary
+    tensors of every layer plus c_rc_layers layers' activations, instead of every layer's."""
+    rc = dict(TINY, graphs={"decoder": _GRAPH, "train_step": dict(_GRAPH, recompute={"stages": 2})})
+    co = dict(UNIT, c_rc_keep=1, c_rc_layers=1)
+    p = predict(rc, n=4, m=2, k=3, coeffs=co)
+    # kept L*keep*m*H*4 = 128, one layer (m*H + m*I)*4 = 192, its scores nh*m^2*4 = 32, teacher_hidden in 128
+    assert p.terms["train_step"] == 128 + 192 + 32 + 128
+    assert p.terms["train_step"] < predict(TINY, n=4, m=2, k=3, coeffs=co).terms["train_step"]
 
 
 def test_planner_dequantized_tables_from_external_table():

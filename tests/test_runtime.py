@@ -217,6 +217,21 @@ def test_logits_match_torch(any_bundle, exact_profile):
         assert np.abs(got - plain).max() > 1e-2 * scale
 
 
+def test_teacher_through_the_kv_cache_equals_one_pass(any_bundle, exact_profile):
+    """The teacher pass reads X into the KV cache and then Y (hidden_states_after): Y's states equal those of
+    one pass over X.Y, to float rounding."""
+    from absorber.runtime import Stream
+    from absorber.runtime import generate as G
+    s = Stream.open(any_bundle, profile=exact_profile)
+    x, y = _ids(23), _ids(11)[::-1]
+    one = G.hidden_states(s.model, x + y, s.param_views)[:, len(x):]
+    two = G.hidden_states_after(s.model, x, y, s.param_views)
+    assert two.shape == one.shape and np.abs(one).max() > 0
+    assert np.abs(two - one).max() <= 1e-5 * np.abs(one).max()
+    assert np.array_equal(G.hidden_states_after(s.model, [], y, s.param_views),
+                          G.hidden_states(s.model, y, s.param_views))
+
+
 @pytest.mark.parametrize("rounds", [1, 3])
 def test_rounds_match_reference(any_bundle, rounds, exact_profile):
     """Rounds on fp32/int8/int4 bundles: the reference's losses and adapters (quantized: on the dequantized
@@ -806,3 +821,22 @@ def test_run_cli_memory_budget(tiny_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert (summary["n"], summary["m"]) == (64, 32) and summary["predicted_peak_mb"] > 0
+
+
+def test_both_sessions_allocate_from_one_shared_arena(bundle):
+    """With the CPU arena on, the decoder and the train step use the process-wide arena (the train step reuses
+    what the teacher pass freed); with it off, neither does."""
+    import dataclasses
+
+    from absorber.devices.profiles import get_profile
+    from absorber.runtime import Stream
+    win = {"n": CFG.n, "m": CFG.m, "k": 2}
+    on = Stream.open(bundle, profile="laptop-cpu", config_overrides=win)
+    for sess in (on.model.decoder, on.model.train_step):
+        assert sess.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    off = Stream.open(bundle, profile=dataclasses.replace(get_profile("laptop-cpu"), enable_cpu_mem_arena=False),
+                      config_overrides=win)
+    for sess in (off.model.decoder, off.model.train_step):
+        with pytest.raises(RuntimeError, match="use_env_allocators"):    # the entry is not set at all
+            sess.get_session_options().get_session_config_entry("session.use_env_allocators")
+    assert on.feed_tokens(_ids(CFG.n + CFG.m)) and off.feed_tokens(_ids(CFG.n + CFG.m))

@@ -1,0 +1,243 @@
+"""Activation recomputation (gradient checkpointing per decoder layer) in the traced train step, as an ONNX rewrite.
+
+The joint forward-backward graph keeps every forward activation that the backward reads alive from the forward
+pass until its gradient node runs: for SmolLM2-135M at m = 256 that is ~600 MiB, most of a round's peak memory.
+This rewrite keeps only the tensors that cross from one layer to the next (the residual stream and the other
+layer-boundary values) and gives the backward of each layer its own copy of that layer's forward, computed
+right before it is needed (one extra forward pass per step; the classic trade of Chen et al. 2016,
+arXiv 1604.06174, as torch.utils.checkpoint does it per layer).
+
+Why a graph rewrite and not torch.utils.checkpoint in the traced module: the train step is traced through
+torch.export's joint forward-backward (export/graphs.py), which inlines a checkpointed region back into one
+forward, and ONNX Runtime's common-subexpression elimination would merge a naive copy with the original.
+
+How:
+  forward nodes  = the ancestors of the `loss` output; every other node is backward.
+  stage(node)    = the largest decoder-layer index among the weights/adapters it reads (`layers.<i>.` in the
+                   name), or among its forward producers (-1: embedding, rotary tables, masks).
+  boundary       = a forward tensor read by a forward node of a later stage (the residual stream h_i, the
+                   normed input before its weight, the rotary tables, the mask) or by the loss' final stage:
+                   kept, as before.
+  saved          = a forward tensor of stage s read by the backward and not a boundary: its producer and the
+                   producer's in-stage ancestors are cloned (memoized per stage) and the backward reads the clone.
+  order          = the clones of stage s read their boundary inputs through `x + 0 * Shape(trigger)[0]`, where
+                   trigger is the last backward value that reads a clone of stage s + 1: the clones of a layer
+                   cannot run before the backward has reached that layer, whatever topological order ONNX Runtime
+                   picks, and are not the same expression as the forward (no CSE merge). x + 0.0 is x exactly
+                   (a -0.0 would become +0.0; nothing downstream tells them apart), so the gradients equal the
+                   plain graph's (tests/test_recompute.py).
+Values that do not depend on the step's data (weights, adapters, their transposes, dequantized copies) are
+never cloned: cloning a constant-foldable node would give ONNX Runtime a second folded copy of a weight.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import onnx
+from onnx import TensorProto, helper
+
+from absorber.bundle_format import LOSS, INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+DATA_INPUTS = (INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN)
+SUFFIX = "__rc"
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else -1
+
+
+def recompute_layers(mp: onnx.ModelProto) -> dict:
+    """Rewrite the train step `mp` in place (see the module doc); returns counts for the manifest."""
+    g = mp.graph
+    nodes = list(g.node)
+    producer: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                producer[o] = i
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            if x:
+                consumers[x].append(i)
+    if LOSS not in producer:
+        raise ValueError("recompute: the graph has no loss output")
+    # forward = ancestors of the loss
+    forward = set()
+    stack = [producer[LOSS]]
+    while stack:
+        i = stack.pop()
+        if i in forward:
+            continue
+        forward.add(i)
+        stack.extend(producer[x] for x in nodes[i].input if x in producer)
+    # data dependence and stages, in the (topological) node order of the ONNX graph
+    data = set(DATA_INPUTS)
+    stage: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if any(x in data for x in n.input):
+            data.update(o for o in n.output if o)
+        if i in forward:
+            s = max([_layer_of(x) for x in n.input if x and x not in producer] + [-1])
+            s = max([s] + [stage[producer[x]] for x in n.input if x in producer and producer[x] in stage])
+            stage[i] = s
+    top = max(stage.values())
+
+    def tensor_stage(t: str) -> int:
+        return stage.get(producer.get(t, -1), -1)
+
+    boundary = set()
+    for i in forward:
+        for x in nodes[i].input:
+            if x in producer and producer[x] in forward and tensor_stage(x) < stage[i]:
+                boundary.add(x)
+    # saved activations: forward, data-dependent, read by a backward node
+    saved: dict[str, list[int]] = {}
+    for t, cons in consumers.items():
+        if t in producer and producer[t] in forward and t in data and t not in boundary \
+                and tensor_stage(t) >= 0:
+            back = [c for c in cons if c not in forward]
+            if back:
+                saved[t] = back
+    by_stage: dict[int, list[str]] = defaultdict(list)
+    for t in saved:
+        by_stage[tensor_stage(t)].append(t)
+    clone_name: dict[str, str] = {}           # forward tensor -> its recomputed copy
+    new_nodes: dict[int, list[onnx.NodeProto]] = defaultdict(list)   # insert before original node index
+    barrier_count = 0
+    uid = [0]
+
+    used = set(producer) | {x.name for x in g.input} | {t.name for t in g.initializer} | {n.name for n in nodes}
+
+    def fresh(base: str) -> str:
+        while True:
+            uid[0] += 1
+            name = f"{base}{SUFFIX}{uid[0]}"
+            if name not in used:
+                used.add(name)
+                return name
+
+    infos = list(g.value_info) + list(g.input) + list(g.output)
+    elem = {v.name: v.type.tensor_type.elem_type for v in infos}
+    symbolic = {v.name for v in infos if any(d.dim_param for d in v.type.tensor_type.shape.dim)}
+
+    def dynamic(x: str) -> bool:
+        """a value whose shape depends on the input length: its Shape is never constant-folded"""
+        return x in symbolic
+    readers = {s: sorted({i for t in ts for i in saved[t]}) for s, ts in by_stage.items()}
+    for s in sorted(by_stage, reverse=True):
+        # the gradient that reaches the first backward node needing this stage's activations
+        # (or, where that node reads none, the last backward value before it): computed before any of them,
+        # so it cannot depend on them
+        first = readers[s][0]
+        trig = next((x for x in nodes[first].input if x in producer and producer[x] not in forward
+                     and dynamic(x)), None)
+        if trig is None:
+            trig = next((o for i in range(first - 1, -1, -1) if i not in forward for o in nodes[i].output
+                         if o and dynamic(o)), None)
+        barrier: dict[str, str] = {}
+        emitted: list[onnx.NodeProto] = []
+        zero = None
+
+        def gate(x: str) -> str:
+            nonlocal zero, barrier_count
+            if trig is None or x not in data or elem.get(x) != TensorProto.FLOAT:
+                return x
+            if x not in barrier:
+                if zero is None:   # 0.0 (a scalar) that exists only once `trig` does
+                    zero = fresh("rc_zero")
+                    shp, total, as_float = fresh("rc_shape"), fresh("rc_sum"), fresh("rc_float")
+                    emitted.extend([
+                        helper.make_node("Shape", [trig], [shp], name=shp),
+                        helper.make_node("ReduceSum", [shp], [total], name=total, keepdims=0),
+                        helper.make_node("Cast", [total], [as_float], name=as_float, to=TensorProto.FLOAT),
+                        helper.make_node("Mul", [as_float, _const(g, "rc_f0", 0.0)], [zero], name=zero),
+                    ])
+                out = fresh(x)
+                barrier[x] = out
+                emitted.append(helper.make_node("Add", [x, zero], [out], name=out))
+                barrier_count += 1
+            return barrier[x]
+
+        def clone(t: str) -> str:
+            """the recomputed copy of forward tensor t of stage s (t itself where it need not be recomputed)."""
+            if t not in producer or t not in data:
+                return t
+            if t in boundary or tensor_stage(t) != s:
+                return gate(t)
+            if t in clone_name:
+                return clone_name[t]
+            n = nodes[producer[t]]
+            ins = [clone(x) if x else x for x in n.input]
+            outs = [fresh(o) if o else o for o in n.output]
+            for o, c in zip(n.output, outs):
+                if o:
+                    clone_name[o] = c
+                    if o in elem:
+                        elem[c] = elem[o]
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            c.name = fresh(n.name or n.op_type)
+            del c.input[:]
+            c.input.extend(ins)
+            del c.output[:]
+            c.output.extend(outs)
+            emitted.append(c)
+            return clone_name[t]
+
+        for t in by_stage[s]:
+            clone(t)
+        new_nodes[readers[s][0]].extend(emitted)
+    # the backward reads the clones
+    rewired = 0
+    for t, back in saved.items():
+        for i in back:
+            n = nodes[i]
+            for j, x in enumerate(n.input):
+                if x == t:
+                    n.input[j] = clone_name[t]
+                    rewired += 1
+    order = []
+    for i, n in enumerate(nodes):
+        order.extend(new_nodes.get(i, []))
+        order.append(n)
+    del g.node[:]
+    g.node.extend(_topological(order, {x.name for x in g.input} | {t.name for t in g.initializer}))
+    return {"stages": top + 1, "saved_recomputed": len(saved), "cloned_nodes": sum(len(v) for v in new_nodes.values()),
+            "boundary_kept": len(boundary & set(consumers)), "gates": barrier_count, "rewired": rewired}
+
+
+def _topological(order: list[onnx.NodeProto], given: set[str]) -> list[onnx.NodeProto]:
+    """The nodes in a topological order that keeps `order` wherever it is one (Kahn, earliest position first):
+    a gated clone placed before its trigger moves to just after it."""
+    import heapq
+    producer = {o: i for i, n in enumerate(order) for o in n.output if o}
+    waiting = [0] * len(order)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(order):
+        deps = {producer[x] for x in n.input if x and x in producer and x not in given}
+        waiting[i] = len(deps)
+        for d in deps:
+            readers[d].append(i)
+    ready = [i for i in range(len(order)) if waiting[i] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        i = heapq.heappop(ready)
+        out.append(order[i])
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(out) != len(order):
+        raise ValueError(f"recompute: the rewritten train step has a cycle ({len(order) - len(out)} nodes)")
+    return out
+
+
+def _const(g: onnx.GraphProto, name: str, value: float) -> str:
+    if not any(t.name == name for t in g.initializer):
+        g.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+    return name
