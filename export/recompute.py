@@ -20,12 +20,14 @@ How:
                    kept, as before.
   saved          = a forward tensor of stage s read by the backward and not a boundary: its producer and the
                    producer's in-stage ancestors are cloned (memoized per stage) and the backward reads the clone.
-  order          = the clones of stage s read their boundary inputs through `x + 0 * Shape(trigger)[0]`, where
-                   trigger is the last backward value that reads a clone of stage s + 1: the clones of a layer
+  order          = the clones of stage s read their float boundary inputs through `x + 0 * sum(Shape(g))`,
+                   where g is the gradient reaching the first backward node that needs a stage-s clone (a value
+                   with a length-dependent shape, so the Shape is never constant-folded): the clones of a layer
                    cannot run before the backward has reached that layer, whatever topological order ONNX Runtime
-                   picks, and are not the same expression as the forward (no CSE merge). x + 0.0 is x exactly
-                   (a -0.0 would become +0.0; nothing downstream tells them apart), so the gradients equal the
-                   plain graph's (tests/test_recompute.py).
+                   picks, and are not the same expression as the forward (no CSE merge). The gate depends on
+                   g's shape only, never on its values (a NaN gradient does not spread into the clones).
+                   x + 0.0 is x exactly (a -0.0 would become +0.0; nothing downstream tells them apart), so the
+                   gradients equal the plain graph's (bit-identical on SmolLM2; tests/test_recompute.py).
 Values that do not depend on the step's data (weights, adapters, their transposes, dequantized copies) are
 never cloned: cloning a constant-foldable node would give ONNX Runtime a second folded copy of a weight.
 """

@@ -95,7 +95,7 @@ def _use_shared_arena(so, profile, device: str) -> None:
 
     Each session's own arena keeps its high-water mark for good, so a round's peak was the teacher's arena PLUS
     the train step's; from one arena the train step reuses what the teacher pass freed (SmolLM2-135M int4,
-    n=512 m=256: benchmarks/bench_avx512.md). It grows by what is asked (kSameAsRequested), not to the next
+    n=512 m=256: benchmarks/planner.md section 0). It grows by what is asked (kSameAsRequested), not to the next
     power of two. The allocator is registered once per process with onnxruntime's environment."""
     if device != "cpu" or not so.enable_cpu_mem_arena:
         return

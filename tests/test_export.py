@@ -434,12 +434,16 @@ def test_cli_exports_tiny_bundle(tmp_path):
     validate_manifest(m)
     assert m["slice"]["rank"] == 2 and m["slice"]["layers"] == [1] and len(m["slice"]["tensors"]) == 4
     assert m["quant"]["scheme"] == "int4"
+    assert m["graphs"]["train_step"]["recompute"]["saved_recomputed"] > 0   # --recompute auto: on for int4
     assert main(["export", "tiny", "--out", str(out), "-q"]) == 0      # an existing bundle is replaced
     assert _manifest(out)["quant"]["scheme"] == "fp32"
+    assert "recompute" not in _manifest(out)["graphs"]["train_step"]      # ... and off for fp32
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
-    assert main(["export", "tiny", "--out", str(tmp_path / "both"), "--quant", "fp32,int8", "-q"]) == 0
+    assert main(["export", "tiny", "--out", str(tmp_path / "both"), "--quant", "fp32,int8", "--recompute", "off",
+                 "-q"]) == 0
     assert {q: _manifest(tmp_path / "both" / q)["quant"]["scheme"] for q in ("fp32", "int8")} == \
         {"fp32": "fp32", "int8": "int8"}                                  # one trace, one bundle per scheme
+    assert "recompute" not in _manifest(tmp_path / "both" / "int8")["graphs"]["train_step"]
 
 
 def test_cli_rejects_a_bad_quant_list_before_loading(tmp_path, capsys):
