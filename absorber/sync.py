@@ -38,14 +38,15 @@ def positions(length: int, start: int = 0, device=None) -> torch.Tensor:
 
 
 def forward_states(model: nn.Module, ids: torch.Tensor, layers: list[int], position_ids: torch.Tensor | None = None,
-                   with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the model on ids [1, T]; return (hidden states of `layers` stacked as [len(layers), T, H], logits|None)."""
+                   with_logits: bool = False, stacked: bool = True):
+    """Run the model on ids [1, T]; return (hidden states of `layers` stacked as [len(layers), T, H], logits|None).
+    stacked=False: the states as a list of [T, H], one per layer (what the traced train step uses)."""
     if position_ids is None:
         position_ids = positions(ids.shape[1], device=ids.device)
     out = model(input_ids=ids, position_ids=position_ids, attention_mask=torch.ones_like(ids),
                 output_hidden_states=True, use_cache=False, logits_to_keep=0 if with_logits else 1)
-    hs = torch.stack([out.hidden_states[i][0] for i in layers])
-    return hs, (out.logits[0] if with_logits else None)
+    hs = [out.hidden_states[i][0] for i in layers]
+    return (torch.stack(hs) if stacked else hs), (out.logits[0] if with_logits else None)
 
 
 @dataclass
@@ -147,10 +148,8 @@ class SyncLoss(nn.Module):
         self.model, self.layers, self.kind, self.skip = model, list(layers), kind, skip
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
-                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        return sync_loss_per_layer([out.hidden_states[i][0] for i in self.layers], teacher_hidden, self.kind,
-                                   self.skip)
+        hs, _ = forward_states(self.model, input_ids, self.layers, position_ids, stacked=False)
+        return sync_loss_per_layer(hs, teacher_hidden, self.kind, self.skip)
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None,

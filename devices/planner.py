@@ -20,13 +20,13 @@ Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/pl
               int8/int4 bundles (DequantizeLinear everywhere) the [V, H] tables dequantized whole as fp32
   train_step  saved-for-backward activations of the student on Y: L*(c_saved_h*m*H + c_saved_i*m*I +
               c_saved_scores*nh*m^2)*4 (a recomputing train step, manifest graphs.train_step.recompute:
-              L*c_rc_keep*m*H*4 + c_rc_layers layers' worth of the same), the teacher_hidden input S*m*H*4, the backward's dequantized [N, K]
-              weights (MatMulNBits bundles, `c_dq_backward` x the largest); with enable_mem_pattern and K >= 2 one
+              L*c_rc_keep*m*H*4 + c_rc_layers layers' worth of the same), the teacher_hidden input S*m*H*4,
+              the backward's dequantized [N, K] weights (MatMulNBits bundles, `c_dq_backward` x the largest); with enable_mem_pattern and K >= 2 one
               more copy of the saved activations
 The teacher pass and the train step do not run at the same time. With the arena on, the runtime's two sessions
 share one arena (runtime/sessions.py), which reuses only part of what the teacher freed: the model adds the two
-phases, with coefficients fitted that way (benchmarks/planner.md section 0); with it off the larger phase counts (plus,
-for quantized bundles, one dequantized table landing on the heap the train step left fragmented).
+phases, with coefficients fitted that way (benchmarks/planner.md section 0); with it off the larger phase counts
+(plus, for quantized bundles, one dequantized table landing on the heap the train step left fragmented).
 K (optimizer steps per round) adds time, not memory (except through enable_mem_pattern, see above).
 """
 from __future__ import annotations

@@ -33,6 +33,7 @@ never cloned: cloning a constant-foldable node would give ONNX Runtime a second 
 """
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 
@@ -40,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from absorber.bundle_format import LOSS, INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN
+from absorber.errors import AbsorberError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 DATA_INPUTS = (INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN)
@@ -66,7 +68,7 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
             if x:
                 consumers[x].append(i)
     if LOSS not in producer:
-        raise ValueError("recompute: the graph has no loss output")
+        raise AbsorberError("recompute: the graph has no loss output")
     # forward = ancestors of the loss
     forward = set()
     stack = [producer[LOSS]]
@@ -110,14 +112,13 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
     clone_name: dict[str, str] = {}           # forward tensor -> its recomputed copy
     new_nodes: dict[int, list[onnx.NodeProto]] = defaultdict(list)   # insert before original node index
     barrier_count = 0
-    uid = [0]
+    uid = itertools.count(1)
 
     used = set(producer) | {x.name for x in g.input} | {t.name for t in g.initializer} | {n.name for n in nodes}
 
     def fresh(base: str) -> str:
         while True:
-            uid[0] += 1
-            name = f"{base}{SUFFIX}{uid[0]}"
+            name = f"{base}{SUFFIX}{next(uid)}"
             if name not in used:
                 used.add(name)
                 return name
@@ -209,7 +210,7 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
     del g.node[:]
     g.node.extend(_topological(order, {x.name for x in g.input} | {t.name for t in g.initializer}))
     return {"stages": top + 1, "saved_recomputed": len(saved), "cloned_nodes": sum(len(v) for v in new_nodes.values()),
-            "boundary_kept": len(boundary & set(consumers)), "gates": barrier_count, "rewired": rewired}
+            "boundary_kept": len(boundary), "gates": barrier_count, "rewired": rewired}
 
 
 def _topological(order: list[onnx.NodeProto], given: set[str]) -> list[onnx.NodeProto]:
@@ -235,7 +236,7 @@ def _topological(order: list[onnx.NodeProto], given: set[str]) -> list[onnx.Node
             if waiting[r] == 0:
                 heapq.heappush(ready, r)
     if len(out) != len(order):
-        raise ValueError(f"recompute: the rewritten train step has a cycle ({len(order) - len(out)} nodes)")
+        raise AbsorberError(f"recompute: the rewritten train step has a cycle ({len(order) - len(out)} nodes)")
     return out
 
 

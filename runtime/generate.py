@@ -17,13 +17,15 @@ import onnxruntime as ort
 from absorber import bundle_format as F
 
 
-def prefill_feeds(model, ids: list[int], adapters: dict, logits_to_keep: int) -> dict:
-    """decoder.onnx inputs for ids at positions 0..T-1 from an empty past, with the given adapter feeds."""
+def prefill_feeds(model, ids: list[int], adapters: dict, logits_to_keep: int, past: dict | None = None,
+                  start: int = 0) -> dict:
+    """decoder.onnx inputs for ids at positions start..start+T-1 after `past` (default: empty, start 0), with the
+    given adapter feeds."""
     T = len(ids)
-    feeds = {F.INPUT_IDS: np.asarray([ids], np.int64), F.POSITION_IDS: np.arange(T, dtype=np.int64)[None],
+    feeds = {F.INPUT_IDS: np.asarray([ids], np.int64),
+             F.POSITION_IDS: np.arange(start, start + T, dtype=np.int64)[None],
              F.LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64)}
-    for n in model.past_names:
-        feeds[n] = model.empty_past
+    feeds.update(past or {n: model.empty_past for n in model.past_names})
     feeds.update(adapters)
     return feeds
 
@@ -40,12 +42,9 @@ def hidden_states_after(model, context: list[int], ids: list[int], adapters: dic
     pass's memory: a second decoder call instead of one over X.Y)."""
     if not context:
         return hidden_states(model, ids, adapters)
-    first = prefill_feeds(model, context, adapters, 1)
-    past = dict(zip(model.past_names, model.decoder.run(list(model.present_names), first)))
-    del first
-    n, T = len(context), len(ids)
-    feeds = {F.INPUT_IDS: np.asarray([ids], np.int64), F.POSITION_IDS: np.arange(n, n + T, dtype=np.int64)[None],
-             F.LOGITS_TO_KEEP: np.asarray(1, np.int64), **past, **adapters}
+    past = dict(zip(model.past_names,
+                    model.decoder.run(model.present_names, prefill_feeds(model, context, adapters, 1))))
+    feeds = prefill_feeds(model, ids, adapters, 1, past=past, start=len(context))
     return model.decoder.run([F.HIDDEN_STATES], feeds)[0]
 
 

@@ -90,7 +90,7 @@ def _shared_initializers(bundle: Bundle, graph: str, maps: list[np.memmap],
 _ENV_ARENA: list[bool] = []
 
 
-def _use_shared_arena(so, profile, device: str) -> None:
+def _use_shared_arena(so, device: str) -> None:
     """Both sessions (and every Model of the process) allocate from ONE CPU arena instead of one each.
 
     Each session's own arena keeps its high-water mark for good, so a round's peak was the teacher's arena PLUS
@@ -117,7 +117,7 @@ def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps
     kw = session_kwargs(profile, device, extra)
     so = kw["sess_options"]
     so.log_severity_level = max(so.log_severity_level, 3)   # no warnings about unused initializers
-    _use_shared_arena(so, profile, device)
+    _use_shared_arena(so, device)
     for name, ov in inits.items():
         so.add_initializer(name, ov)
     model = _with_accuracy(bundle, graph, profile, so)
