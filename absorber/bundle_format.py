@@ -37,13 +37,14 @@ INT4_BLOCK = 32
 
 # config fields that the manifest's `loss` section records (compiled into train_step.onnx) and that
 # `defaults` therefore leaves out
-LOSS_FIELDS = ("loss", "loss_layers", "sync_skip")
+LOSS_FIELDS = ("loss", "loss_layers", "sync_skip", "ntp_weight")
 
 # ------------------------------------------------------------------------------------------------ graph I/O names
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"
 TEACHER_HIDDEN = "teacher_hidden"
+X_IDS = "x_ids"                 # train step with a next-token term (loss.ntp_weight > 0): the absorbed X
 LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
 LOSS = "loss"
@@ -72,13 +73,14 @@ def quant_names(name: str, bits: int) -> dict[str, str]:
             "zero": f"{name}.zp", "zero8": f"{name}.zp8", "min": f"{name}.min"}
 
 
-def required_io(graph: str, num_layers: int, adapters: list[str]) -> tuple[set[str], set[str]]:
-    """(inputs, outputs) that the runtime needs from a graph, whatever the manifest says."""
+def required_io(graph: str, num_layers: int, adapters: list[str], ntp: bool = False) -> tuple[set[str], set[str]]:
+    """(inputs, outputs) that the runtime needs from a graph, whatever the manifest says. ntp: the train step
+    carries the next-token term on X (manifest loss.ntp_weight > 0) and so takes X's ids."""
     ins = {INPUT_IDS, POSITION_IDS} | set(adapters)
     if graph == "decoder":
         return (ins | {LOGITS_TO_KEEP} | set(past_names(num_layers)),
                 {LOGITS, HIDDEN_STATES} | set(present_names(num_layers)))
-    return ins | {TEACHER_HIDDEN}, {LOSS} | {grad_name(a) for a in adapters}
+    return ins | {TEACHER_HIDDEN} | ({X_IDS} if ntp else set()), {LOSS} | {grad_name(a) for a in adapters}
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -163,7 +165,8 @@ MANIFEST_SCHEMA: dict = {
         "loss": {"type": "object", "required": ["kind", "layers", "skip"],
                  "properties": {"kind": {"enum": ["l1", "l2"]},
                                 "layers": {"type": "array", "items": _int, "minItems": 1},
-                                "skip": {"type": "integer", "minimum": 0}}},
+                                "skip": {"type": "integer", "minimum": 0},
+                                "ntp_weight": {"type": "number", "minimum": 0}}},
         "quant": {"type": "object", "required": ["scheme"],
                   "properties": {"scheme": {"enum": list(QUANT_SCHEMES)},
                                  "block_size": _int,
@@ -263,8 +266,12 @@ def defaults_entry(cfg: AbsorberConfig) -> dict:
 
 
 def loss_entry(cfg: AbsorberConfig, layers: list[int]) -> dict:
-    """The manifest's `loss`: what train_step.onnx computes (kind, hidden_states indices, skipped positions)."""
-    return {"kind": cfg.loss, "layers": [int(i) for i in layers], "skip": int(cfg.sync_skip)}
+    """The manifest's `loss`: what train_step.onnx computes (kind, hidden_states indices, skipped positions, and
+    the weight of the next-token term on X; 0 and absent in bundles without it)."""
+    d = {"kind": cfg.loss, "layers": [int(i) for i in layers], "skip": int(cfg.sync_skip)}
+    if cfg.ntp_weight > 0:
+        d["ntp_weight"] = float(cfg.ntp_weight)
+    return d
 
 
 def is_bundle_folder(path: str | os.PathLike) -> bool:
@@ -420,6 +427,11 @@ class Bundle:
         return int(self.manifest["loss"]["skip"])
 
     @property
+    def loss_ntp_weight(self) -> float:
+        """Weight of the next-token term on X compiled into the train step (0: the sync loss alone)."""
+        return float(self.manifest["loss"].get("ntp_weight", 0.0))
+
+    @property
     def recompute(self) -> bool:
         """The train step recomputes each layer's forward in its backward (bundles before it: False)."""
         return "recompute" in self.manifest["graphs"]["train_step"]
@@ -446,6 +458,7 @@ class Bundle:
         """The bundle's AbsorberConfig: `defaults` plus the loss settings compiled into the train step."""
         d = dict(self.manifest["defaults"])
         d["loss"], d["loss_layers"], d["sync_skip"] = self.loss_kind, tuple(self.loss_layers), self.loss_skip
+        d["ntp_weight"] = self.loss_ntp_weight
         try:
             return AbsorberConfig.from_dict(d)
         except TypeError as e:

@@ -140,16 +140,45 @@ def sync_loss_per_layer(student: list[torch.Tensor], target: torch.Tensor, kind:
 
 
 class SyncLoss(nn.Module):
-    """The student side as one module: forward(Y ids, Y positions, teacher hidden) -> loss.
-    This is what the exporter traces into the train-step graph, so runtime and reference share one definition."""
+    """The student side as one module: forward(Y ids, Y positions, teacher hidden[, X ids]) -> loss.
+    This is what the exporter traces into the train-step graph, so runtime and reference share one definition.
+    ntp_weight > 0 (AbsorberConfig.ntp_weight with ntp_top = 1): + ntp_weight x the next-token loss of the student
+    on X alone (positions 0..n-1), as absorber.absorb.Absorption._loss adds it."""
 
-    def __init__(self, model: nn.Module, layers: list[int], kind: str = "l1", skip: int = 0):
+    def __init__(self, model: nn.Module, layers: list[int], kind: str = "l1", skip: int = 0,
+                 ntp_weight: float = 0.0):
         super().__init__()
         self.model, self.layers, self.kind, self.skip = model, list(layers), kind, skip
+        self.ntp_weight = float(ntp_weight)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor,
+                x_ids: torch.Tensor | None = None) -> torch.Tensor:
         hs, _ = forward_states(self.model, input_ids, self.layers, position_ids, stacked=False)
-        return sync_loss_per_layer(hs, teacher_hidden, self.kind, self.skip)
+        loss = sync_loss_per_layer(hs, teacher_hidden, self.kind, self.skip)
+        if self.ntp_weight > 0:
+            if x_ids is None:
+                raise ValueError("SyncLoss with ntp_weight > 0 needs x_ids")
+            loss = loss + self.ntp_weight * lean_next_token_loss(self.model, x_ids)
+        return loss
+
+
+def lean_next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """next_token_loss(model, ids) (mean over ids[1:]), written for a traced backward: per position
+    logsumexp(logits) - the target's logit, the target logit as h . W[target] with the head's rows gathered by
+    the ids themselves (a [T, H] gather, which the quantized graphs run on the packed rows). The gradient then
+    has no [T, V] one-hot scatter, zero fill or masked copies (F.cross_entropy's backward, measured: ~15 live
+    [T, V] tensors in the exported train step), only the softmax. The same value up to float rounding.
+    Heads this does not cover (a bias, logit soft-capping) take next_token_loss."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
+        return next_token_loss(model, ids)
+    out = model.model(input_ids=ids, position_ids=positions(ids.shape[1], device=ids.device),
+                      attention_mask=torch.ones_like(ids), use_cache=False)
+    h = out.last_hidden_state[0, :-1]                       # [T-1, H]: position t predicts ids[t+1]
+    w = head.weight
+    lse = torch.logsumexp(F.linear(h, w).float(), dim=-1)   # [T-1]
+    target = (h * F.embedding(ids, w)[0, 1:]).sum(-1)       # h_t . W[ids[t+1]]
+    return (lse - target).mean()
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None,

@@ -22,7 +22,8 @@ Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/pl
               c_saved_scores*nh*m^2)*4 (a recomputing train step, manifest graphs.train_step.recompute:
               L*c_rc_keep*m*H*4 + c_rc_layers layers' worth of the same), the teacher_hidden input S*m*H*4,
               the backward's dequantized [N, K] weights (MatMulNBits bundles, `c_dq_backward` x the largest); with enable_mem_pattern and K >= 2 one
-              more copy of the saved activations
+              more copy of the saved activations; with the next-token term on X (loss.ntp_weight) X's
+              activations (n tokens), [n, V] logits' and [V, H] tables' worth (fitted `c_ntp_*`)
 The teacher pass and the train step do not run at the same time. With the arena on, the runtime's two sessions
 share one arena (runtime/sessions.py), which reuses only part of what the teacher freed: the model adds the two
 phases, with coefficients fitted that way (benchmarks/planner.md section 0); with it off the larger phase counts
@@ -65,6 +66,12 @@ COEFFS: dict[str, float] = {
                                       # input, the loss' slice)
     "c_rc_layers": 1.0,               # ... layers' activations live at once in the backward
     "c_dq_backward": 1.0,             # fp32 [N, K] weights the backward dequantizes live at once, x the largest one
+    "c_ntp_logits": 0.0,              # next-token term on X (loss.ntp_weight), fitted in planner.md section 00:
+    "c_ntp_logits_rc": 10.9,          # ... [n, V] fp32 copies live: plain train step / recomputing one
+    "c_ntp_scores_rc": 1.06,          # ... recomputing: x L layers' [nh, n, n] attention scores on X
+    "c_ntp_saved": 0.64,              # ... plain train step: share of X's saved activations at the peak
+    "c_ntp_tables": 3.97,             # ... [V, H] fp32 tables' worth: quantized bundles / fp32 ones
+    "c_ntp_tables_fp32": 0.8,
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
     "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
 }
@@ -321,6 +328,29 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
                    + c["c_rc_layers"] * (c["c_saved_h"] * m * f.H + c["c_saved_i"] * m * f.I)) * F32
         s_scores = c["c_rc_layers"] * c["c_saved_scores"] * f.nh * m * m * F32
     s_in = f.S * m * f.H * F32
+    # a train step with the next-token term on X (manifest loss.ntp_weight): the student also runs on X alone (n
+    # tokens) and through the LM head. Fitted, not derived (benchmarks/planner.md section 00): a recomputing
+    # (int8/int4) train step holds `c_ntp_logits_rc` x [n, V] fp32, `c_ntp_scores_rc` x every layer's [nh, n, n]
+    # scores and `c_ntp_tables` [V, H] fp32 tables' worth (the head's dequantized weight for dh = dlogits @ W,
+    # kernel workspaces, ...) on top of X's kept boundary tensors; a plain (fp32) one `c_ntp_saved` x X's saved
+    # activations (ORT frees part of them before Y's backward) and `c_ntp_tables_fp32` tables. ~11 live [n, V]
+    # copies and a whole X pass of attention scores are more than the graph's own tensors explain (its [n, V]
+    # tensors: 6, recomputed per layer): issue 12's next lever.
+    s_ntp = 0.0
+    if b.loss_ntp_weight > 0 and n > 1:
+        logits = (n - 1) * f.V * F32
+        table = f.V * f.H * F32
+        if b.recompute:
+            s_ntp = (f.L * c["c_rc_keep"] * n * f.H + c["c_rc_layers"] * (c["c_saved_h"] * n * f.H
+                                                                        + c["c_saved_i"] * n * f.I)) * F32
+            s_ntp += c["c_rc_layers"] * c["c_saved_scores"] * f.nh * n * n * F32
+            s_ntp += c["c_ntp_logits_rc"] * logits + c["c_ntp_scores_rc"] * f.L * f.nh * n * n * F32
+        else:
+            s_ntp = c["c_ntp_saved"] * f.L * (c["c_saved_h"] * n * f.H + c["c_saved_i"] * n * f.I
+                                              + c["c_saved_scores"] * f.nh * n * n) * F32
+            s_ntp += c["c_ntp_logits"] * logits
+        quantized = f.scheme != "fp32" and b.kernel_tensors
+        s_ntp += (c["c_ntp_tables"] if quantized else c["c_ntp_tables_fp32"]) * table
     s_dq = (c["c_dq"] * dq["train_step"] + c["c_dq_int4_train"] * lin_fp32
             + c["c_dq_backward"] * backward_dequantized(b, f))
     s_pattern = (s_saved + s_scores) if (mem_pattern and k >= 2) else 0.0
@@ -328,7 +358,7 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
     t_ov = c["c_overlap"] * min(t_dq, t_hidden + t_scores + t_tok)
     s_ov = c["c_overlap"] * min(s_dq, s_saved + s_scores)
     teacher = t_hidden + t_logits + t_scores + t_tok + t_dq - t_ov
-    train = s_saved + s_scores + s_in + s_dq - s_ov + s_pattern
+    train = s_saved + s_scores + s_in + s_dq - s_ov + s_pattern + s_ntp
     combine = "sum" if arena else "max"
     terms = {
         "baseline": float(c["baseline_bytes"] + c["baseline_per_layer"] * f.L),
@@ -363,7 +393,7 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
         "teacher.working_set": t_tok, "teacher.dequantized": t_dq, "teacher.malloc_slack": detail_slack,
         "train_step.saved_activations": s_saved, "train_step.saved_attn": s_scores,
         "train_step.teacher_hidden_in": s_in, "train_step.dequantized": s_dq,
-        "train_step.mem_pattern_copy": s_pattern,
+        "train_step.mem_pattern_copy": s_pattern, "train_step.next_token_on_x": s_ntp,
         "teacher.reuse_of_dequantized": -t_ov, "train_step.reuse_of_dequantized": -s_ov,
     }
     return Prediction(n=n, m=m, k=k, terms=terms, detail=detail, peak_bytes=int(peak), combine=combine,
@@ -398,7 +428,11 @@ def plan(bundle: Bundle | dict, budget_bytes: int, k: int = 16, *, ratio: float 
         floor = lo.terms["baseline"] + lo.terms["weights"] + lo.terms["adapters"]
         raise AbsorberError(f"memory budget {format_size(budget)} is too small: the smallest window "
                             f"(n={lo.n}, m={lo.m}) needs {format_size(lo.peak_bytes)} + {margin:.0%} margin "
-                            f"(weights + adapters + runtime alone: {format_size(floor)})")
+                            f"(weights + adapters + runtime alone: {format_size(floor)})"
+                            + ("; the next-token term of this bundle's train step costs "
+                               f"{format_size(lo.detail['train_step.next_token_on_x'])} of it: a bundle exported "
+                               "with --ntp-weight 0 needs less, and keeps less of what was said"
+                               if bd.loss_ntp_weight > 0 else ""))
     # the peak grows with m: binary search over multiples of step
     a, b = 1, cap // step
     top = at(b * step)

@@ -207,10 +207,13 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
         cfg = dataclasses.replace(cfg, lora=lora_cfg)
     lora_cfg = cfg.lora
     cfg.validate()
-    ref_only = [k for k in ("kl_weight", "ntp_weight", "anchor", "anchor_kl") if getattr(cfg, k)]
+    ref_only = [k for k in ("kl_weight", "anchor", "anchor_kl") if getattr(cfg, k)]
     if ref_only:       # loss terms of the PyTorch reference that the traced train step does not carry
-        raise AbsorberError(f"{ref_only[0]} > 0 is not supported by the exported train step (sync loss on Y only; "
-                            "it is a reference option)")
+        raise AbsorberError(f"{ref_only[0]} > 0 is not supported by the exported train step (sync loss on Y and "
+                            "the next-token term on X only; it is a reference option)")
+    if cfg.ntp_weight > 0 and cfg.ntp_top < 1:
+        raise AbsorberError(f"ntp_top={cfg.ntp_top} is not supported by the exported train step (it scores every "
+                            "token of X; ntp_top < 1 is a reference option)")
     arch = architectures.lookup(model.config)
     architectures.check_targets(arch, lora_cfg.targets)
     facts = arch.facts(model.config)

@@ -35,6 +35,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sync-skip", type=int, default=None, metavar="S",
                         help="leading Y positions left out of the sync loss, compiled into train_step.onnx "
                              "(default: AbsorberConfig's)")
+    parser.add_argument("--ntp-weight", type=float, default=None, metavar="W",
+                        help="weight of the next-token loss of the student on X (the absorbed text) beside the "
+                             "sync loss on Y, compiled into train_step.onnx (default: AbsorberConfig's, 1: keeps "
+                             "far more of what was said, at ~3x the time and memory of a round); 0: the sync "
+                             "loss alone, for small memory budgets and large vocabularies")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
@@ -91,7 +96,8 @@ def main(args) -> int:
         _check_args(q, args.opset)
         _check_out(Path(os.path.abspath(d)))
     cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
-                   seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip)
+                   seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip,
+                   ntp_weight=args.ntp_weight)
     cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")

@@ -238,9 +238,10 @@ def _quiet():
 
 def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen: set[str], opset: int,
                       max_len: int) -> onnx.ModelProto:
-    """loss + gradient of every adapter: inputs input_ids, position_ids, teacher_hidden, adapters.
-    cfg (AbsorberConfig): its loss kind and sync_skip (leading Y positions left out of the loss) are compiled
-    into the graph; layers = the hidden_states indices matched (absorber.sync.loss_layers of cfg.loss_layers)."""
+    """loss + gradient of every adapter: inputs input_ids, position_ids, teacher_hidden[, x_ids], adapters.
+    cfg (AbsorberConfig): its loss kind, sync_skip (leading Y positions left out of the loss) and ntp_weight (the
+    next-token term on X; > 0 adds the input x_ids [1, N]) are compiled into the graph; layers = the
+    hidden_states indices matched (absorber.sync.loss_layers of cfg.loss_layers)."""
     import torch
     import torch.utils._pytree as pytree
     from torch.export.experimental import _export_forward_backward
@@ -249,14 +250,20 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
     from absorber.sync import SyncLoss
 
     kind, skip, hidden = cfg.loss, cfg.sync_skip, int(model.config.hidden_size)
-    mod = SyncLoss(model, layers, kind, skip)
-    T = 8
-    ids = torch.randint(3, int(model.config.vocab_size), (1, T), generator=torch.Generator().manual_seed(0))
+    ntp = cfg.ntp_weight > 0
+    mod = SyncLoss(model, layers, kind, skip, cfg.ntp_weight)
+    T, N = 8, 11
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, int(model.config.vocab_size), (1, T), generator=gen)
     pos = torch.arange(T).unsqueeze(0)
     th = torch.zeros(len(layers), T, hidden)
     Td = torch.export.Dim("T", min=skip + 2, max=max(max_len, T + 1))   # Y longer than the skipped part
+    args, dyn = (ids, pos, th), ({1: Td}, {1: Td}, {1: Td})
+    if ntp:       # X: at least three tokens (the trace specializes a size-1 slice of logits)
+        args += (torch.randint(3, int(model.config.vocab_size), (1, N), generator=gen),)
+        dyn += ({1: torch.export.Dim("N", min=3, max=max(max_len, N + 1))},)
     with _quiet():
-        ep = torch.export.export(mod, (ids, pos, th), dynamic_shapes=({1: Td}, {1: Td}, {1: Td}), strict=False)
+        ep = torch.export.export(mod, args, dynamic_shapes=dyn, strict=False)
         jep = _export_forward_backward(ep, joint_loss_index=0)
     # aten.empty_permuted (from the backward) has no ONNX translation in torch 2.13; the values are overwritten
     for nd in jep.graph.nodes:
@@ -278,11 +285,11 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
     sig.output_specs[:] = [OutputSpec(kind=OutputKind.USER_OUTPUT, arg=o.arg, target=None) for o in sig.output_specs]
     jep._module_call_graph[0].signature.out_spec = pytree.tree_flatten(tuple(range(len(sig.output_specs))))[1]
     with _quiet():
-        prog = torch.onnx.export(jep, (ids, pos, th), None, dynamo=True, opset_version=opset, optimize=False,
+        prog = torch.onnx.export(jep, args, None, dynamo=True, opset_version=opset, optimize=False,
                                  verbose=False)
     mp = prog.model_proto
     g = mp.graph
-    if [i.name for i in g.input] != [F.INPUT_IDS, F.POSITION_IDS, F.TEACHER_HIDDEN]:
+    if [i.name for i in g.input] != [F.INPUT_IDS, F.POSITION_IDS, F.TEACHER_HIDDEN] + ([F.X_IDS] if ntp else []):
         raise AbsorberError(f"unexpected train-step inputs {[i.name for i in g.input]}")
     _rename_values(g, {o.name: n for o, n in zip(g.output, [F.LOSS] + [F.grad_name(a) for a in grads])})
     mp = finish_graph(mp, adapters, frozen)
@@ -297,6 +304,8 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
             set_io_shape(v, [1, "T"])
         elif v.name == F.TEACHER_HIDDEN:
             set_io_shape(v, [len(layers), "T", hidden])
+        elif v.name == F.X_IDS:
+            set_io_shape(v, [1, "N"])
     set_io_shape(mp.graph.output[0], [])
     return mp
 

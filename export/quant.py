@@ -239,7 +239,8 @@ def _is_linear(nd, w: str) -> str | None:
     return None
 
 
-def apply(graph, qweights: dict[str, QWeight], accuracy_level: int, ids_name: str = "input_ids") -> dict:
+def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
+          ids_names: tuple[str, ...] = ("input_ids", "x_ids")) -> dict:
     """Rewrite every use of the named float initializers (in place). Returns {stored tensor name: array}
     of what the graph now references (quantized tensors, views, constants) and a count of each kind of use."""
     rw = _Rewriter(accuracy_level)
@@ -258,7 +259,7 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int, ids_name: st
             counts["matmul_nbits"] += 1
             continue
         if len(ws) == 1 and nd.op_type == "Gather" and nd.input[0] == w and _attrs(nd).get("axis", 0) == 0 \
-                and nd.input[1] == ids_name:
+                and nd.input[1] in ids_names:
             nodes += rw.gather(qw, nd.input[1], nd.output[0])
             counts["gather"] += 1
             continue

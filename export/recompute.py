@@ -14,7 +14,14 @@ forward, and ONNX Runtime's common-subexpression elimination would merge a naive
 How:
   forward nodes  = the ancestors of the `loss` output; every other node is backward.
   stage(node)    = the largest decoder-layer index among the weights/adapters it reads (`layers.<i>.` in the
-                   name), or among its forward producers (-1: embedding, rotary tables, masks).
+                   name), or among its forward producers (-1: embedding, rotary tables, masks), and the pass it
+                   belongs to: which data inputs it depends on (x_ids: the student on X for the next-token
+                   term; the other inputs: the student on Y). The two passes' backward chains are independent
+                   until the loss, and ONNX Runtime may run one whole chain first: one gate per layer for both
+                   passes could release the other pass's clones long before their backward. So each pass's
+                   layer is a stage of its own, with its own gate. (Measured on SmolLM2 int4, n=128..512: the
+                   same peak RSS as one stage per layer within 2 %; the next-token term's extra memory is
+                   elsewhere, benchmarks/planner.md section 00.)
   boundary       = a forward tensor read by a forward node of a later stage (the residual stream h_i, the
                    normed input before its weight, the rotary tables, the mask) or by the loss' final stage:
                    kept, as before.
@@ -40,11 +47,11 @@ from collections import defaultdict
 import onnx
 from onnx import TensorProto, helper
 
-from absorber.bundle_format import LOSS, INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN
+from absorber.bundle_format import LOSS, INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN, X_IDS
 from absorber.errors import AbsorberError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-DATA_INPUTS = (INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN)
+DATA_INPUTS = (INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN, X_IDS)
 SUFFIX = "__rc"
 
 
@@ -78,35 +85,38 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
             continue
         forward.add(i)
         stack.extend(producer[x] for x in nodes[i].input if x in producer)
-    # data dependence and stages, in the (topological) node order of the ONNX graph
+    # data dependence and stages (layer, pass), in the (topological) node order of the ONNX graph
     data = set(DATA_INPUTS)
-    stage: dict[int, int] = {}
+    passes: dict[str, str] = {x: ("x" if x == X_IDS else "y") for x in DATA_INPUTS}   # tensor -> pass letters
+    stage: dict[int, tuple[int, str]] = {}
     for i, n in enumerate(nodes):
         if any(x in data for x in n.input):
             data.update(o for o in n.output if o)
+            p = "".join(sorted(set("".join(passes.get(x, "") for x in n.input))))
+            passes.update({o: p for o in n.output if o})
         if i in forward:
             s = max([_layer_of(x) for x in n.input if x and x not in producer] + [-1])
-            s = max([s] + [stage[producer[x]] for x in n.input if x in producer and producer[x] in stage])
-            stage[i] = s
-    top = max(stage.values())
+            s = max([s] + [stage[producer[x]][0] for x in n.input if x in producer and producer[x] in stage])
+            stage[i] = (s, passes.get(n.output[0], "") if n.output else "")
+    top = max(s for s, _ in stage.values())
 
-    def tensor_stage(t: str) -> int:
-        return stage.get(producer.get(t, -1), -1)
+    def tensor_stage(t: str) -> tuple[int, str]:
+        return stage.get(producer.get(t, -1), (-1, ""))
 
     boundary = set()
     for i in forward:
         for x in nodes[i].input:
-            if x in producer and producer[x] in forward and tensor_stage(x) < stage[i]:
+            if x in producer and producer[x] in forward and tensor_stage(x) != stage[i]:
                 boundary.add(x)
     # saved activations: forward, data-dependent, read by a backward node
     saved: dict[str, list[int]] = {}
     for t, cons in consumers.items():
         if t in producer and producer[t] in forward and t in data and t not in boundary \
-                and tensor_stage(t) >= 0:
+                and tensor_stage(t)[0] >= 0:
             back = [c for c in cons if c not in forward]
             if back:
                 saved[t] = back
-    by_stage: dict[int, list[str]] = defaultdict(list)
+    by_stage: dict[tuple[int, str], list[str]] = defaultdict(list)
     for t in saved:
         by_stage[tensor_stage(t)].append(t)
     clone_name: dict[str, str] = {}           # forward tensor -> its recomputed copy

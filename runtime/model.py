@@ -27,7 +27,7 @@ from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
 
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
 RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
-                    "teacher", "gamma", "probes", "sink", "fill", "sync_skip")
+                    "teacher", "gamma", "probes", "sink", "fill", "sync_skip", "ntp_weight")
 PLAN_MARGIN = 0.10      # safety margin on the planner's prediction (its calibration error, benchmarks/planner.md)
 
 
@@ -127,6 +127,10 @@ class Model:
         if overrides.get("sync_skip", skip) != skip:
             raise AbsorberError(f"sync_skip={overrides['sync_skip']} but this bundle's train step leaves {skip} "
                                 f"position(s) out of the loss (fixed at export: absorber export --sync-skip)")
+        w = self.bundle.loss_ntp_weight
+        if float(overrides.get("ntp_weight", w)) != w:
+            raise AbsorberError(f"ntp_weight={overrides['ntp_weight']} but this bundle's train step has {w:g} "
+                                f"(fixed at export: absorber export --ntp-weight)")
         cfg = override(cfg, **overrides)
         cfg.validate()
         if cfg.kl_weight:

@@ -97,6 +97,7 @@ class Stream:
         self.prediction = model.predict_peak(self.cfg)     # the planner's peak RSS of a round at this window
         self.loss_kind = model.bundle.loss_kind
         self.loss_skip = model.bundle.loss_skip        # compiled into train_step.onnx
+        self.ntp_weight = model.bundle.loss_ntp_weight  # idem: + ntp_weight x the next-token loss on X
         # adapters + optimizer (flat buffers; per-tensor views are what the sessions read/write)
         c = self.cfg
         self.opt = FlatAdamW([(s.name, s.shape) for s in model.adapter_specs], lr=c.lr, betas=c.betas,
@@ -295,11 +296,13 @@ class Stream:
         return done
 
     # ------------------------------------------------------------------ one round
-    def _train_binding(self, y: list[int], teacher: np.ndarray):
+    def _train_binding(self, x: list[int], y: list[int], teacher: np.ndarray):
         io = self.train.io_binding()
         io.bind_cpu_input(F.INPUT_IDS, np.asarray([y], np.int64))
         io.bind_cpu_input(F.POSITION_IDS, np.arange(len(y), dtype=np.int64)[None])
         io.bind_cpu_input(F.TEACHER_HIDDEN, teacher)
+        if self.ntp_weight > 0:
+            io.bind_cpu_input(F.X_IDS, np.asarray([x], np.int64))
         for n, ov in self._param_ov.items():
             io.bind_ortvalue_input(n, ov)
         io.bind_ortvalue_output(F.LOSS, self._loss_ov)
@@ -307,15 +310,19 @@ class Stream:
             io.bind_ortvalue_output(F.grad_name(n), ov)
         return io
 
-    def _eval_loss(self, y: list[int], teacher: np.ndarray) -> float:
-        """The final loss evaluation (forward only): the decoder's hidden states vs the teacher's."""
+    def _eval_loss(self, x: list[int], y: list[int], teacher: np.ndarray) -> float:
+        """The final loss evaluation (forward only): the decoder's hidden states vs the teacher's, plus the
+        next-token term on X when the bundle's train step has one."""
         k = self.loss_skip
         d = G.hidden_states(self.model, y, self.param_views)[:, k:] - teacher[:, k:]
         if self.loss_kind == "l1":
             np.abs(d, out=d)
         else:
             np.multiply(d, d, out=d)
-        return float(d.mean(dtype=np.float32))
+        loss = float(d.mean(dtype=np.float32))
+        if self.ntp_weight > 0:
+            loss += self.ntp_weight * G.next_token_loss(self.model, x, self.param_views)
+        return loss
 
     def _before_round(self) -> None:
         """AbsorberConfig's anti-drift options (reset, decay), as absorber.absorb.Absorption applies them."""
@@ -352,10 +359,11 @@ class Stream:
             self._probe_prefix = self.model.encode(PROBE_PREFIX)
         return [self._probe_prefix + x[a:b] for a, b in probe_parts(len(x), self.cfg.probes)]
 
-    def _steps(self, y: list[int], teacher: np.ndarray) -> tuple[list[float], int, bool, float]:
-        """Up to K steps of train_step.onnx on one synchronized text: (losses, steps, rolled back, optimizer s)."""
+    def _steps(self, x: list[int], y: list[int], teacher: np.ndarray) -> tuple[list[float], int, bool, float]:
+        """Up to K steps of train_step.onnx on one synchronized text y (x: the text being absorbed, for the
+        next-token term): (losses, steps, rolled back, optimizer seconds)."""
         cfg, opt = self.cfg, self.opt
-        io = self._train_binding(y, teacher) if cfg.k > 0 else None
+        io = self._train_binding(x, y, teacher) if cfg.k > 0 else None
         losses: list[float] = []
         rolled_back = have_backup = False
         steps = 0
@@ -367,7 +375,7 @@ class Stream:
                 self.train.run_with_iobinding(io)
                 lv = float(self._loss_buf)
             else:
-                lv = self._eval_loss(y, teacher)
+                lv = self._eval_loss(x, y, teacher)
             if not np.isfinite(lv):
                 rolled_back = True
                 if have_backup:
@@ -405,7 +413,7 @@ class Stream:
         losses: list[float] = []
         steps, rolled_back, t_opt = 0, False, 0.0
         for yy, tt in targets:
-            losses, s, rolled_back, to = self._steps(yy, tt)
+            losses, s, rolled_back, to = self._steps(x, yy, tt)
             steps += s
             t_opt += to
             if rolled_back:

@@ -248,6 +248,31 @@ def test_planner_recomputing_train_step():
     assert p.terms["train_step"] < predict(TINY, n=4, m=2, k=3, coeffs=co).terms["train_step"]
 
 
+def test_planner_next_token_term():
+    """A train step with the next-token term on X (manifest loss.ntp_weight): the student's saved activations
+    on X (n tokens) and c_ntp_logits x its [n-1, V] logits; nothing without the term or without an X."""
+    ntp = dict(TINY, loss=dict(TINY["loss"], ntp_weight=1.0))
+    co = dict(UNIT, c_ntp_logits=3, c_ntp_saved=1, c_ntp_tables_fp32=0)
+    p, q = predict(ntp, n=4, m=2, k=3, coeffs=co), predict(TINY, n=4, m=2, k=3, coeffs=co)
+    # L*(n*H + n*I + nh*n^2)*4 = 2*(32 + 64 + 32)*4 = 1024, logits 3*(n-1)*V*4 = 1152
+    assert p.detail["train_step.next_token_on_x"] == 1024 + 1152
+    assert p.terms["train_step"] - q.terms["train_step"] == 1024 + 1152
+    assert q.detail["train_step.next_token_on_x"] == 0
+    assert predict(ntp, n=1, m=2, k=3, coeffs=co).detail["train_step.next_token_on_x"] == 0
+    # + tables' worth: c_ntp_tables_fp32 x V*H*4 = 2 * 32*8*4
+    assert predict(ntp, n=4, m=2, k=3, coeffs=dict(co, c_ntp_tables_fp32=2)).detail[
+        "train_step.next_token_on_x"] == 1024 + 1152 + 2048
+    # a recomputing train step: X's kept boundary tensors + one layer's, and c_ntp_logits_rc x [n-1, V]
+    rc = dict(ntp, graphs={"decoder": _GRAPH, "train_step": dict(_GRAPH, recompute={"stages": 2})})
+    co_rc = dict(co, c_rc_keep=1, c_rc_layers=1, c_ntp_logits_rc=2, c_ntp_scores_rc=0)
+    r = predict(rc, n=4, m=2, k=3, coeffs=co_rc)
+    # L*n*H*4 = 256, (n*H + n*I)*4 = 384, nh*n^2*4 = 128, 2*(n-1)*V*4 = 768
+    assert r.detail["train_step.next_token_on_x"] == 256 + 384 + 128 + 768
+    # + every layer's scores on X: L*nh*n^2*4 = 256
+    assert predict(rc, n=4, m=2, k=3, coeffs=dict(co_rc, c_ntp_scores_rc=1)).detail[
+        "train_step.next_token_on_x"] == 256 + 384 + 128 + 768 + 256
+
+
 def test_planner_dequantized_tables_from_external_table():
     # an int8 bundle that stores the tied table twice (lm_head for both graphs, embedding for the decoder)
     tab = [{"name": "lm_head.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder", "train_step"],

@@ -138,16 +138,17 @@ def test_decoder_logits_to_keep_and_adapter_swap(bundles):
 
 # ------------------------------------------------------------------------------------------------ train step
 def _sync_loss_module(model, m):
-    return sync.SyncLoss(model, m["loss"]["layers"], m["loss"]["kind"], m["loss"]["skip"])
+    return sync.SyncLoss(model, m["loss"]["layers"], m["loss"]["kind"], m["loss"]["skip"],
+                         m["loss"].get("ntp_weight", 0.0))
 
 
-def _torch_loss_grads(model, m, y, th):
+def _torch_loss_grads(model, m, y, th, x):
     """The reference loss and gradients with the bundle's loss settings (layers, kind, skipped positions)."""
     params = lora.adapters(model)
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
-    loss = _sync_loss_module(model, m)(y, sync.positions(y.shape[1]), th)
+    loss = _sync_loss_module(model, m)(y, sync.positions(y.shape[1]), th, x)
     loss.backward()
     return float(loss.detach()), {n: p.grad.numpy().copy() for n, p in params.items()}
 
@@ -156,15 +157,19 @@ def _train_step_vs_torch(path, m, model, ad, x, y):
     """Run train_step.onnx and the torch reference on the same Y, teacher and adapters; the losses must agree.
     Returns (onnx outputs by name, torch gradients by adapter name)."""
     th = sync.teacher(model, x, y, m["loss"]["layers"]).hidden
-    loss, grads = _torch_loss_grads(model, m, y, th)
+    loss, grads = _torch_loss_grads(model, m, y, th, x)
     sess = _session(path, "train_step")
-    r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad))))
+    r = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds(y, th, ad, x))))
     assert abs(float(r["loss"]) - loss) <= TOL * abs(loss)
     return r, grads
 
 
-def _feeds(y, th, ad):
-    return {"input_ids": y.numpy(), "position_ids": np.arange(y.shape[1])[None], "teacher_hidden": th.numpy(), **ad}
+def _feeds(y, th, ad, x=None):
+    """train_step.onnx inputs; x: X's ids, for a train step with the next-token term (the default)."""
+    f = {"input_ids": y.numpy(), "position_ids": np.arange(y.shape[1])[None], "teacher_hidden": th.numpy(), **ad}
+    if x is not None:
+        f["x_ids"] = x.numpy()
+    return f
 
 
 @pytest.mark.parametrize("length", [2, 13, 40])
@@ -215,12 +220,12 @@ def test_ten_step_adamw_trajectory_matches_torch(bundles):
     t_losses, o_losses = [], []
     for step in range(1, 11):
         opt.zero_grad()
-        loss = mod(y, sync.positions(y.shape[1]), th)
+        loss = mod(y, sync.positions(y.shape[1]), th, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
         opt.step()
         t_losses.append(float(loss))
-        r = dict(zip(names, sess.run(None, _feeds(y, th, ad))))
+        r = dict(zip(names, sess.run(None, _feeds(y, th, ad, x))))
         o_losses.append(float(r["loss"]))
         grads = {k: r[f"grad.{k}"].astype(np.float64) for k in ad}
         norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
@@ -274,11 +279,14 @@ def test_manifest_valid_and_files_hashed(bundles, quant):
     assert set(m["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}
     for f, h in m["files"].items():
         assert hashlib.sha256((path / f).read_bytes()).hexdigest() == h
-    assert [t["name"] for t in m["slice"]["tensors"]] == [i["name"] for i in m["graphs"]["train_step"]["inputs"][3:]]
+    ins = [i["name"] for i in m["graphs"]["train_step"]["inputs"]]
+    assert ins[:4] == ["input_ids", "position_ids", "teacher_hidden", "x_ids"]     # x_ids: the next-token term
+    assert [t["name"] for t in m["slice"]["tensors"]] == ins[4:]
     # the loss settings are recorded once, in `loss`; `defaults` holds the rest of the config
     assert m["defaults"] == json.loads(json.dumps(defaults_entry(AbsorberConfig(lora=LORA))))
-    assert not {"loss", "loss_layers", "sync_skip"} & set(m["defaults"]) and "loss_layers" not in m
-    assert m["loss"] == {"kind": "l1", "layers": [1, 2], "skip": AbsorberConfig().sync_skip}
+    assert not {"loss", "loss_layers", "sync_skip", "ntp_weight"} & set(m["defaults"]) and "loss_layers" not in m
+    d = AbsorberConfig()
+    assert m["loss"] == {"kind": "l1", "layers": [1, 2], "skip": d.sync_skip, "ntp_weight": d.ntp_weight}
 
 
 def test_one_shared_weights_file(bundles):
@@ -544,8 +552,9 @@ def test_sessions_can_share_one_mapped_weights_file(bundles, quant):
     ad = _random_adapters(model)
     y = _ids(8, 3)
     th = torch.randn(len(m["loss"]["layers"]), 8, TINY["hidden"], generator=torch.Generator().manual_seed(0))
-    plain = _session(path, "train_step").run(None, _feeds(y, th, ad))
-    shared = shared_session("train_step").run(None, _feeds(y, th, ad))
+    x = _ids(11, 4)
+    plain = _session(path, "train_step").run(None, _feeds(y, th, ad, x))
+    shared = shared_session("train_step").run(None, _feeds(y, th, ad, x))
     for a, b in zip(plain, shared):      # pre-packing off may pick other GEMM kernels: float noise only
         assert relerr(b, a) <= 1e-5
     la, _, _ = _decode(_session(path, "decoder"), m, y.numpy(), ad, prefill=5)

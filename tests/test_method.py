@@ -66,13 +66,16 @@ def test_teacher_matches_full_forward_at_y_positions(tiny_model, rng_ids):
     assert float((hs - t.hidden).abs().mean()) > 1e-3
 
 
-def test_sync_loss_falls_over_k_steps(tiny_model, rng_ids):
-    cfg = AbsorberConfig(n=32, m=16, k=12, lr=5e-3, lora=LoraConfig(rank=4, alpha=8))
+@pytest.mark.parametrize("ntp_weight", [0.0, 1.0])
+def test_sync_loss_falls_over_k_steps(tiny_model, rng_ids, ntp_weight):
+    """The sync loss alone falls by 30 % in 12 steps; with the next-token term on X (the default) the sum falls
+    too (the random model's ~ln(vocab) next-token loss on random ids falls more slowly, measured 26 %)."""
+    cfg = AbsorberConfig(n=32, m=16, k=12, lr=5e-3, ntp_weight=ntp_weight, lora=LoraConfig(rank=4, alpha=8))
     lora.inject(tiny_model, cfg.lora)
     ab = Absorption(tiny_model, cfg)
     r = ab.round(_ids(rng_ids(32, seed=5)), _ids(rng_ids(16, seed=6)))
     assert r.steps == 12 and not r.rolled_back
-    assert r.loss_last < 0.7 * r.loss_first
+    assert r.loss_last < (0.7 if ntp_weight == 0 else 0.9) * r.loss_first
 
 
 def test_l2_and_kl_options_run(tiny_model, rng_ids):

@@ -45,7 +45,7 @@ def _feeds(bundle, length: int, seed: int):
     return {"input_ids": rng.integers(3, 512, (1, length)).astype(np.int64),
             "position_ids": np.arange(length, dtype=np.int64)[None],
             "teacher_hidden": rng.standard_normal((len(m["loss"]["layers"]), length, hidden)).astype(np.float32),
-            **ad}
+            "x_ids": rng.integers(3, 512, (1, length + 4)).astype(np.int64), **ad}
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int4"])

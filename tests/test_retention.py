@@ -202,7 +202,7 @@ def test_runtime_probes_match_reference(tiny_bundle, tiny_tok, teacher):
     flat = np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])
     assert np.linalg.norm(s.opt.params - flat) / np.linalg.norm(flat) < 2e-3
     plain = Stream.open(tiny_bundle, config_overrides={"teacher": teacher, "k": 2}).feed_tokens(ids)
-    assert plain[1].loss_first != pytest.approx(ro[1].loss_first, rel=2e-2)   # the probes changed the adapters
+    assert plain[1].loss_first != pytest.approx(ro[1].loss_first, rel=2e-3)   # the probes changed the adapters (~0.5 % at lr 1e-4)
 
 
 def test_bad_gamma_and_teacher_are_one_line_errors():

@@ -81,15 +81,16 @@ def _bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def bpe_bundle(tmp_path_factory) -> Path:
-    """The tiny Llama of the session's bundle with _bpe_tokenizer() (merges), exported with sync_skip=0 (not the
-    default: the session bundle has 1). One export serves the sync_skip=0 parity, the resume with a cut inside a
-    word, and the 10 MiB line. ABSORBER_TEST_BPE_BUNDLE may name an existing one while iterating."""
+    """The tiny Llama of the session's bundle with _bpe_tokenizer() (merges), exported with sync_skip=0 and
+    without the next-token term (ntp_weight 0, the sync loss alone; not the defaults: the session bundle has 1
+    and 1). One export serves the sync_skip=0 / sync-only parity, the resume with a cut inside a word, and the
+    10 MiB line. ABSORBER_TEST_BPE_BUNDLE may name an existing one while iterating."""
     pre = os.environ.get("ABSORBER_TEST_BPE_BUNDLE")
     if pre and (Path(pre) / "manifest.json").is_file():
         return Path(pre)
     from absorber.export import export_bundle
     from absorber.models import tiny_llama
-    cfg = AbsorberConfig(n=32, m=16, k=4, sync_skip=0)
+    cfg = AbsorberConfig(n=32, m=16, k=4, sync_skip=0, ntp_weight=0.0, lr=1e-3)
     out = tmp_path_factory.mktemp("bpe") / "tiny-bpe"
     return Path(export_bundle(tiny_llama(seed=0, vocab=512), _bpe_tokenizer(), out, cfg=cfg))
 
@@ -310,6 +311,45 @@ def test_exported_sync_skip0_matches_reference(bpe_bundle):
     # and it differs from the default loss without Y's first position (the option is not a no-op)
     skip1 = StreamingAbsorber(_ref_model(bpe_bundle)[0], None, dataclasses.replace(bcfg, sync_skip=1))
     assert skip1.feed_tokens(ids)[0].loss_first != pytest.approx(rr[0].loss_first, rel=1e-3)
+
+
+def test_next_token_term_is_compiled_into_the_train_step(bundle, bpe_bundle):
+    """The default bundle's train step carries ntp_weight x the next-token loss of the student on X (manifest
+    loss.ntp_weight, input x_ids); the runtime round equals the reference's with the term (test_rounds_match_
+    reference), the term is no no-op, and ntp_weight is fixed by the bundle like sync_skip."""
+    import dataclasses
+
+    from absorber.runtime import Stream
+    from absorber.stream import StreamingAbsorber
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["loss"]["ntp_weight"] == CFG.ntp_weight == 1.0
+    assert "x_ids" in {i["name"] for i in man["graphs"]["train_step"]["inputs"]}
+    assert "ntp_weight" not in json.loads((bpe_bundle / "manifest.json").read_text())["loss"]
+    assert "x_ids" not in {i.name for i in Stream.open(bpe_bundle).train.get_inputs()}
+    with pytest.raises(AbsorberError, match="ntp_weight"):
+        Stream.open(bundle, config_overrides={"ntp_weight": 0.0})
+    with pytest.raises(AbsorberError, match="ntp_weight"):
+        Stream.open(bpe_bundle, config_overrides={"ntp_weight": 1.0})
+    assert Stream.open(bundle, config_overrides={"ntp_weight": 1.0}).cfg.ntp_weight == 1.0
+    model, cfg = _ref_model(bundle)
+    ids = _ids(cfg.n * 2 + cfg.m + 3, seed=5)
+    s = Stream.open(bundle)
+    ro = s.feed_tokens(ids)
+    rr = StreamingAbsorber(model, None, cfg).feed_tokens(ids)
+    _assert_same_rounds(rr, ro, model, s)
+    # the reported loss includes the term: without it (same adapters, same text) the loss is the sync part alone
+    sync_only = StreamingAbsorber(_ref_model(bundle)[0], None, dataclasses.replace(cfg, ntp_weight=0.0))
+    r0 = sync_only.feed_tokens(ids)
+    assert ro[0].loss_first - r0[0].loss_first > 1.0      # ~ln(vocab) of a random model
+
+
+def test_next_token_term_needs_every_token_of_x(tiny_tok):
+    """ntp_top < 1 (score only X's most surprising tokens) stays a reference option: the export refuses it."""
+    from absorber.export import export_bundle
+    from absorber.models import tiny_llama
+    with pytest.raises(AbsorberError, match="ntp_top"):
+        export_bundle(tiny_llama(seed=0, vocab=512), tiny_tok, "/nonexistent/never-written",
+                      cfg=AbsorberConfig(n=32, m=16, k=4, ntp_top=0.5))
 
 
 def test_answer_is_greedy_continuation(bundle):

@@ -103,6 +103,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
     x, y = torch.tensor([ids[:tokens]]), torch.tensor([ids[tokens:tokens + y_len]])
     layers = b32.loss_layers
     skip = b32.loss_skip   # the train step leaves these leading Y positions out of the loss
+    ntp = b32.loss_ntp_weight   # and adds ntp x the next-token loss on X when > 0
     L, kv, hd = b32.num_layers, b32.num_kv_heads, b32.head_dim
     # a non-trivial first step: B = 0 at init makes every grad of A exactly zero, so compare at perturbed
     # adapters too (A as exported, B small random), which exercises both halves of every adapter
@@ -121,7 +122,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
-        loss = sync.SyncLoss(model, layers, skip=skip)(y, sync.positions(y.shape[1]), th)
+        loss = sync.SyncLoss(model, layers, skip=skip, ntp_weight=ntp)(y, sync.positions(y.shape[1]), th, x)
         loss.backward()
         grads = {n: p.grad.numpy().copy() for n, p in params.items()}
         for p in params.values():
@@ -165,6 +166,8 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
             th_b = deq[which][1] if deq else th
             ad = init if which == "init" else pert
             f = {F.INPUT_IDS: y.numpy(), F.POSITION_IDS: np.arange(y_len)[None], F.TEACHER_HIDDEN: th_b.numpy(), **ad}
+            if ntp > 0:
+                f[F.X_IDS] = x.numpy()
             t0 = time.perf_counter()
             r = dict(zip(names, tr.run(None, f)))
             if which == "pert":
@@ -197,7 +200,7 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
     params = lora.adapters(m64)
     for p in params.values():
         p.requires_grad_(True)
-    sync.SyncLoss(m64, layers, skip=skip)(y, sync.positions(y.shape[1]), th32.double()).backward()
+    sync.SyncLoss(m64, layers, skip=skip, ntp_weight=ntp)(y, sync.positions(y.shape[1]), th32.double(), x).backward()
     g64 = {n: p.grad.numpy().copy() for n, p in params.items()}
     del m64
     noise = {"grad_relerr_max_tensor": max(_normerr(g32[n], g64[n]) for n in g64),

@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="teacher = current adapters, the base model, or compose (base with X + gamma x the "
                          "adapters' own contribution on Y)")
     mt.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' contribution")
+    mt.add_argument("--ntp-weight", type=float, help="weight of the next-token loss on X beside the sync loss "
+                                                     "(default 1; 0: the sync loss alone)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     fc = p.add_argument_group("forgetting curve of planted facts (absorber/retention.py)")
@@ -99,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
         raise AbsorberError(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(E.METHODS)}")
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
-        "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank")},
+        "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
+        "ntp_weight")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:

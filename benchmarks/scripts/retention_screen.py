@@ -3,9 +3,11 @@
     nice python benchmarks/scripts/retention_screen.py --n 128 --m 64 --k 8 --speeches 3 --facts 20 \
         --plant-rounds 6 --variants window,base,compose,current --json benchmarks/retention_screen.json
 
-Variants: window (no absorption), base (the shipped teacher), compose (compositional teacher, gamma=1),
-compose0.5, current (the paper's teacher), ttt, or any `key=value/key=value` list of AbsorberConfig settings on
-top of the shipped teacher (e.g. `probes=2/anchor=1/prefix=4/sync_skip=0`), optionally after a method
+Variants: window (no absorption), base (the base-model teacher with the sync loss alone, lr 1e-3: the shipped
+default until 2026-12-03, which every table of retention.md calls "base"), shipped (AbsorberConfig's defaults
+now: the sync + next-token hybrid, lr 1e-4), compose (compositional teacher, gamma=1), compose0.5, current (the
+paper's teacher), ttt, or any `key=value/key=value` list of AbsorberConfig settings on top of `base`
+(e.g. `probes=2/anchor=1/prefix=4/sync_skip=0`, `ntp_weight=1/lr=0.0001`), optionally after a method
 (`ttt/lr=0.0001/ttt_context=64`: TTT with Temp-LoRA's conditioned chunks). Each variant streams every speech
 with fresh adapters.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 VARIANTS = {
     "window": ("window", {}),
     "base": ("absorber", {"teacher": "base"}),
+    "shipped": ("absorber", "defaults"),
     "compose": ("absorber", {"teacher": "compose", "gamma": 1.0}),
     "compose0.5": ("absorber", {"teacher": "compose", "gamma": 0.5}),
     "current": ("absorber", {"teacher": "current"}),
@@ -34,6 +37,9 @@ def variant(label: str, base):
     from absorber.config import override, parse_value
     if label in VARIANTS:
         method, flags = VARIANTS[label]
+        if flags == "defaults":                   # AbsorberConfig's own settings at the screen's window
+            from absorber.config import AbsorberConfig
+            return method, override(AbsorberConfig(), n=base.n, m=base.m, k=base.k)
         return method, override(base, **flags)
     flags = {}
     method, parts = "absorber", label.split("/")
@@ -75,7 +81,8 @@ def main(argv=None) -> int:
     texts = [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in spoken[::-1][a.skip:a.skip + a.speeches]]
     held = next((s for s in data.speeches(None) if s.fileid.startswith(a.heldout)), spoken[0])
     heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
-    base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr)
+    # the tables' "base": the sync loss alone at lr 1e-3 (AbsorberConfig's defaults before 2026-12-03)
+    base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr if a.lr is not None else 1e-3, ntp_weight=0.0)
     runs = [(v, *variant(v, base)) for v in a.variants.split(",")]
     rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds,
                               distances=tuple(int(x) for x in a.distances.split(",")))
