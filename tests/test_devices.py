@@ -366,6 +366,11 @@ def test_plan_picks_largest_fitting_window():
 def test_plan_budget_too_small_says_the_floor():
     with pytest.raises(AbsorberError, match="too small") as e:
         plan(TINY, 100, coeffs=UNIT)
+    assert "\n" not in str(e.value) and "ntp-weight" not in str(e.value)
+    # a bundle with the next-token term: the line says what the term costs and what needs less
+    ntp = dict(TINY, loss=dict(TINY["loss"], ntp_weight=1.0))
+    with pytest.raises(AbsorberError, match="too small.*next-token term.*--ntp-weight 0") as e:
+        plan(ntp, 100, coeffs=UNIT)
     assert "\n" not in str(e.value)
 
 
