@@ -165,9 +165,11 @@ class SyncLoss(nn.Module):
 def lean_next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """next_token_loss(model, ids) (mean over ids[1:]), written for a traced backward: per position
     logsumexp(logits) - the target's logit, the target logit as h . W[target] with the head's rows gathered by
-    the ids themselves (a [T, H] gather, which the quantized graphs run on the packed rows). The gradient then
-    has no [T, V] one-hot scatter, zero fill or masked copies (F.cross_entropy's backward, measured: ~15 live
-    [T, V] tensors in the exported train step), only the softmax. The same value up to float rounding.
+    the ids themselves (a [T, H] gather, which the quantized graphs run on the packed rows). The exported
+    backward then has no [T, V] one-hot scatter, zero fill or masked copies (F.cross_entropy's has ~8 such
+    [T, V] nodes), only the softmax. The same value up to float rounding. Measured on SmolLM2 int4 at n=128:
+    the peak RSS of a round did not move (1.50 -> 1.49 GiB; what holds the term's memory is elsewhere,
+    benchmarks/planner.md section 00), so this is a smaller graph, not a memory fix.
     Heads this does not cover (a bias, logit soft-capping) take next_token_loss."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):

@@ -53,18 +53,23 @@ def all_logits(model, ids: list[int], adapters: dict) -> np.ndarray:
     return model.decoder.run([F.LOGITS], prefill_feeds(model, ids, adapters, 0))[0][0]
 
 
-def next_token_loss(model, ids: list[int], adapters: dict, rows: int = 64) -> float:
-    """Mean next-token cross-entropy of ids alone (positions 0..T-1), as absorber.sync.next_token_loss: the
-    logits at t score ids[t+1]. The log-sum-exp runs over `rows` positions at a time (one [rows, V] temporary)."""
-    logits = all_logits(model, ids, adapters)[:-1]
-    target = np.asarray(ids[1:], np.int64)
+def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
+    """Summed cross-entropy of targets under logits [len(targets), V] (row t scores targets[t]). The
+    log-sum-exp runs over `rows` positions at a time (one [rows, V] temporary)."""
+    target = np.asarray(targets, np.int64)
     total = 0.0
     for a in range(0, len(target), rows):
         z = logits[a:a + rows]
         mx = z.max(axis=1, keepdims=True)
         lse = np.log(np.exp(z - mx).sum(axis=1, dtype=np.float64)) + mx[:, 0]
         total += float((lse - z[np.arange(len(z)), target[a:a + rows]]).sum())
-    return total / len(target)
+    return total
+
+
+def next_token_loss(model, ids: list[int], adapters: dict) -> float:
+    """Mean next-token cross-entropy of ids alone (positions 0..T-1), as absorber.sync.next_token_loss: the
+    logits at t score ids[t+1]."""
+    return summed_nll(all_logits(model, ids, adapters)[:-1], ids[1:]) / (len(ids) - 1)
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:

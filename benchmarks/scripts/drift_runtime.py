@@ -21,21 +21,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (benchmarks/scripts/../..)
 
 
-def nll(logits: np.ndarray, targets: list[int]) -> float:
-    """Summed next-token NLL of targets under logits [len(targets), V] (row t predicts targets[t])."""
-    z = logits.astype(np.float64)
-    mx = z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z - mx).sum(axis=1)) + mx[:, 0]
-    return float((lse - z[np.arange(len(targets)), targets]).sum())
-
-
 def run(args) -> None:
     from absorber.data import speeches
     from absorber.runtime import Stream
     from absorber.runtime import generate as G
 
     over = {"n": args.n, "m": args.m, "k": args.k}
-    s = Stream.open(args.bundle, profile="laptop-cpu", config_overrides={k: v for k, v in over.items() if v is not None})
+    s = Stream.open(args.bundle, profile="laptop-cpu",
+                    config_overrides={k: v for k, v in over.items() if v is not None})
     n, m = s.cfg.n, s.cfg.m
     texts = [sp for sp in reversed(speeches("spoken"))][: args.speeches]
     ids: list[int] = []
@@ -62,7 +55,8 @@ def run(args) -> None:
         seq = window + target
         lo_a = G.all_logits(s.model, seq, s.param_views)[len(window) - 1:-1]
         lo_b = G.all_logits(s.model, seq, s._base_feeds)[len(window) - 1:-1]
-        rec = {"round": s.rounds, "nll_adapters": nll(lo_a, target), "nll_window": nll(lo_b, target),
+        rec = {"round": s.rounds, "nll_adapters": G.summed_nll(lo_a, target),
+               "nll_window": G.summed_nll(lo_b, target),
                "tokens": len(target), "loss_first": r.loss_first, "loss_last": r.loss_last, "steps": r.steps,
                "seconds": round(r.seconds, 2), "train_seconds": round(r.train_seconds, 2),
                "teacher_seconds": round(r.teacher_seconds, 2), "rss_mb": round(s.stats()["rss_mb"], 1)}
