@@ -44,6 +44,10 @@ INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"
 TEACHER_HIDDEN = "teacher_hidden"
+# the next-token term's head gradient is computed in this many pieces of X (absorber.sync.lean_next_token_loss;
+# a fixed count, as X's length is dynamic in the traced graph; the trace needs pieces of >= 2 rows, so it is
+# traced with X >= HEAD_CHUNKS + 2 tokens; the graph runs any X of >= 2)
+HEAD_CHUNKS = 8
 X_IDS = "x_ids"                 # train step with a next-token term (loss.ntp_weight > 0): the absorbed X
 LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
@@ -166,7 +170,8 @@ MANIFEST_SCHEMA: dict = {
                  "properties": {"kind": {"enum": ["l1", "l2"]},
                                 "layers": {"type": "array", "items": _int, "minItems": 1},
                                 "skip": {"type": "integer", "minimum": 0},
-                                "ntp_weight": {"type": "number", "minimum": 0}}},
+                                "ntp_weight": {"type": "number", "minimum": 0},
+                                "head_chunks": {"type": "integer", "minimum": 1}}},
         "quant": {"type": "object", "required": ["scheme"],
                   "properties": {"scheme": {"enum": list(QUANT_SCHEMES)},
                                  "block_size": _int,
@@ -271,6 +276,7 @@ def loss_entry(cfg: AbsorberConfig, layers: list[int]) -> dict:
     d = {"kind": cfg.loss, "layers": [int(i) for i in layers], "skip": int(cfg.sync_skip)}
     if cfg.ntp_weight > 0:
         d["ntp_weight"] = float(cfg.ntp_weight)
+        d["head_chunks"] = HEAD_CHUNKS
     return d
 
 
@@ -430,6 +436,12 @@ class Bundle:
     def loss_ntp_weight(self) -> float:
         """Weight of the next-token term on X compiled into the train step (0: the sync loss alone)."""
         return float(self.manifest["loss"].get("ntp_weight", 0.0))
+
+    @property
+    def loss_head_chunks(self) -> int:
+        """The pieces of X in which the train step computes the next-token term's head gradient in its forward
+        (absorber.sync.lean_next_token_loss); 0: bundles before it, which differentiate the head as a whole."""
+        return int(self.manifest["loss"].get("head_chunks", 0))
 
     @property
     def recompute(self) -> bool:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from absorber.bundle_format import HEAD_CHUNKS
+
 
 def num_layers(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
@@ -162,25 +164,51 @@ class SyncLoss(nn.Module):
         return loss
 
 
-def lean_next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """next_token_loss(model, ids) (mean over ids[1:]), written for a traced backward: per position
-    logsumexp(logits) - the target's logit, the target logit as h . W[target] with the head's rows gathered by
-    the ids themselves (a [T, H] gather, which the quantized graphs run on the packed rows). The exported
-    backward then has no [T, V] one-hot scatter, zero fill or masked copies (F.cross_entropy's has ~8 such
-    [T, V] nodes), only the softmax. The same value up to float rounding. Measured on SmolLM2 int4 at n=128:
-    the peak RSS of a round did not move (1.50 -> 1.49 GiB; what holds the term's memory is elsewhere,
-    benchmarks/planner.md section 00), so this is a smaller graph, not a memory fix.
-    Heads this does not cover (a bias, logit soft-capping) take next_token_loss."""
+
+
+def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD_CHUNKS) -> torch.Tensor:
+    """next_token_loss(model, ids) (mean over ids[1:]), written for a traced backward that holds no [T, V] tensor.
+
+    The head's gradient is computed in the forward, a piece of X's positions at a time, from the final hidden
+    states h [T-1, H] with autograd off (h.detach()): per piece, logits = h W^T, lse = logsumexp(logits),
+    G = (softmax(logits) W - W[target]) / (T-1), which is d loss / d h exactly. The returned value is
+    loss + sum(h * G) - sum(h * G).detach(): the same number (x - x is 0 in float), whose gradient reaching h is G.
+    So the traced graph's backward starts at h with one [T-1, H] tensor instead of differentiating through the
+    head, and a piece's [T/chunks, V] logits are freed before the next piece (the fused linear + cross-entropy
+    of Liger-Kernel, arXiv 2410.10989, written in plain tensor ops so that torch.export traces it; the recompute
+    rewrite keeps G instead of recomputing the head, export/recompute.py). Measured on SmolLM2 int4 at
+    n=512, m=256: the round's peak 2778 -> 2548 MiB by itself; most of the rest was the order ONNX Runtime ran
+    the weight gradients in (export/recompute.py's gates, 2548 -> 1386 MiB).
+    The head must be frozen (no adapter on it): G is all the backward takes from it.
+    The target logit is h . W[target] with the rows gathered by the ids themselves (a [T, H] gather, which the
+    quantized graphs run on the packed rows). Heads this does not cover (a bias, logit soft-capping, a trainable
+    head) take next_token_loss."""
     head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
+    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None) \
+            or not isinstance(getattr(head, "weight", None), torch.Tensor) \
+            or any(p.requires_grad for p in head.parameters()):
         return next_token_loss(model, ids)
     out = model.model(input_ids=ids, position_ids=positions(ids.shape[1], device=ids.device),
                       attention_mask=torch.ones_like(ids), use_cache=False)
     h = out.last_hidden_state[0, :-1]                       # [T-1, H]: position t predicts ids[t+1]
-    w = head.weight
-    lse = torch.logsumexp(F.linear(h, w).float(), dim=-1)   # [T-1]
-    target = (h * F.embedding(ids, w)[0, 1:]).sum(-1)       # h_t . W[ids[t+1]]
-    return (lse - target).mean()
+    w = head.weight.detach()
+    rows = F.embedding(ids, w)[0, 1:].float()               # W[ids[t+1]]
+    hd = h.detach().float()
+    t1 = hd.shape[0]
+    size = (t1 + chunks - 1) // chunks
+    piece = torch.arange(size, device=ids.device)
+    lses, pws = [], []
+    for c in range(chunks):       # a piece's rows by index (clamped: the last piece repeats the last row)
+        logits = F.linear(hd[(piece + c * size).clamp(max=t1 - 1)], w).float()    # [size, V]
+        lse = torch.logsumexp(logits, dim=-1)
+        lses.append(lse)
+        pws.append(torch.exp(logits - lse[:, None]) @ w)    # softmax(logits) W: [size, H]
+    keep = torch.arange(t1, device=ids.device)             # the repeated rows are dropped
+    lse = torch.cat(lses)[keep]
+    grad = (torch.cat(pws)[keep] - rows) / t1                # d loss / d h
+    value = (lse - (hd * rows).sum(-1)).mean()
+    hg = (h.float() * grad).sum()
+    return value + (hg - hg.detach())
 
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor | None = None,

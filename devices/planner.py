@@ -33,6 +33,7 @@ K (optimizer steps per round) adds time, not memory (except through enable_mem_p
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,6 +73,13 @@ COEFFS: dict[str, float] = {
     "c_ntp_saved": 0.64,              # ... plain train step: share of X's saved activations at the peak
     "c_ntp_tables": 3.97,             # ... [V, H] fp32 tables' worth: quantized bundles / fp32 ones
     "c_ntp_tables_fp32": 0.8,
+    "c_ntp2_keep": 1.0,               # bundles with loss.head_chunks (planner.md section 000): recomputing: X's
+                                      # kept boundary tensors per layer per token, in H floats (set, as c_rc_keep)
+    "c_ntp2_scores": 0.69,            # ... recomputing: x L layers' [nh, n, n] attention scores on X (fitted)
+    "c_ntp2_pieces": 1.0,             # ... one piece's [n/head_chunks, V] fp32 logits (set)
+    "c_ntp2_tables": 1.87,            # ... [V, H] fp32 tables: quantized bundles / fp32 ones (fitted)
+    "c_ntp2_tables_fp32": 1.04,
+    "c_ntp2_saved": 0.44,             # ... plain (fp32) train step: share of X's saved activations (fitted)
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
     "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
 }
@@ -270,6 +278,16 @@ def dequantized_tables(bundle: Bundle, f: ModelFacts) -> dict[str, float]:
     return {"decoder": dec, "train_step": tr}
 
 
+def _x_pass_bytes(c: dict, f, n: int, recompute: bool, keep: float, saved_share: float) -> float:
+    """The student's own pass on X (the next-token term) in the train step: every layer's kept boundary
+    tensors (`keep` H floats per token) and one layer's activations when it recomputes, else `saved_share` of
+    every layer's saved activations (ONNX Runtime frees part of them before Y's backward)."""
+    if recompute:
+        return (f.L * keep * n * f.H + c["c_rc_layers"] * (c["c_saved_h"] * n * f.H + c["c_saved_i"] * n * f.I)) * F32
+    return saved_share * f.L * (c["c_saved_h"] * n * f.H + c["c_saved_i"] * n * f.I
+                                + c["c_saved_scores"] * f.nh * n * n) * F32
+
+
 def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool = True, mem_pattern: bool = False,
             logits_kept: int = 1, weights_file_bytes: int | None = None, coeffs: dict | None = None) -> Prediction:
     """Peak RSS of one absorption round (teacher pass on X.Y, K train steps on Y, the final loss evaluation)
@@ -333,21 +351,34 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
     # (int8/int4) train step holds `c_ntp_logits_rc` x [n, V] fp32, `c_ntp_scores_rc` x every layer's [nh, n, n]
     # scores and `c_ntp_tables` [V, H] fp32 tables' worth (the head's dequantized weight for dh = dlogits @ W,
     # kernel workspaces, ...) on top of X's kept boundary tensors; a plain (fp32) one `c_ntp_saved` x X's saved
-    # activations (ORT frees part of them before Y's backward) and `c_ntp_tables_fp32` tables. ~11 live [n, V]
-    # copies and a whole X pass of attention scores are more than the graph's own tensors explain (its [n, V]
-    # tensors: 6, recomputed per layer): issue 12's next lever.
+    # activations (ORT frees part of them before Y's backward) and `c_ntp_tables_fp32` tables. Those bundles'
+    # ~11 live [n, V] copies and whole X pass were every layer's weight gradients running last in ONNX Runtime's
+    # order, and the head's backward (planner.md section 000); bundles with loss.head_chunks take the terms below.
     s_ntp = 0.0
-    if b.loss_ntp_weight > 0 and n > 1:
+    if b.loss_ntp_weight > 0 and n > 1 and b.loss_head_chunks:
+        # bundles whose train step computes the head's gradient in the forward, in pieces of X
+        # (absorber.sync.lean_next_token_loss), and (int8/int4) orders each layer's clones after the layer
+        # above's weight gradients (export/recompute.py): X's own pass like Y's (boundaries of every layer, one
+        # layer's activations), `c_ntp2_pieces` x one piece's [n / head_chunks, V] logits, `c_ntp2_tables` [V, H]
+        # fp32 tables (the head dequantized for softmax @ W); a plain (fp32) train step keeps `c_ntp2_saved` x X's
+        # saved activations. Fitted in benchmarks/planner.md section 000.
+        piece = math.ceil((n - 1) / b.loss_head_chunks) * f.V * F32
+        table = f.V * f.H * F32
+        s_ntp = _x_pass_bytes(c, f, n, b.recompute, c["c_ntp2_keep"], c["c_ntp2_saved"])
+        if b.recompute:
+            s_ntp += c["c_ntp2_scores"] * f.L * f.nh * n * n * F32
+        s_ntp += c["c_ntp2_pieces"] * piece
+        quantized = f.scheme != "fp32" and b.kernel_tensors
+        s_ntp += (c["c_ntp2_tables"] if quantized else c["c_ntp2_tables_fp32"]) * table
+    elif b.loss_ntp_weight > 0 and n > 1:
+        # bundles of 2026-12-03 (fourth session): the head differentiated whole, weight gradients run last
         logits = (n - 1) * f.V * F32
         table = f.V * f.H * F32
+        s_ntp = _x_pass_bytes(c, f, n, b.recompute, c["c_rc_keep"], c["c_ntp_saved"])
         if b.recompute:
-            s_ntp = (f.L * c["c_rc_keep"] * n * f.H + c["c_rc_layers"] * (c["c_saved_h"] * n * f.H
-                                                                        + c["c_saved_i"] * n * f.I)) * F32
             s_ntp += c["c_rc_layers"] * c["c_saved_scores"] * f.nh * n * n * F32
             s_ntp += c["c_ntp_logits_rc"] * logits + c["c_ntp_scores_rc"] * f.L * f.nh * n * n * F32
         else:
-            s_ntp = c["c_ntp_saved"] * f.L * (c["c_saved_h"] * n * f.H + c["c_saved_i"] * n * f.I
-                                              + c["c_saved_scores"] * f.nh * n * n) * F32
             s_ntp += c["c_ntp_logits"] * logits
         quantized = f.scheme != "fp32" and b.kernel_tensors
         s_ntp += (c["c_ntp_tables"] if quantized else c["c_ntp_tables_fp32"]) * table

@@ -168,6 +168,12 @@ class Traced:
     opset: int
     max_len: int
     seconds: dict
+    head: tuple[str, ...] = ()        # the lm_head weight's names (tied: every alias of the one tensor)
+
+
+def head_tensors(head: tuple[str, ...]) -> set[str]:
+    """The lm_head's tensor names in a train step, float or quantized (recompute keeps their products)."""
+    return set(head) | {v for n in head for b in Q.BITS.values() for v in F.quant_names(n, b).values()}
 
 
 def _check_args(quant: str, opset: int) -> None:
@@ -250,6 +256,8 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
         if facts["tie_word_embeddings"] or lm_head not in dict(model.named_parameters()):
             emb = model.get_input_embeddings().weight
             lm_head = next(n for n, p in model.named_parameters() if p is emb)
+        head_param = dict(model.named_parameters(remove_duplicate=False))[lm_head]
+        head = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if p is head_param)
         slice_desc = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "scaling": lora_cfg.scaling,
                       "targets": list(lora_cfg.targets),
                       "layers": list(lora_cfg.layers) if lora_cfg.layers is not None else None,
@@ -283,7 +291,7 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
                 o.version = opset
     weight_names = set(store)
     return Traced(train, dec, facts, layers, cfg, slice_desc, init_adapters, weight_names, store, opset, max_len,
-                  {"train_step": round(t_train, 2), "decoder": round(t_dec, 2)})
+                  {"train_step": round(t_train, 2), "decoder": round(t_dec, 2)}, head)
 
 
 def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None,
@@ -341,7 +349,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         recompute = quant != "fp32"
     if recompute:
         say("train step: recomputing activations per layer")
-        recomputed = recompute_layers(train)
+        recomputed = recompute_layers(train, head_tensors(traced.head),
+                                      order_after_grads=getattr(traced.cfg, "ntp_weight", 0) > 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

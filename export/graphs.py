@@ -247,6 +247,7 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
     from torch.export.experimental import _export_forward_backward
     from torch.export.graph_signature import OutputKind, OutputSpec
 
+    from absorber.bundle_format import HEAD_CHUNKS
     from absorber.sync import SyncLoss
 
     kind, skip, hidden = cfg.loss, cfg.sync_skip, int(model.config.hidden_size)
@@ -259,9 +260,10 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
     th = torch.zeros(len(layers), T, hidden)
     Td = torch.export.Dim("T", min=skip + 2, max=max(max_len, T + 1))   # Y longer than the skipped part
     args, dyn = (ids, pos, th), ({1: Td}, {1: Td}, {1: Td})
-    if ntp:       # X: at least three tokens (the trace specializes a size-1 slice of logits)
+    if ntp:       # X: pieces of >= 2 positions in the trace (absorber.sync.HEAD_CHUNKS; the graph runs any n >= 2)
+        N = max(N, HEAD_CHUNKS + 3)
         args += (torch.randint(3, int(model.config.vocab_size), (1, N), generator=gen),)
-        dyn += ({1: torch.export.Dim("N", min=3, max=max(max_len, N + 1))},)
+        dyn += ({1: torch.export.Dim("N", min=HEAD_CHUNKS + 2, max=max(max_len, N + 1))},)
     with _quiet():
         ep = torch.export.export(mod, args, dynamic_shapes=dyn, strict=False)
         jep = _export_forward_backward(ep, joint_loss_index=0)

@@ -33,8 +33,20 @@ How:
                    cannot run before the backward has reached that layer, whatever topological order ONNX Runtime
                    picks, and are not the same expression as the forward (no CSE merge). The gate depends on
                    g's shape only, never on its values (a NaN gradient does not spread into the clones).
+                   With the next-token term (`order_after_grads`) it also waits for every adapter gradient of
+                   layer s + 1, through a sum over none of its elements (0.0 whatever the values): ONNX Runtime's
+                   default order runs a node as late as the first graph output that needs it, so the weight
+                   gradients of every layer, which feed only their own outputs, ran at the very end and kept every
+                   layer's gradient signals and recomputed inputs alive to it (SmolLM2 int4 at 512x256: ~1.1 GB
+                   at the peak; the round's peak 2548 -> 1386 MiB; benchmarks/planner.md section 000). On the
+                   sync loss alone the same gates measured +45 MiB (780 -> 822 MiB at 128x64, 936 -> 981 at
+                   512x256), so they are left out there.
                    x + 0.0 is x exactly (a -0.0 would become +0.0; nothing downstream tells them apart), so the
                    gradients equal the plain graph's (bit-identical on SmolLM2; tests/test_recompute.py).
+  head           = tensors computed (within their stage) from a product with the lm_head (`keep_reading`) are
+                   kept like boundaries. The next-token term (absorber.sync.lean_next_token_loss) computes its
+                   gradient at h in the forward, piece by piece, and the backward reads only that [T, H]
+                   result: recomputing it would repeat the step's largest product (T x V x H) for nothing.
 Values that do not depend on the step's data (weights, adapters, their transposes, dequantized copies) are
 never cloned: cloning a constant-foldable node would give ONNX Runtime a second folded copy of a weight.
 """
@@ -47,10 +59,11 @@ from collections import defaultdict
 import onnx
 from onnx import TensorProto, helper
 
-from absorber.bundle_format import LOSS, INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN, X_IDS
+from absorber.bundle_format import LOSS, INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN, X_IDS, grad_name
 from absorber.errors import AbsorberError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+GRAD_PREFIX = grad_name("")
 DATA_INPUTS = (INPUT_IDS, POSITION_IDS, TEACHER_HIDDEN, X_IDS)
 SUFFIX = "__rc"
 
@@ -60,8 +73,12 @@ def _layer_of(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def recompute_layers(mp: onnx.ModelProto) -> dict:
-    """Rewrite the train step `mp` in place (see the module doc); returns counts for the manifest."""
+def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str] = frozenset(),
+                     order_after_grads: bool = True) -> dict:
+    """Rewrite the train step `mp` in place (see the module doc); returns counts for the manifest.
+    keep_reading: initializers (the lm_head's, float or quantized) whose products are never recomputed.
+    order_after_grads: each layer's clones also wait for the adapter gradients of the layer above (the
+    exporter sets it for train steps with the next-token term, where it halves the peak; see the module doc)."""
     g = mp.graph
     nodes = list(g.node)
     producer: dict[str, int] = {}
@@ -108,6 +125,18 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
         for x in nodes[i].input:
             if x in producer and producer[x] in forward and tensor_stage(x) != stage[i]:
                 boundary.add(x)
+    # the head's products and what is computed from them within their stage are kept, never cloned
+    from_head = set(keep_reading)
+    for n in nodes:                      # constants derived from the head's tensors (dequantized views)
+        if not any(x in data for x in n.input) and any(x in from_head for x in n.input):
+            from_head.update(o for o in n.output if o)
+    after_head: set[str] = set()
+    for i in sorted(forward):
+        n = nodes[i]
+        reads_head = any(x in from_head for x in n.input) and any(x in data for x in n.input)
+        if reads_head or any(x in after_head and tensor_stage(x) == stage[i] for x in n.input):
+            after_head.update(o for o in n.output if o)
+    boundary |= after_head
     # saved activations: forward, data-dependent, read by a backward node
     saved: dict[str, list[int]] = {}
     for t, cons in consumers.items():
@@ -141,6 +170,11 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
         """a value whose shape depends on the input length: its Shape is never constant-folded"""
         return x in symbolic
     readers = {s: sorted({i for t in ts for i in saved[t]}) for s, ts in by_stage.items()}
+    grads_by_layer: dict[int, list[str]] = defaultdict(list)     # adapter gradients (outputs) by layer
+    for o in (g.output if order_after_grads else []):
+        if o.name.startswith(GRAD_PREFIX) and _layer_of(o.name) >= 0:
+            grads_by_layer[_layer_of(o.name)].append(o.name)
+    ordered_after_grads = 0
     for s in sorted(by_stage, reverse=True):
         # the gradient that reaches the first backward node needing this stage's activations
         # (or, where that node reads none, the last backward value before it): computed before any of them,
@@ -156,7 +190,7 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
         zero = None
 
         def gate(x: str) -> str:
-            nonlocal zero, barrier_count
+            nonlocal zero, barrier_count, ordered_after_grads
             if trig is None or x not in data or elem.get(x) != TensorProto.FLOAT:
                 return x
             if x not in barrier:
@@ -167,8 +201,24 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
                         helper.make_node("Shape", [trig], [shp], name=shp),
                         helper.make_node("ReduceSum", [shp], [total], name=total, keepdims=0),
                         helper.make_node("Cast", [total], [as_float], name=as_float, to=TensorProto.FLOAT),
-                        helper.make_node("Mul", [as_float, _const(g, "rc_f0", 0.0)], [zero], name=zero),
                     ])
+                    # ... and once every gradient of the layer above is done (the sum over none of its
+                    # elements: 0.0 whatever its values)
+                    after = [as_float]
+                    for gname in grads_by_layer.get(s[0] + 1, []):
+                        flat, empty, z = fresh("rc_flat"), fresh("rc_empty"), fresh("rc_done")
+                        emitted.extend([
+                            helper.make_node("Reshape", [gname, _const_i64(g, "rc_minus1", [-1])], [flat], name=flat),
+                            helper.make_node("Slice", [flat, _const_i64(g, "rc_i0", [0]), _const_i64(g, "rc_i0", [0])],
+                                             [empty], name=empty),
+                            helper.make_node("ReduceSum", [empty], [z], name=z, keepdims=0),
+                        ])
+                        after.append(z)
+                    both = fresh("rc_after") if len(after) > 1 else as_float
+                    if len(after) > 1:
+                        emitted.append(helper.make_node("Sum", after, [both], name=both))
+                        ordered_after_grads += 1
+                    emitted.append(helper.make_node("Mul", [both, _const(g, "rc_f0", 0.0)], [zero], name=zero))
                 out = fresh(x)
                 barrier[x] = out
                 emitted.append(helper.make_node("Add", [x, zero], [out], name=out))
@@ -220,7 +270,8 @@ def recompute_layers(mp: onnx.ModelProto) -> dict:
     del g.node[:]
     g.node.extend(_topological(order, {x.name for x in g.input} | {t.name for t in g.initializer}))
     return {"stages": top + 1, "saved_recomputed": len(saved), "cloned_nodes": sum(len(v) for v in new_nodes.values()),
-            "boundary_kept": len(boundary), "gates": barrier_count, "rewired": rewired}
+            "boundary_kept": len(boundary), "head_kept": len(after_head),
+            "gates_after_grads": ordered_after_grads, "gates": barrier_count, "rewired": rewired}
 
 
 def _topological(order: list[onnx.NodeProto], given: set[str]) -> list[onnx.NodeProto]:
@@ -248,6 +299,12 @@ def _topological(order: list[onnx.NodeProto], given: set[str]) -> list[onnx.Node
     if len(out) != len(order):
         raise AbsorberError(f"recompute: the rewritten train step has a cycle ({len(order) - len(out)} nodes)")
     return out
+
+
+def _const_i64(g: onnx.GraphProto, name: str, value: list[int]) -> str:
+    if not any(t.name == name for t in g.initializer):
+        g.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(value)], value))
+    return name
 
 
 def _const(g: onnx.GraphProto, name: str, value: float) -> str:

@@ -11,13 +11,15 @@ cd "$(dirname "$0")/.."
 BUNDLE=${ABSORBER_BUNDLE:-$HOME/.cache/absorber/smollm2-135m-int8}
 LINES=${ABSORBER_DEMO_LINES:-40}        # lines of the speech streamed (the whole speech: 0)
 elapsed() { printf '%d min %d s' $(($1 / 60)) $(($1 % 60)); }
-# a bundle of an older format (or a broken one), or one whose train step lacks the default next-token term
-# (exported before it shipped), is exported anew
+# a bundle of an older format (or a broken one), one whose train step lacks the default next-token term
+# (exported before it shipped), or one with the term's first, 2x heavier train step (no loss.head_chunks),
+# is exported anew
 if [ -f "$BUNDLE/manifest.json" ] && ! python3 -c "
 import sys
 from absorber.bundle_format import read_manifest
 from absorber.config import AbsorberConfig
-sys.exit(read_manifest(sys.argv[1]).loss_ntp_weight != AbsorberConfig().ntp_weight)" "$BUNDLE" 2>/dev/null; then
+b = read_manifest(sys.argv[1])
+sys.exit(b.loss_ntp_weight != AbsorberConfig().ntp_weight or (b.loss_ntp_weight > 0 and not b.loss_head_chunks))" "$BUNDLE" 2>/dev/null; then
   echo "== $BUNDLE is not a bundle of this version's defaults: exporting it again" >&2
   rm -rf "$BUNDLE"
 fi

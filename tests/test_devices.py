@@ -273,6 +273,25 @@ def test_planner_next_token_term():
         "train_step.next_token_on_x"] == 256 + 384 + 128 + 768 + 256
 
 
+def test_planner_next_token_term_in_pieces():
+    """Bundles with loss.head_chunks (the head's gradient in pieces of X, ordered weight gradients): X's own
+    pass as Y's, c_ntp2_scores x every layer's scores on X, one piece's logits, c_ntp2_tables tables."""
+    ntp = dict(TINY, loss=dict(TINY["loss"], ntp_weight=1.0, head_chunks=2))
+    co = dict(UNIT, c_saved_h=1, c_saved_i=1, c_saved_scores=1, c_ntp2_saved=1, c_ntp2_pieces=1,
+              c_ntp2_tables_fp32=0, c_ntp2_keep=1, c_ntp2_scores=0, c_rc_layers=1,
+              c_ntp_logits=100, c_ntp_saved=100)                # the older bundles' terms must not count
+    # plain: L*(n*H + n*I + nh*n^2)*4 = 2*(40 + 80 + 50)*4 = 1360, one piece ceil((n-1)/2)*V*4 = 2*32*4 = 256
+    assert predict(ntp, n=5, m=2, k=3, coeffs=co).detail["train_step.next_token_on_x"] == 1360 + 256
+    assert predict(ntp, n=5, m=2, k=3, coeffs=dict(co, c_ntp2_tables_fp32=2)).detail[
+        "train_step.next_token_on_x"] == 1360 + 256 + 2 * 32 * 8 * 4
+    # recomputing: L*keep*n*H*4 = 320, one layer (n*H + n*I)*4 = 480, + c_ntp2_scores x L*nh*n^2*4 = 400
+    rc = dict(ntp, graphs={"decoder": _GRAPH, "train_step": dict(_GRAPH, recompute={"stages": 2})})
+    assert predict(rc, n=5, m=2, k=3, coeffs=co).detail["train_step.next_token_on_x"] == 320 + 480 + 256
+    assert predict(rc, n=5, m=2, k=3, coeffs=dict(co, c_ntp2_scores=1)).detail[
+        "train_step.next_token_on_x"] == 320 + 480 + 400 + 256
+    assert predict(rc, n=1, m=2, k=3, coeffs=co).detail["train_step.next_token_on_x"] == 0
+
+
 def test_planner_dequantized_tables_from_external_table():
     # an int8 bundle that stores the tied table twice (lm_head for both graphs, embedding for the decoder)
     tab = [{"name": "lm_head.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder", "train_step"],

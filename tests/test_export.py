@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from absorber.bundle_format import HEAD_CHUNKS  # noqa: E402
 from absorber import lora, sync  # noqa: E402
 from absorber.config import AbsorberConfig, LoraConfig  # noqa: E402
 from absorber.errors import AbsorberError  # noqa: E402
@@ -172,14 +173,15 @@ def _feeds(y, th, ad, x=None):
     return f
 
 
-@pytest.mark.parametrize("length", [2, 13, 40])
-def test_train_step_loss_and_grads_match_torch(bundles, length):
+@pytest.mark.parametrize("length,x_len", [(2, 17), (13, 2), (40, 5)])
+def test_train_step_loss_and_grads_match_torch(bundles, length, x_len):
+    """X shorter than the trace's (HEAD_CHUNKS + 2: pieces of one row, or empty ones) runs the same graph."""
     path = bundles["fp32"]
     m = _manifest(path)
     model = _reference()
     ad = _random_adapters(model)
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
-    x, y = _ids(17, 4), _ids(length, 5)
+    x, y = _ids(x_len, 4), _ids(length, 5)
     r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
     assert set(r) == {"loss"} | {f"grad.{n}" for n in grads}
     for n, g in grads.items():
@@ -286,7 +288,8 @@ def test_manifest_valid_and_files_hashed(bundles, quant):
     assert m["defaults"] == json.loads(json.dumps(defaults_entry(AbsorberConfig(lora=LORA))))
     assert not {"loss", "loss_layers", "sync_skip", "ntp_weight"} & set(m["defaults"]) and "loss_layers" not in m
     d = AbsorberConfig()
-    assert m["loss"] == {"kind": "l1", "layers": [1, 2], "skip": d.sync_skip, "ntp_weight": d.ntp_weight}
+    assert m["loss"] == {"kind": "l1", "layers": [1, 2], "skip": d.sync_skip, "ntp_weight": d.ntp_weight,
+                         "head_chunks": HEAD_CHUNKS}
 
 
 def test_one_shared_weights_file(bundles):

@@ -22,8 +22,10 @@ def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("recompute")
     traced = trace(tiny_llama(seed=0, vocab=512), cfg=TINY_BUNDLE_CFG)
     tok = tiny_tokenizer()
-    return {q: (write(traced, tok, root / f"{q}-plain", q, recompute=False),
-                write(traced, tok, root / f"{q}-rc", q, recompute=True)) for q in ("fp32", "int4")}
+    out = {q: (write(traced, tok, root / f"{q}-plain", q, recompute=False),
+               write(traced, tok, root / f"{q}-rc", q, recompute=True)) for q in ("fp32", "int4")}
+    out["head"] = traced.head
+    return out
 
 
 def _run(bundle, feeds):
@@ -64,17 +66,60 @@ def test_recomputed_train_step_gives_the_same_loss_and_gradients(pairs, quant, l
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
 def test_the_backward_reads_only_layer_boundaries_after_the_rewrite(pairs, quant):
     from absorber.bundle_format import read_manifest
+    from absorber.export.bundle import head_tensors
     from absorber.export.recompute import recompute_layers
 
     plain, rc = pairs[quant]
+    head = head_tensors(pairs["head"])
     before = onnx.load(str(plain / "train_step.onnx"), load_external_data=False)
     after = onnx.load(str(rc / "train_step.onnx"), load_external_data=False)
-    first = recompute_layers(before)                 # what the exporter did
-    assert first["saved_recomputed"] > 0 and first["cloned_nodes"] > 0
-    again = recompute_layers(after)                  # nothing left to recompute in the exported graph
+
+    def head_products(mp):     # nodes that multiply by the head (its dequantized view counts as the head)
+        derived = set(head)
+        for n in mp.graph.node:
+            if n.op_type == "DequantizeLinear" and n.input[0] in derived:
+                derived.update(n.output)
+        return sum(n.op_type in ("MatMul", "MatMulNBits", "Gemm", "FusedMatMul") and any(x in derived for x in n.input)
+                   for n in mp.graph.node)
+    assert head_products(after) == head_products(before) > 0     # the head is never recomputed
+    first = recompute_layers(before, head)           # what the exporter did
+    assert first["saved_recomputed"] > 0 and first["cloned_nodes"] > 0 and first["head_kept"] > 0
+    again = recompute_layers(after, head)            # nothing left to recompute in the exported graph
     assert again["saved_recomputed"] == 0, again
     assert read_manifest(rc).recompute and not read_manifest(plain).recompute
     onnx.checker.check_model(str(rc / "train_step.onnx"))
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_each_layers_clones_wait_for_the_gradients_of_the_layer_above(pairs, quant):
+    """ONNX Runtime runs a node as late as the first output that needs it: without this order the weight
+    gradients of every layer ran last and kept every layer's clones alive to the end."""
+    import re
+    from collections import defaultdict
+
+    _, rc = pairs[quant]
+    g = onnx.load(str(rc / "train_step.onnx"), load_external_data=False).graph
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+
+    def ancestors(t):
+        seen, stack = set(), [t]
+        while stack:
+            x = stack.pop()
+            if x in seen or x not in producer:
+                continue
+            seen.add(x)
+            stack.extend(producer[x].input)
+        return seen
+
+    waits = defaultdict(set)       # gate -> layers whose adapter gradients it waits for
+    for n in g.node:
+        if n.op_type == "Mul" and n.output[0].startswith("rc_zero"):
+            for o in ancestors(n.output[0]) & outputs:
+                waits[n.output[0]].add(int(re.search(r"layers\.(\d+)\.", o).group(1)))
+    layers = {int(re.search(r"layers\.(\d+)\.", o).group(1)) for o in outputs if o.startswith("grad.")}
+    assert len(layers) > 1
+    assert set().union(*waits.values()) == layers - {min(layers)}     # every layer's gradients but the first
 
 
 @pytest.mark.parametrize("kind", ["l1", "l2", "l1n"])
@@ -93,3 +138,32 @@ def test_per_layer_sync_loss_is_the_stacked_loss(kind, skip):
     b = sync.sync_loss_per_layer(list(student), target, kind, skip)
     (gb,) = torch.autograd.grad(b, student)
     assert torch.allclose(a, b, rtol=1e-6) and torch.allclose(ga, gb, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("length", [2, 3, 9, 10, 37])
+def test_lean_next_token_loss_is_the_cross_entropy(length):
+    """The traced next-token term (head gradient computed in the forward, in HEAD_CHUNKS pieces of X) has the
+    reference cross-entropy's value and gradient, whatever X's length against the piece count."""
+    import torch
+
+    from absorber import sync
+    from absorber.models import tiny_llama
+    model = tiny_llama(seed=1, vocab=512)
+    frozen = {id(model.get_output_embeddings().weight), id(model.get_input_embeddings().weight)}   # no adapters
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(3, 512, (1, length), generator=torch.Generator().manual_seed(length))
+    a = sync.lean_next_token_loss(model, ids)
+    ga = torch.autograd.grad(a, params)
+    b = sync.next_token_loss(model, ids)
+    gb = torch.autograd.grad(b, params)
+    assert abs(float(a) - float(b)) <= 1e-5 * abs(float(b))
+    for x, y in zip(ga, gb):
+        assert float((x - y).abs().max()) <= 1e-5 * float(y.abs().max()) + 1e-12
+    assert any(float(y.abs().max()) > 0 for y in gb)
+    # a trainable head is not covered (G would drop its gradient): the plain cross-entropy is used
+    w = model.get_output_embeddings().weight.requires_grad_(True)
+    (gw,) = torch.autograd.grad(sync.lean_next_token_loss(model, ids), [w])
+    (gw_ref,) = torch.autograd.grad(sync.next_token_loss(model, ids), [w])
+    assert float(gw.abs().max()) > 0 and torch.allclose(gw, gw_ref, rtol=1e-5, atol=1e-8)
