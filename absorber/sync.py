@@ -166,6 +166,15 @@ class SyncLoss(nn.Module):
 
 
 
+def head_in_pieces(model: nn.Module) -> bool:
+    """lean_next_token_loss computes this model's head gradient in pieces: a frozen, bias-free head without
+    logit soft-capping (else it takes the plain cross-entropy)."""
+    head = model.get_output_embeddings()
+    return not (getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None)
+                or not isinstance(getattr(head, "weight", None), torch.Tensor)
+                or any(p.requires_grad for p in head.parameters()))
+
+
 def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD_CHUNKS) -> torch.Tensor:
     """next_token_loss(model, ids) (mean over ids[1:]), written for a traced backward that holds no [T, V] tensor.
 
@@ -183,11 +192,9 @@ def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD
     The target logit is h . W[target] with the rows gathered by the ids themselves (a [T, H] gather, which the
     quantized graphs run on the packed rows). Heads this does not cover (a bias, logit soft-capping, a trainable
     head) take next_token_loss."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None) \
-            or not isinstance(getattr(head, "weight", None), torch.Tensor) \
-            or any(p.requires_grad for p in head.parameters()):
+    if not head_in_pieces(model):
         return next_token_loss(model, ids)
+    head = model.get_output_embeddings()
     out = model.model(input_ids=ids, position_ids=positions(ids.shape[1], device=ids.device),
                       attention_mask=torch.ones_like(ids), use_cache=False)
     h = out.last_hidden_state[0, :-1]                       # [T-1, H]: position t predicts ids[t+1]

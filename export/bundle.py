@@ -169,11 +169,20 @@ class Traced:
     max_len: int
     seconds: dict
     head: tuple[str, ...] = ()        # the lm_head weight's names (tied: every alias of the one tensor)
+    head_pieces: bool = True          # the next-token term's head gradient in pieces (absorber.sync.head_in_pieces)
 
 
 def head_tensors(head: tuple[str, ...]) -> set[str]:
     """The lm_head's tensor names in a train step, float or quantized (recompute keeps their products)."""
     return set(head) | {v for n in head for b in Q.BITS.values() for v in F.quant_names(n, b).values()}
+
+
+def _loss_entry(traced: Traced) -> dict:
+    """The manifest's `loss`; `head_chunks` only where the traced term computes the head in pieces."""
+    d = F.loss_entry(traced.cfg, traced.layers)
+    if not traced.head_pieces:
+        d.pop("head_chunks", None)
+    return d
 
 
 def _check_args(quant: str, opset: int) -> None:
@@ -258,6 +267,7 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
             lm_head = next(n for n, p in model.named_parameters() if p is emb)
         head_param = dict(model.named_parameters(remove_duplicate=False))[lm_head]
         head = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if p is head_param)
+        head_pieces = sync.head_in_pieces(model)
         slice_desc = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "scaling": lora_cfg.scaling,
                       "targets": list(lora_cfg.targets),
                       "layers": list(lora_cfg.layers) if lora_cfg.layers is not None else None,
@@ -291,7 +301,7 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
                 o.version = opset
     weight_names = set(store)
     return Traced(train, dec, facts, layers, cfg, slice_desc, init_adapters, weight_names, store, opset, max_len,
-                  {"train_step": round(t_train, 2), "decoder": round(t_dec, 2)}, head)
+                  {"train_step": round(t_train, 2), "decoder": round(t_dec, 2)}, head, head_pieces)
 
 
 def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None,
@@ -375,7 +385,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "model": traced.facts,
             "slice": traced.slice,
             "adapters_file": F.ADAPTERS_FILE,
-            "loss": F.loss_entry(traced.cfg, traced.layers),
+            "loss": _loss_entry(traced),
             "quant": Q.describe(quant, qweights, counts, accuracy),
             "session_config": dict(Q.SESSION_CONFIG),
             "defaults": F.defaults_entry(traced.cfg),

@@ -167,3 +167,25 @@ def test_lean_next_token_loss_is_the_cross_entropy(length):
     (gw,) = torch.autograd.grad(sync.lean_next_token_loss(model, ids), [w])
     (gw_ref,) = torch.autograd.grad(sync.next_token_loss(model, ids), [w])
     assert float(gw.abs().max()) > 0 and torch.allclose(gw, gw_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_head_chunks_recorded_only_where_the_head_is_in_pieces():
+    """A head the pieces do not cover (soft-capped logits here) is traced as the plain cross-entropy: its
+    manifest has no loss.head_chunks, so the planner takes the older terms for it."""
+    from types import SimpleNamespace
+
+    from absorber import sync
+    from absorber.bundle_format import HEAD_CHUNKS
+    from absorber.config import AbsorberConfig
+    from absorber.export.bundle import _loss_entry
+    from absorber.models import tiny_llama
+
+    model = tiny_llama(seed=1, vocab=512)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert sync.head_in_pieces(model)
+    model.config.final_logit_softcapping = 30.0
+    assert not sync.head_in_pieces(model)
+    cfg = AbsorberConfig()
+    assert _loss_entry(SimpleNamespace(cfg=cfg, layers=[1], head_pieces=True))["head_chunks"] == HEAD_CHUNKS
+    assert "head_chunks" not in _loss_entry(SimpleNamespace(cfg=cfg, layers=[1], head_pieces=False))
