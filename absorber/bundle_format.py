@@ -270,13 +270,15 @@ def defaults_entry(cfg: AbsorberConfig) -> dict:
     return d
 
 
-def loss_entry(cfg: AbsorberConfig, layers: list[int]) -> dict:
+def loss_entry(cfg: AbsorberConfig, layers: list[int], head_chunks: int = 0) -> dict:
     """The manifest's `loss`: what train_step.onnx computes (kind, hidden_states indices, skipped positions, and
-    the weight of the next-token term on X; 0 and absent in bundles without it)."""
+    the weight of the next-token term on X; 0 and absent in bundles without it; with it, head_chunks: the pieces
+    of X its head gradient is computed in, absent where the traced term is the plain cross-entropy)."""
     d = {"kind": cfg.loss, "layers": [int(i) for i in layers], "skip": int(cfg.sync_skip)}
     if cfg.ntp_weight > 0:
         d["ntp_weight"] = float(cfg.ntp_weight)
-        d["head_chunks"] = HEAD_CHUNKS
+        if head_chunks:
+            d["head_chunks"] = int(head_chunks)
     return d
 
 

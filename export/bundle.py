@@ -177,14 +177,6 @@ def head_tensors(head: tuple[str, ...]) -> set[str]:
     return set(head) | {v for n in head for b in Q.BITS.values() for v in F.quant_names(n, b).values()}
 
 
-def _loss_entry(traced: Traced) -> dict:
-    """The manifest's `loss`; `head_chunks` only where the traced term computes the head in pieces."""
-    d = F.loss_entry(traced.cfg, traced.layers)
-    if not traced.head_pieces:
-        d.pop("head_chunks", None)
-    return d
-
-
 def _check_args(quant: str, opset: int) -> None:
     if quant not in Q.SCHEMES:
         raise AbsorberError(f"unknown quantization {quant!r} (choose from {', '.join(Q.SCHEMES)})")
@@ -385,7 +377,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "model": traced.facts,
             "slice": traced.slice,
             "adapters_file": F.ADAPTERS_FILE,
-            "loss": _loss_entry(traced),
+            "loss": F.loss_entry(traced.cfg, traced.layers, F.HEAD_CHUNKS if traced.head_pieces else 0),
             "quant": Q.describe(quant, qweights, counts, accuracy),
             "session_config": dict(Q.SESSION_CONFIG),
             "defaults": F.defaults_entry(traced.cfg),

@@ -175,6 +175,28 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
         if o.name.startswith(GRAD_PREFIX) and _layer_of(o.name) >= 0:
             grads_by_layer[_layer_of(o.name)].append(o.name)
     ordered_after_grads = 0
+    done_of: dict[int, str | None] = {}
+
+    def layer_done(layer: int, emitted: list) -> str | None:
+        """0.0 that exists once every adapter gradient of `layer` does (the sum over none of their elements:
+        0.0 whatever the values); built once per layer, into the first stage's nodes that needs it."""
+        if layer not in done_of:
+            parts = []
+            for gname in grads_by_layer.get(layer, []):
+                flat, empty, z = fresh("rc_flat"), fresh("rc_empty"), fresh("rc_done")
+                emitted.extend([
+                    helper.make_node("Reshape", [gname, _const_i64(g, "rc_minus1", [-1])], [flat], name=flat),
+                    helper.make_node("Slice", [flat, _const_i64(g, "rc_i0", [0]), _const_i64(g, "rc_i0", [0])],
+                                     [empty], name=empty),
+                    helper.make_node("ReduceSum", [empty], [z], name=z, keepdims=0),
+                ])
+                parts.append(z)
+            done_of[layer] = None
+            if parts:
+                done_of[layer] = fresh("rc_layer_done")
+                emitted.append(helper.make_node("Sum", parts, [done_of[layer]], name=done_of[layer]))
+        return done_of[layer]
+
     for s in sorted(by_stage, reverse=True):
         # the gradient that reaches the first backward node needing this stage's activations
         # (or, where that node reads none, the last backward value before it): computed before any of them,
@@ -202,21 +224,12 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
                         helper.make_node("ReduceSum", [shp], [total], name=total, keepdims=0),
                         helper.make_node("Cast", [total], [as_float], name=as_float, to=TensorProto.FLOAT),
                     ])
-                    # ... and once every gradient of the layer above is done (the sum over none of its
-                    # elements: 0.0 whatever its values)
-                    after = [as_float]
-                    for gname in grads_by_layer.get(s[0] + 1, []):
-                        flat, empty, z = fresh("rc_flat"), fresh("rc_empty"), fresh("rc_done")
-                        emitted.extend([
-                            helper.make_node("Reshape", [gname, _const_i64(g, "rc_minus1", [-1])], [flat], name=flat),
-                            helper.make_node("Slice", [flat, _const_i64(g, "rc_i0", [0]), _const_i64(g, "rc_i0", [0])],
-                                             [empty], name=empty),
-                            helper.make_node("ReduceSum", [empty], [z], name=z, keepdims=0),
-                        ])
-                        after.append(z)
-                    both = fresh("rc_after") if len(after) > 1 else as_float
-                    if len(after) > 1:
-                        emitted.append(helper.make_node("Sum", after, [both], name=both))
+                    # ... and once every gradient of the layer above is done (both passes' gates share it)
+                    done = layer_done(s[0] + 1, emitted)
+                    both = as_float
+                    if done is not None:
+                        both = fresh("rc_after")
+                        emitted.append(helper.make_node("Add", [as_float, done], [both], name=both))
                         ordered_after_grads += 1
                     emitted.append(helper.make_node("Mul", [both, _const(g, "rc_f0", 0.0)], [zero], name=zero))
                 out = fresh(x)

@@ -172,12 +172,9 @@ def test_lean_next_token_loss_is_the_cross_entropy(length):
 def test_head_chunks_recorded_only_where_the_head_is_in_pieces():
     """A head the pieces do not cover (soft-capped logits here) is traced as the plain cross-entropy: its
     manifest has no loss.head_chunks, so the planner takes the older terms for it."""
-    from types import SimpleNamespace
-
     from absorber import sync
-    from absorber.bundle_format import HEAD_CHUNKS
+    from absorber.bundle_format import HEAD_CHUNKS, loss_entry
     from absorber.config import AbsorberConfig
-    from absorber.export.bundle import _loss_entry
     from absorber.models import tiny_llama
 
     model = tiny_llama(seed=1, vocab=512)
@@ -187,5 +184,6 @@ def test_head_chunks_recorded_only_where_the_head_is_in_pieces():
     model.config.final_logit_softcapping = 30.0
     assert not sync.head_in_pieces(model)
     cfg = AbsorberConfig()
-    assert _loss_entry(SimpleNamespace(cfg=cfg, layers=[1], head_pieces=True))["head_chunks"] == HEAD_CHUNKS
-    assert "head_chunks" not in _loss_entry(SimpleNamespace(cfg=cfg, layers=[1], head_pieces=False))
+    assert loss_entry(cfg, [1], HEAD_CHUNKS)["head_chunks"] == HEAD_CHUNKS
+    assert "head_chunks" not in loss_entry(cfg, [1], 0)
+    assert "head_chunks" not in loss_entry(AbsorberConfig(ntp_weight=0.0), [1], HEAD_CHUNKS)
