@@ -28,6 +28,11 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GRAPHS = ("decoder", "train_step")
 GRAPH_FILES = {"decoder": "decoder.onnx", "train_step": "train_step.onnx"}
+# quantized bundles also hold both graphs as the two branches of one If (export/combined.py), so that ONE ONNX
+# Runtime session pre-packs the integer kernels' weights once instead of once per graph
+COMBINED = "combined"
+COMBINED_FILE = "combined.onnx"
+COMBINED_SELECTOR = "graph_is_decoder"      # bool scalar input: True runs the decoder branch, False the train step
 ALIGN = 4096                    # a tensor of a page or more in weights.bin starts on a page boundary (mmap)
 SMALL_ALIGN = 64                # a smaller one (per-block scales, zero points) on a cache line: page-aligning
                                 # the four small tensors of every quantized weight would pad more than they hold
@@ -130,6 +135,12 @@ _graph = {"type": "object", "required": ["file", "inputs", "outputs", "opset"],
                          # train step only: per-layer activation recomputation (export/recompute.py) and its counts
                          "recompute": {"type": "object", "additionalProperties": _int}}}
 
+_combined = {"type": "object", "required": ["file", "selector", "branches"],
+             "properties": {"file": _plain_file, "selector": _str, "opset": _int, "ir_version": _int,
+                            "branches": {"type": "object", "required": list(GRAPHS),
+                                         "properties": {g: {"enum": ["then_branch", "else_branch"]}
+                                                        for g in GRAPHS}}}}
+
 MANIFEST_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "absorber bundle manifest",
@@ -180,7 +191,7 @@ MANIFEST_SCHEMA: dict = {
         "session_config": {"type": "object", "additionalProperties": _str},
         "defaults": {"type": "object", "required": ["n", "m", "k", "lr", "lora"]},
         "graphs": {"type": "object", "required": list(GRAPHS),
-                   "properties": {g: _graph for g in GRAPHS}},
+                   "properties": {**{g: _graph for g in GRAPHS}, COMBINED: _combined}},
         "external_data": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["file", "tensors"],
             "properties": {"file": _plain_file, "align": _int, "tensors": {"type": "array", "items": {
@@ -486,6 +497,20 @@ class Bundle:
 
     def graph_file(self, graph: str) -> Path:
         return self._at(self.manifest["graphs"][graph]["file"])
+
+    @property
+    def has_combined(self) -> bool:
+        return COMBINED in self.manifest["graphs"]
+
+    @property
+    def combined_file(self) -> Path | None:
+        """Both graphs as the branches of one If (quantized bundles since the sixth session), or None."""
+        c = self.manifest["graphs"].get(COMBINED)
+        return self._at(c["file"]) if c else None
+
+    @property
+    def combined_selector(self) -> str:
+        return str(self.manifest["graphs"][COMBINED]["selector"])
 
     def graph_io(self, graph: str, kind: str) -> list[dict]:
         return list(self.manifest["graphs"][graph].get(kind, []))

@@ -10,7 +10,8 @@ Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/pl
               fp32 4 B/param, int8 1 B + a fp32 scale per row, int4 0.5 B + a fp32 scale per 32-block; the
               vocabulary table once when tied). The runtime maps weights.bin once and shares it between both
               sessions (`weight_copies` = 1), except the MatMulNBits inputs of int8/int4 bundles (`kernel` in the
-              tensor table): each session loads and pre-packs its own (`kernel_copies` x their bytes, per graph)
+              tensor table): each session loads and pre-packs its own (`kernel_copies` x their bytes, per graph);
+              a bundle with combined.onnx (one session for both graphs): `kernel_copies_combined` x their bytes once
   adapters    LoRA A/B, gradients, AdamW m and v, the rollback backup and the update's numpy temporaries
               (`adapter_copies` x the adapters' fp32 bytes)
   kv_cache    2 * L * kv * hd * T * 4: the present K/V the teacher pass over X.Y produces
@@ -63,6 +64,9 @@ COEFFS: dict[str, float] = {
     "c_noarena_int4": 0.35,           # int4 without the arena: heap slack, x the linear layers' fp32 size
     "kernel_copies": 2.0,             # resident bytes per session per stored byte of a MatMulNBits input: the loaded
                                       # initializer and its pre-packed copy (fitted, benchmarks/planner.md section 3)
+    "kernel_copies_combined": 3.0,    # the same for ONE session over both graphs (combined.onnx), per stored byte
+                                      # counted once (fitted on int4/int8 at 512x256: 3.34 / 2.64; planner.md
+                                      # section 0000)
     "c_rc_keep": 1.0,                 # recomputing bundles: kept per layer per token, in H floats (residual, normed
                                       # input, the loss' slice)
     "c_rc_layers": 1.0,               # ... layers' activations live at once in the backward
@@ -323,7 +327,10 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
     dq = dequantized_tables(b, f)
     kern = kernel_bytes(b)
     k_unique = float(sum(t.length for t in b.stored_tensors if t.kernel and not t.alias_of))
-    if k_unique:
+    if k_unique and b.has_combined:
+        # one session over both graphs (combined.onnx): each MatMulNBits input loaded and pre-packed once
+        w_one = w_one - k_unique + c["kernel_copies_combined"] * k_unique
+    elif k_unique:
         # the memory-mapped part once, plus each session's own pre-packed copy of the MatMulNBits inputs it uses
         w_one = w_one - k_unique + c["kernel_copies"] * (kern["decoder"] + kern["train_step"])
     # legacy int4 (block-wise DequantizeLinear, not fused by ORT): part of the linear layers' fp32 copies stay live

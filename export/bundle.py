@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
+from absorber.export.combined import BRANCH_OF, combine
 from absorber.export.recompute import recompute_layers
 from absorber import bundle_format as F
 from absorber.bundle_format import ALIGN, MANIFEST, SMALL_ALIGN, WEIGHTS_FILE
@@ -369,6 +370,14 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
                                   "ir_version": int(mp.ir_version)}
         if recomputed is not None:
             graphs_desc["train_step"]["recompute"] = recomputed
+        if kernel:
+            # integer kernels: one session over both graphs pre-packs their weights once (export/combined.py)
+            comb = combine(dec, train, {t["name"] for t in table})
+            onnx.save(comb, tmp / F.COMBINED_FILE)
+            graphs_desc[F.COMBINED] = {"file": F.COMBINED_FILE, "selector": F.COMBINED_SELECTOR,
+                                       "branches": dict(BRANCH_OF), "opset": graphs_desc["decoder"]["opset"],
+                                       "ir_version": int(comb.ir_version)}
+            del comb
         from safetensors.numpy import save_file
         save_file(traced.adapters, str(tmp / F.ADAPTERS_FILE))
         tok = _tokenizer_files(tokenizer, tmp)

@@ -43,7 +43,8 @@ def open_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
             raise _bad(p, f"file {rel} is missing")
         if verify_hashes and F.sha256_file(fp) != str(digest).lower():
             raise _bad(p, f"file {rel} does not match its sha256 in the manifest (corrupt or modified)")
-    needed = [man["graphs"][g]["file"] for g in GRAPHS] + [b.tokenizer_path.name, b.adapters_path.name]
+    graphs = list(GRAPHS) + ([F.COMBINED] if F.COMBINED in man["graphs"] else [])
+    needed = [man["graphs"][g]["file"] for g in graphs] + [b.tokenizer_path.name, b.adapters_path.name]
     ext = b.external_files
     for rel in needed + ext:
         if rel not in files:
@@ -53,7 +54,7 @@ def open_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
             raise _bad(p, f"external data file {rel!r} is not a plain file name inside the bundle")
 
     # external data of every graph: plain names inside the bundle, declared in the manifest, within the file
-    for g in GRAPHS:
+    for g in graphs:
         gfile = b.graph_file(g)
         info = scan_model(str(gfile))
         for t in info.external:
@@ -67,6 +68,12 @@ def open_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
             if t.offset < 0 or (t.length is not None and t.offset + t.length > size):
                 raise _bad(p, f"{gfile.name}: tensor {t.name!r} external data runs past the end of {t.location}")
         b.graph_info[g] = info
+    if F.COMBINED in graphs:
+        sel = b.combined_selector
+        declared = {i["name"] for g in GRAPHS for i in b.graph_io(g, "inputs")} | {sel}
+        if set(b.graph_info[F.COMBINED].inputs) != declared:
+            raise _bad(p, f"{b.combined_file.name}: its inputs are not the selector {sel!r} and the two graphs' "
+                          "inputs (re-export the bundle)")
     return b
 
 

@@ -65,16 +65,19 @@ class Model:
     # ------------------------------------------------------------------ open
     @classmethod
     def open(cls, bundle_dir: str | os.PathLike, device: str = "cpu", profile=None, share_weights: bool = True,
-             verify_hashes: bool = True) -> "Model":
+             verify_hashes: bool = True, combined: bool = True) -> "Model":
         """Verify a bundle (hashes, external data inside it, graph I/O) and open its sessions on `device`.
 
         profile: a device profile name or JSON file (`absorber devices`), or a Profile. share_weights: both
-        graphs read the frozen weights from ONE memory map of weights.bin instead of each session its own."""
+        graphs read the frozen weights from ONE memory map of weights.bin instead of each session its own.
+        combined: a bundle with combined.onnx (int8/int4) runs both graphs in ONE session, so the integer
+        kernels' pre-packed weights are held once (False: two sessions, as for older bundles; for comparisons)."""
         t0 = time.perf_counter()
         bundle = open_bundle(bundle_dir, verify_hashes=verify_hashes)
         profile = resolve_profile(profile)
         tokenizer = _load_tokenizer(bundle)
-        sessions = open_sessions(bundle, device=device, profile=profile, share_weights=share_weights)
+        sessions = open_sessions(bundle, device=device, profile=profile, share_weights=share_weights,
+                                 combined=combined)
         return cls(bundle, sessions, tokenizer, profile=profile, device=device,
                    open_seconds=time.perf_counter() - t0)
 

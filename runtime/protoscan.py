@@ -192,10 +192,41 @@ def _fields_at(buf: memoryview, base: int):
         yield fn, wt, v, base + start
 
 
-def node_int_attributes(data: bytes, op_type: str) -> list[dict[str, tuple[int, int]]]:
+def _int_attributes(nd: memoryview, npos: int, op_type: str):
+    """(op_type matches, its integer attributes {name: (offset, value)}, its graph-valued attributes)."""
+    op, attrs = "", []
+    for f3, w3, v3, p3 in _fields_at(nd, npos):
+        if f3 == 4 and w3 == 2:
+            op = bytes(v3).decode("utf-8", "replace")
+        elif f3 == 5 and w3 == 2:
+            attrs.append((v3, p3))
+    found, graphs = {}, []
+    for a, apos in attrs:
+        name, site = "", None
+        for f4, w4, v4, p4 in _fields_at(a, apos):
+            if f4 == 1 and w4 == 2:
+                name = bytes(v4).decode("utf-8", "replace")
+            elif f4 == 3 and w4 == 0:
+                site = (p4, v4)
+            elif f4 == 6 and w4 == 2:            # AttributeProto.g: a sub-graph (If's branches)
+                graphs.append((v4, p4))
+        if name and site is not None:
+            found[name] = site
+    return op == op_type, found, graphs
+
+
+def _graph_name(g: memoryview, gpos: int) -> str:
+    for f, w, v, _ in _fields_at(g, gpos):
+        if f == 2 and w == 2:
+            return bytes(v).decode("utf-8", "replace")
+    return ""
+
+
+def node_int_attributes(data: bytes, op_type: str, graph: str | None = None) -> list[dict[str, tuple[int, int]]]:
     """For every top-level graph node of op_type, its integer attributes: name -> (file offset of the varint,
     value), so that a setting such as MatMulNBits' accuracy_level can be read, and changed in place when it is
-    one byte (below 128: the file keeps its length), without the onnx package."""
+    one byte (below 128: the file keeps its length), without the onnx package. graph: instead, the nodes of the
+    sub-graph of that name held by a top-level node (a combined bundle graph's If branches: export/combined.py)."""
     nodes = []
     try:
         for fn, wt, g, gpos in _fields_at(memoryview(data), 0):
@@ -204,25 +235,19 @@ def node_int_attributes(data: bytes, op_type: str) -> list[dict[str, tuple[int, 
             for f2, w2, nd, npos in _fields_at(g, gpos):
                 if f2 != 1 or w2 != 2:
                     continue
-                op, attrs = "", []
-                for f3, w3, v3, p3 in _fields_at(nd, npos):
-                    if f3 == 4 and w3 == 2:
-                        op = bytes(v3).decode("utf-8", "replace")
-                    elif f3 == 5 and w3 == 2:
-                        attrs.append((v3, p3))
-                if op != op_type:
+                match, found, subs = _int_attributes(nd, npos, op_type)
+                if graph is None:
+                    if match:
+                        nodes.append(found)
                     continue
-                found = {}
-                for a, apos in attrs:
-                    name, site = "", None
-                    for f4, w4, v4, p4 in _fields_at(a, apos):
-                        if f4 == 1 and w4 == 2:
-                            name = bytes(v4).decode("utf-8", "replace")
-                        elif f4 == 3 and w4 == 0:
-                            site = (p4, v4)
-                    if name and site is not None:
-                        found[name] = site
-                nodes.append(found)
+                for sg, spos in subs:
+                    if _graph_name(sg, spos) != graph:
+                        continue
+                    for f5, w5, snd, snpos in _fields_at(sg, spos):
+                        if f5 == 1 and w5 == 2:
+                            m5, found5, _ = _int_attributes(snd, snpos, op_type)
+                            if m5:
+                                nodes.append(found5)
     except ProtoError as e:
         raise AbsorberError(f"not a valid ONNX model ({e})") from None
     return nodes

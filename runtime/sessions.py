@@ -8,6 +8,9 @@ and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left
 inputs of the integer kernels (MatMulNBits, `Bundle.kernel_tensors`): ONNX Runtime pre-packs those into its own
 layout per session (without it the kernel dequantizes on every call) and releases what it loaded.
 With the CPU arena on, both sessions allocate their activations from one process-wide arena (`_use_shared_arena`).
+A bundle with integer kernels also holds both graphs as the branches of one If (`combined.onnx`,
+export/combined.py): then ONE session serves both, so those pre-packed weights are resident once, not once per
+graph; `Branch` presents each graph of it as a session of its own.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from absorber import bundle_format as F
 from absorber.bundle_format import Bundle
 from absorber.devices import get_profile, session_kwargs
 from absorber.errors import AbsorberError
@@ -48,17 +52,73 @@ def resolve_profile(profile):
     return get_profile(profile) if isinstance(profile, str) else profile
 
 
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(bool)": np.bool_, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+             "tensor(int8)": np.int8}
+
+
+class Branch:
+    """One graph of a combined bundle (export/combined.py) presented as a session of its own: every call also
+    gets the selector and an empty placeholder for each input of the other graph (made once), and only this
+    graph's inputs and outputs are listed. Anything else is the shared InferenceSession's."""
+
+    def __init__(self, session: ort.InferenceSession, bundle: Bundle, graph: str):
+        self._session = session
+        self.graph = graph
+        own_in = [i["name"] for i in bundle.graph_io(graph, "inputs")]
+        own_out = [o["name"] for o in bundle.graph_io(graph, "outputs")]
+        ins = {i.name: i for i in session.get_inputs()}
+        outs = {o.name: o for o in session.get_outputs()}
+        self._inputs = [ins[n] for n in own_in if n in ins]
+        self._outputs = [outs[n] for n in own_out if n in outs]
+        sel = bundle.combined_selector
+        self._feeds: dict[str, np.ndarray] = {sel: np.asarray(graph == "decoder")}
+        mine = set(own_in)
+        for n, i in ins.items():
+            if n == sel or n in mine:
+                continue
+            if i.type not in ORT_TYPES:
+                raise AbsorberError(f"bundle {bundle.path}: combined graph input {n!r} has type {i.type}")
+            shape = [d if isinstance(d, int) else 0 for d in (i.shape or [])]
+            self._feeds[n] = np.zeros(shape, ORT_TYPES[i.type])
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._feeds.items()}
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def get_inputs(self):
+        return list(self._inputs)
+
+    def get_outputs(self):
+        return list(self._outputs)
+
+    def run(self, output_names, input_feed, run_options=None):
+        names = output_names or [o.name for o in self._outputs]
+        return self._session.run(names, {**self._feeds, **input_feed}, run_options)
+
+    def io_binding(self):
+        io = self._session.io_binding()
+        for n, ov in self._values.items():
+            io.bind_ortvalue_input(n, ov)
+        return io
+
+    def run_with_iobinding(self, iobinding, run_options=None):
+        return self._session.run_with_iobinding(iobinding, run_options)
+
+
 @dataclass
 class Sessions:
-    """decoder + train_step sessions of one bundle, sharing one read-only map of the weights."""
-    decoder: ort.InferenceSession
-    train_step: ort.InferenceSession
+    """decoder + train_step sessions of one bundle, sharing one read-only map of the weights (or the two
+    branches of one combined session: `combined`)."""
+    decoder: ort.InferenceSession | Branch
+    train_step: ort.InferenceSession | Branch
     providers: list[str]
     maps: list[np.memmap] = field(default_factory=list)
     shared: dict[str, ort.OrtValue] = field(default_factory=dict)
+    combined: ort.InferenceSession | None = None
 
     def close(self) -> None:
-        self.decoder = self.train_step = None
+        self.decoder = self.train_step = self.combined = None
         self.shared.clear()
         self.maps.clear()
 
@@ -126,7 +186,8 @@ def _session(bundle: Bundle, graph: str, profile, device: str, share: bool, maps
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AbsorberError(f"bundle {bundle.path}: ONNX Runtime cannot load {graph}: {msg[:300]}") from None
-    check_session_io(bundle, graph, sess)
+    if graph != F.COMBINED:
+        check_session_io(bundle, graph, sess)
     return sess, kw["providers"]
 
 
@@ -150,16 +211,19 @@ def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
         return str(path)
     data = path.read_bytes()
     patch = []
-    for node in node_int_attributes(data, "MatMulNBits"):
-        if "accuracy_level" not in node:
-            raise AbsorberError(f"bundle {bundle.path}: a MatMulNBits node of {graph} has no accuracy_level "
-                                "(re-export the bundle)")
-        off, now = node["accuracy_level"]
-        want = accuracy_for(profile, graph, node.get("bits", (0, 4))[1])
-        if want is not None and want != now:
-            if now >= 128:
-                raise AbsorberError(f"bundle {bundle.path}: accuracy_level={now} in {graph} is not one byte")
-            patch.append((off, want))
+    # a combined graph: each branch (a sub-graph named after its graph) gets that graph's levels
+    parts = [(g, g) for g in F.GRAPHS] if graph == F.COMBINED else [(graph, None)]
+    for g, sub in parts:
+        for node in node_int_attributes(data, "MatMulNBits", sub):
+            if "accuracy_level" not in node:
+                raise AbsorberError(f"bundle {bundle.path}: a MatMulNBits node of {g} has no accuracy_level "
+                                    "(re-export the bundle)")
+            off, now = node["accuracy_level"]
+            want = accuracy_for(profile, g, node.get("bits", (0, 4))[1])
+            if want is not None and want != now:
+                if now >= 128:
+                    raise AbsorberError(f"bundle {bundle.path}: accuracy_level={now} in {g} is not one byte")
+                patch.append((off, want))
     if not patch:
         return str(path)
     buf = bytearray(data)
@@ -169,11 +233,20 @@ def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
     return bytes(buf)
 
 
-def open_sessions(bundle: Bundle, device: str = "cpu", profile=None, share_weights: bool = True) -> Sessions:
-    """Both sessions of a verified bundle (open_bundle), on `device` with the profile's session options."""
+def open_sessions(bundle: Bundle, device: str = "cpu", profile=None, share_weights: bool = True,
+                  combined: bool = True) -> Sessions:
+    """Both sessions of a verified bundle (open_bundle), on `device` with the profile's session options: one
+    combined session when the bundle has combined.onnx (combined=False: the two sessions of bundles without it;
+    share_weights=False: two sessions, each with its own copy of the weights)."""
     profile = resolve_profile(profile)
     maps: list[np.memmap] = []
     shared: dict[str, ort.OrtValue] = {}
+    if combined and share_weights and bundle.combined_file is not None:
+        sess, providers = _session(bundle, F.COMBINED, profile, device, True, maps, shared)
+        dec, train = Branch(sess, bundle, "decoder"), Branch(sess, bundle, "train_step")
+        check_session_io(bundle, "decoder", dec)
+        check_session_io(bundle, "train_step", train)
+        return Sessions(dec, train, providers, maps, shared, combined=sess)
     dec, providers = _session(bundle, "decoder", profile, device, share_weights, maps, shared)
     train, _ = _session(bundle, "train_step", profile, device, share_weights, maps, shared)
     return Sessions(dec, train, providers, maps, shared)

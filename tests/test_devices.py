@@ -331,6 +331,12 @@ def test_planner_kernel_tensors_per_session():
     assert p.detail["train_step.dequantized"] == 2.0 * 16 * 8 * 4   # the largest [N, K] = gate/up 16 x 8
     q = predict(man, 4, 2, coeffs=c, arena=False)
     assert q.detail["teacher.malloc_slack"] == 0 and "heap_slack" not in q.terms
+    # combined.onnx: one session over both graphs pre-packs each kernel tensor once
+    comb = {"file": "combined.onnx", "selector": "graph_is_decoder",
+            "branches": {"decoder": "then_branch", "train_step": "else_branch"}}
+    one = predict(dict(man, graphs=dict(man["graphs"], combined=comb)), 4, 2,
+                  coeffs=dict(c, kernel_copies_combined=2.5))
+    assert one.terms["weights"] == 32 + 2.5 * (256 + 128)
 
 
 def test_planner_quant_schemes_and_untied_head():
