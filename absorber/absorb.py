@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext as _nullcontext
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ class Absorption:
         if method not in ("absorber", "ttt"):
             raise ValueError(f"unknown training method {method!r}")
         self.model, self.cfg, self.method = model, cfg, method
-        self.params = list(lora.adapters(model).values())
+        self.params = [p for p in lora.adapters(model).values() if p.requires_grad]   # (a sparse slice's
+        # committed delta is frozen: only this round's values train)
         if not self.params:
             raise ValueError("the model has no LoRA adapters: call absorber.lora.inject first")
         self.layers = sync.loss_layers(model, cfg.loss_layers)
@@ -42,6 +44,7 @@ class Absorption:
         self._anchor_logprobs: torch.Tensor | None = None
         self._ttt_context: torch.Tensor | None = None   # cfg.ttt_context: the end of the previous round's X
         self._ntp_keep: torch.Tensor | None = None      # cfg.ntp_top: the round's mask of X's scored tokens
+        self.background_ids: list[int] = []  # cfg.lora.sparse: the selection's first background (set by the loop)
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -55,6 +58,41 @@ class Absorption:
         if cfg.decay > 0:
             for p in self.b_params:
                 p.mul_(1.0 - cfg.decay)
+
+    @torch.no_grad()
+    def _down_proj_inputs(self, ids: torch.Tensor, base: bool) -> dict[str, torch.Tensor]:
+        """Each sparse layer's neuron activations [T, I] on `ids` (no context)."""
+        mods = lora.sparse_modules(self.model)
+        acts: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: acts.__setitem__(name, inp[0][0].detach()))
+                 for name, m in mods.items()]
+        try:
+            with lora.disabled(self.model) if base else _nullcontext():
+                self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        return acts
+
+    @torch.no_grad()
+    def select_sparse(self, x: torch.Tensor) -> None:
+        """cfg.lora.sparse: commit last round's values, then pick the neurons this X uses most against the
+        background (tf-idf per layer; lora.tfidf_select), and count X into the background afterwards."""
+        mods = lora.sparse_modules(self.model)
+        if not mods:
+            return
+        if all(m.background_tokens == 0 for m in mods.values()) and self.background_ids:
+            bg = torch.tensor([self.background_ids], device=x.device)
+            for name, a in self._down_proj_inputs(bg, base=True).items():
+                mods[name].access += lora.access_counts(a)
+                mods[name].background_tokens += a.shape[0]
+        for name, a in self._down_proj_inputs(x, base=False).items():
+            m = mods[name]
+            tf = lora.access_counts(a)
+            m.commit(lora.tfidf_select(tf, m.access, m.background_tokens, m.sparse_V.shape[0]))
+            m.access += tf
+            m.background_tokens += a.shape[0]
+        self.opt.state.clear()     # fresh moments: the values now belong to other neurons
 
     def _prefix_tensor(self, like: torch.Tensor) -> torch.Tensor | None:
         if not self.prefix:
@@ -187,6 +225,7 @@ class Absorption:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._before_round()
+        self.select_sparse(x)
         self._ntp_keep = (self._ntp_mask(x) if self.method == "absorber" and cfg.ntp_weight > 0 and cfg.ntp_top < 1
                           else None)
         targets: list[tuple[torch.Tensor, sync.Teacher | None]] = []

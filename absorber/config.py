@@ -41,6 +41,10 @@ class LoraConfig:
     targets: tuple[str, ...] = ALL_LINEAR     # leaf module names (Llama family naming)
     layers: tuple[int, ...] | None = None     # decoder layer indices; None = all
     seed: int = 0                             # init of A (B starts at zero: the adapters start as identity)
+    sparse: int = 0                           # > 0: instead of LoRA, train the value vectors (down_proj columns)
+                                              # of this many MLP neurons per layer per round, those X uses most
+                                              # against the background (anchor text + earlier X): tf-idf, as in
+                                              # sparse memory finetuning (arXiv 2510.15103). Reference only. 0: LoRA
 
     @property
     def scaling(self) -> float:
@@ -163,13 +167,16 @@ class AbsorberConfig:
             raise AbsorberError(f"ttt_context must be >= 0 (got {self.ttt_context})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
+        if self.lora.sparse < 0:
+            raise AbsorberError(f"LoRA sparse must be >= 0 neurons per layer (got {self.lora.sparse})")
 
 
 # ------------------------------------------------------------------------------------------------ flags -> config
 LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "layers", "seed": "seed",
-             "lora.rank": "rank", "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers",
-             "lora.seed": "seed"}
-_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "probes", "probe_gen", "ttt_context", "lora.rank", "lora.seed")
+             "sparse": "sparse", "lora.rank": "rank", "lora.alpha": "alpha", "lora.targets": "targets",
+             "lora.layers": "layers", "lora.seed": "seed", "lora.sparse": "sparse"}
+_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "probes", "probe_gen", "ttt_context", "lora.rank", "lora.seed",
+             "lora.sparse")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 
@@ -210,7 +217,7 @@ def parse_value(key: str, text: str):
     from absorber.errors import AbsorberError
     import re
     key = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets", "layers": "lora.layers",
-           "seed": "lora.seed"}.get(key, key)
+           "seed": "lora.seed", "sparse": "lora.sparse"}.get(key, key)
     v = text.strip()
     if key in _TUPLE_KEYS:
         if v in ("all", "none", ""):

@@ -42,10 +42,80 @@ class LoraLinear(nn.Module):
         return self.base(x) + (x @ self.lora_A @ self.lora_B) * self.scaling
 
 
+class SparseValues(nn.Module):
+    """A frozen MLP down-projection plus trainable *value vectors* of a few of its neurons (LoraConfig.sparse):
+    the FFN-as-key-value-memory view (Geva et al. 2021) of sparse memory finetuning (Lin et al. 2025,
+    arXiv 2510.15103), where only the memory slots a new text uses more than background text are trained.
+
+    y = base(x) + x @ delta + x[..., idx] @ sparse_V, with x the [.., I] neuron activations. `sparse_V` [t, out]
+    is this round's trainable values of the t neurons `idx`; `sparse_delta` [I, out] (frozen, a parameter only so
+    that snapshot/load_state carry it) holds what earlier rounds committed. `commit(idx)` adds V into delta at
+    the old idx, zeroes V and moves it to the new neurons. `access` counts, per neuron, the background tokens
+    (the anchor text, then every absorbed X) whose top-`ACCESS_TOP` activations included it: the idf of the
+    selection (absorb.Absorption.select_sparse)."""
+
+    def __init__(self, base: nn.Module, t: int):
+        super().__init__()
+        self.base = base
+        w = base.weight
+        out_f, in_f = w.shape
+        if not 0 < t <= in_f:
+            raise AbsorberError(f"LoRA sparse must be in 1..{in_f} neurons (got {t})")
+        self.sparse_V = nn.Parameter(torch.zeros(t, out_f, dtype=w.dtype, device=w.device))
+        self.sparse_delta = nn.Parameter(torch.zeros(in_f, out_f, dtype=w.dtype, device=w.device),
+                                         requires_grad=False)
+        self.register_buffer("idx", torch.arange(t, device=w.device), persistent=False)
+        self.register_buffer("access", torch.zeros(in_f, dtype=torch.float64, device=w.device), persistent=False)
+        self.background_tokens = 0
+        self.committed = False     # delta is nonzero: the dense term runs
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        out = self.base(x) + x.index_select(-1, self.idx) @ self.sparse_V
+        return out + x @ self.sparse_delta if self.committed else out
+
+    @torch.no_grad()
+    def commit(self, idx: torch.Tensor) -> None:
+        """Fold this round's values into delta and train the neurons `idx` next (V starts at zero there)."""
+        if bool(self.sparse_V.any()):
+            self.sparse_delta.index_add_(0, self.idx, self.sparse_V)
+            self.committed = True
+        self.sparse_V.zero_()
+        self.idx = idx.to(self.idx.device)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the frozen layer with no background counted (a fresh stream)."""
+        self.sparse_V.zero_()
+        self.sparse_delta.zero_()
+        self.committed = False
+        self.access.zero_()
+        self.background_tokens = 0
+
+
+ACCESS_TOP = 64    # a token "accesses" the neurons with its ACCESS_TOP largest |activations| (of 1536 in SmolLM2)
+
+
+def access_counts(acts: torch.Tensor, top: int = ACCESS_TOP) -> torch.Tensor:
+    """Per neuron, how many of the [T, I] activation rows have it among their `top` largest magnitudes."""
+    k = min(top, acts.shape[-1])
+    ids = acts.reshape(-1, acts.shape[-1]).abs().topk(k, dim=-1).indices.reshape(-1)
+    return torch.bincount(ids, minlength=acts.shape[-1]).to(torch.float64)
+
+
+def tfidf_select(tf: torch.Tensor, access: torch.Tensor, background_tokens: int, t: int) -> torch.Tensor:
+    """The t neurons with the highest tf x idf: tf = this text's access counts, idf = log((B + 1) / (df + 1))
+    with df the background's access counts over B tokens (a neuron every text uses scores ~0)."""
+    idf = torch.log((background_tokens + 1.0) / (access + 1.0))
+    return (tf * idf).topk(t).indices
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model: every adapter is switched off inside the block."""
-    mods = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    mods = [m for m in model.modules() if isinstance(m, (LoraLinear, SparseValues))]
     for m in mods:
         m.enabled = False
     try:
@@ -63,8 +133,11 @@ def _layer_index(name: str) -> int | None:
 def inject(model: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
     """Wrap the target linear layers of `model` in place; return the adapters {name: parameter}.
 
-    Everything else stays frozen. Raises AbsorberError when a target or layer matches nothing.
+    Everything else stays frozen. Raises AbsorberError when a target or layer matches nothing. With
+    cfg.sparse > 0 the slice is SparseValues on the `down_proj` of the selected layers instead (reference only).
     """
+    if cfg.sparse > 0:
+        return _inject_sparse(model, cfg)
     cfg_layers = set(cfg.layers) if cfg.layers is not None else None
     g = torch.Generator().manual_seed(cfg.seed)
     found: list[tuple[str, nn.Module]] = []
@@ -91,9 +164,28 @@ def inject(model: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
     return adapters(model)
 
 
+def _inject_sparse(model: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    cfg_layers = set(cfg.layers) if cfg.layers is not None else None
+    found = [(name, mod) for name, mod in model.named_modules()
+             if name.rsplit(".", 1)[-1] == "down_proj" and isinstance(mod, nn.Linear)
+             and (li := _layer_index(name)) is not None and (cfg_layers is None or li in cfg_layers)]
+    if not found:
+        raise AbsorberError("LoRA sparse needs MLP down_proj layers; the model (or the layer selection) has none")
+    for name, mod in found:
+        parent_name, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), leaf, SparseValues(mod, cfg.sparse))
+    return adapters(model)
+
+
+def sparse_modules(model: nn.Module) -> dict[str, SparseValues]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseValues)}
+
+
 def adapters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters of a model, by name, in a stable order."""
-    return {n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    """The adapter parameters of a model, by name, in a stable order (with LoraConfig.sparse: each layer's
+    trainable values and its frozen committed delta)."""
+    return {n: p for n, p in model.named_parameters()
+            if n.endswith((".lora_A", ".lora_B", ".sparse_V", ".sparse_delta"))}
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,6 +203,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if tuple(state[n].shape) != tuple(p.shape):
             raise AbsorberError(f"adapter {n}: shape {tuple(state[n].shape)} != {tuple(p.shape)}")
         p.copy_(state[n])
+    for m in sparse_modules(model).values():   # a sparse slice's selection state follows its values
+        m.committed = bool(m.sparse_delta.any())
+        if not m.committed and not bool(m.sparse_V.any()):
+            m.reset()
 
 
 def describe(model: nn.Module, cfg: LoraConfig) -> list[dict]:

@@ -19,7 +19,9 @@ For one real transcript and one method (the reference's StreamingAbsorber):
     specific(d) = retention(d) - decoy_lift(d) is what it keeps of the facts themselves rather than of the
     speech's register or the question format.
   * damage: the perplexity of a held-out speech (unrelated to the stream) under the method's model, with no
-    stream context, against the base model's, at the same rounds.
+    stream context, against the base model's, at the same rounds. For reference, the same held-out text after
+    the method's current window in context (base model): what having the stream in context, rather than in
+    the weights, does to it.
 No generation: a 135M model answers weakly, but its likelihoods are informative.
 """
 from __future__ import annotations
@@ -173,7 +175,11 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 baselines["heldout"] = score_nll(base_model, [], h, max_len)
             bn, bc = baselines["heldout"]
             hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, [], h, max_len)
-            damage.append({"round": r, "nll_base": bn, "nll_method": hn, "count": hc})
+            if ("heldout_context", r) not in baselines:   # the reference: the stream in context, not in weights
+                baselines[("heldout_context", r)] = score_nll(base_model, ctx + h[:1], h[1:], max_len)   # same tokens
+            cn, cc = baselines[("heldout_context", r)]
+            damage.append({"round": r, "nll_base": bn, "nll_method": hn, "count": hc,
+                           "nll_context": cn, "count_context": cc})
         if log:
             done_d = sorted({d for _, d in due[r]})
             sub = [x for x in records if x["round"] == r]
@@ -246,7 +252,11 @@ def damage_summary(damage: list[dict]) -> dict:
     at = [d for d in damage if d["round"] == last]
     worst = max(math.exp(d["nll_method"] / d["count"]) / math.exp(d["nll_base"] / d["count"]) - 1 for d in damage)
     end = sum(math.exp(d["nll_method"] / d["count"]) / math.exp(d["nll_base"] / d["count"]) - 1 for d in at) / len(at)
-    return {"ppl_change_at_end": end, "ppl_change_worst": worst, "round_end": last}
+    out = {"ppl_change_at_end": end, "ppl_change_worst": worst, "round_end": last}
+    if all("nll_context" in d for d in at):   # what the window's text in context does to the same held-out text
+        ctx = lambda d: math.exp(d["nll_context"] / d["count_context"])  # noqa: E731
+        out["ppl_change_context_at_end"] = sum(ctx(d) / math.exp(d["nll_base"] / d["count"]) - 1 for d in at) / len(at)
+    return out
 
 
 def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[int]]],

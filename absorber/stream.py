@@ -45,6 +45,9 @@ class StreamingAbsorber:
                 from absorber.config import anchor_text
                 ids = tokenizer.encode(anchor_text(), add_special_tokens=False)
                 self.absorption.anchor_ids = ids[:self.cfg.anchor_tokens]
+            if tokenizer is not None and self.cfg.lora.sparse > 0:
+                from absorber.config import anchor_text
+                self.absorption.background_ids = tokenizer.encode(anchor_text(), add_special_tokens=False)
         else:
             self.absorption = None
         self.window: list[int] = []

@@ -222,6 +222,9 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if cfg.ntp_weight > 0 and cfg.ntp_top < 1:
         raise AbsorberError(f"ntp_top={cfg.ntp_top} is not supported by the exported train step (it scores every "
                             "token of X; ntp_top < 1 is a reference option)")
+    if lora_cfg.sparse > 0:
+        raise AbsorberError("LoRA sparse > 0 (trained MLP values) is not supported by the exporter: its slice "
+                            "is LoRA A/B pairs; sparse is a reference option")
     arch = architectures.lookup(model.config)
     architectures.check_targets(arch, lora_cfg.targets)
     facts = arch.facts(model.config)

@@ -239,6 +239,14 @@ def test_forgetting_curve_end_to_end_on_a_tiny_model(tiny_model, tiny_tok):
     # absorption changes the answers' NLL and the held-out text's
     assert any(r["nll_method"] != r["nll_window"] for r in res["methods"]["absorber"]["records"])
     assert res["methods"]["absorber"]["damage"]["ppl_change_at_end"] != 0.0
+    # the in-context reference: the base model on the same held-out tokens after the window, the same for every run
+    d = res["methods"]["absorber"]["damage_records"][-1]
+    assert d["count_context"] == d["count"]
+    assert [x["nll_context"] for x in res["methods"]["window"]["damage_records"]] == \
+        [x["nll_context"] for x in res["methods"]["absorber"]["damage_records"]]
+    assert d["nll_context"] != d["nll_base"]
+    assert res["methods"]["window"]["damage"]["ppl_change_context_at_end"] == \
+        res["methods"]["absorber"]["damage"]["ppl_change_context_at_end"] != 0.0
     assert "| absorber |" in RT.format_curve(res)
 
 
@@ -506,3 +514,62 @@ def test_ntp_top_scores_only_the_most_surprising_tokens_of_x(tiny_tok, rng_ids):
     assert losses[0.25] - losses[1.0] == pytest.approx(0.5 * (float(per[keep].mean()) - float(per.mean())), rel=1e-4)
     with pytest.raises(AbsorberError, match="ntp_top"):
         AbsorberConfig(ntp_top=0.0).validate()
+
+
+def test_tfidf_selection_prefers_neurons_the_text_uses_and_the_background_does_not():
+    """lora.sparse: access counts are top-k per row; tf-idf ranks a neuron used by X and rare in the background
+    above one used as often by X but by every background token."""
+    import torch
+    from absorber import lora
+    acts = torch.zeros(4, 6)
+    acts[:, 1] = 5.0          # every row: neurons 1 and 4 are the two largest
+    acts[:, 4] = 3.0
+    acts[0, 2] = 9.0          # row 0 only: neuron 2 beats neuron 4
+    assert lora.access_counts(acts, top=2).tolist() == [0, 4, 1, 0, 3, 0]
+    tf = torch.tensor([0.0, 4.0, 0.0, 0.0, 4.0, 0.0], dtype=torch.float64)
+    background = torch.tensor([0.0, 100.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)   # neuron 1: every token
+    assert lora.tfidf_select(tf, background, 100, 1).tolist() == [4]
+
+
+def test_sparse_values_train_only_the_selected_neurons_and_accumulate(tiny_tok, rng_ids):
+    """lora.sparse=t: a round trains the values of t neurons per down_proj (the ones X uses against the
+    background); the next round commits them into the frozen delta and moves on; the teacher (adapters off)
+    is the base model; the export refuses it."""
+    import torch
+    from absorber import lora
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig, override
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    ids = rng_ids(72, seed=3)
+    cfg = AbsorberConfig(n=24, m=12, k=3, lr=1e-2, lora=LoraConfig(sparse=4))
+    model = tiny_llama(seed=0, vocab=512)
+    base_logits = model(torch.tensor([ids[:20]])).logits
+    params = lora.inject(model, cfg.lora)
+    mods = lora.sparse_modules(model)
+    assert mods and all(n.endswith("mlp.down_proj") for n in mods)
+    assert {n.rsplit(".", 1)[-1] for n in params} == {"sparse_V", "sparse_delta"}
+    ab = Absorption(model, cfg)
+    ab.background_ids = ids[48:72]
+    assert all(not p.requires_grad for n, p in params.items() if n.endswith("sparse_delta"))
+    x1, y1 = torch.tensor([ids[:24]]), torch.tensor([ids[24:36]])
+    r1 = ab.round(x1, y1)
+    assert r1.steps == 3 and r1.loss_last < r1.loss_first
+    m = next(iter(mods.values()))
+    first_idx = m.idx.clone()
+    assert m.background_tokens == 24 + 24 and float(m.access.sum()) == 48 * min(lora.ACCESS_TOP, m.access.numel())
+    assert bool(m.sparse_V.any()) and not bool(m.sparse_delta.any())
+    with lora.disabled(model):   # adapters off: the frozen model exactly
+        assert torch.equal(model(torch.tensor([ids[:20]])).logits, base_logits)
+    v1 = m.sparse_V.detach().clone()
+    ab.round(torch.tensor([ids[12:36]]), torch.tensor([ids[36:48]]))
+    rows = m.sparse_delta.detach().abs().sum(-1) > 0
+    assert set(rows.nonzero().flatten().tolist()) == set(first_idx.tolist())   # only round 1's neurons committed
+    assert torch.allclose(m.sparse_delta[first_idx], v1)
+    lora.load_state(model, {n: torch.zeros_like(p) for n, p in lora.adapters(model).items()})   # a fresh stream
+    assert not m.committed and m.background_tokens == 0
+    with pytest.raises(AbsorberError, match="sparse"):
+        override(cfg, sparse=-1).validate()
+    from absorber.export.bundle import trace
+    with pytest.raises(AbsorberError, match="sparse"):
+        trace(tiny_llama(seed=0, vocab=512), cfg=cfg)

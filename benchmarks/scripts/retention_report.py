@@ -1,7 +1,8 @@
 """Rebuild the forgetting-curve table of benchmarks/retention.md from the raw records of a screen.
 
 Screens run since the decoy control landed also get the specific retention per distance (retention less the
-decoy lift: absorber/retention.py).
+decoy lift: absorber/retention.py); those since 2026-12-04 also the in-context reference of the damage (the
+held-out tokens after the method's window, base model).
 
     python benchmarks/scripts/retention_report.py benchmarks/retention_screen.json
 """
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
         dm = v.get("damage") or {}
         end, worst = dm.get("ppl_change_at_end"), dm.get("ppl_change_worst")
         dmg = "–" if end is None else f"{end:+.1%} / {worst:+.1%}"
+        if dm.get("ppl_change_context_at_end") is not None:   # the same tokens after the window, base model
+            dmg += f" (window in context: {dm['ppl_change_context_at_end']:+.1%})"
         losses = v.get("losses") or {}
         lf, ll, sec = losses.get("first"), losses.get("last"), losses.get("seconds")
         lcell = "–" if lf is None else f"{lf:.3f}→{ll:.3f}"

@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--plant-rounds", type=int, default=6)
     p.add_argument("--distances", default="1,2,4,8,16,32")
     p.add_argument("--variants", default="window,base,compose,current")
+    p.add_argument("--fact-seed", type=int, default=0,
+                   help="seed of the first text's facts (text i gets seed + 1000 i): --skip S --fact-seed 1000S "
+                        "plants the same facts in a speech as a run of all the speeches from the first")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", dest="json_out", required=True)
     a = p.parse_args(argv)
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
     # the tables' "base": the sync loss alone at lr 1e-3 (AbsorberConfig's defaults before 2026-12-03)
     base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr if a.lr is not None else 1e-3, ntp_weight=0.0)
     runs = [(v, *variant(v, base)) for v in a.variants.split(",")]
-    rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds,
+    rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds, seed=a.fact_seed,
                               distances=tuple(int(x) for x in a.distances.split(",")))
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
