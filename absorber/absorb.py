@@ -35,7 +35,8 @@ class Absorption:
         self.rounds = 0
         self.rollbacks = 0
         self.initial = [p.detach().clone() for p in self.params] if cfg.reset == "adapters" else None
-        self.b_params = [p for n, p in lora.adapters(model).items() if n.endswith(".lora_B")]
+        # what `decay` scales: every lora_B, or a sparse slice's committed values
+        self.b_params = [p for n, p in lora.adapters(model).items() if n.endswith((".lora_B", ".sparse_delta"))]
         self.probe_prefix: list[int] = []    # token ids of config.PROBE_PREFIX (set by the streaming loop)
         self.gen_prompts: list[list[int]] = []   # cfg.probe_gen: ids of config.GEN_PROBE_PROMPTS (idem)
         self.prefix: list[int] = []          # cfg.prefix: the stream's first tokens (set by the streaming loop)

@@ -74,7 +74,8 @@ class AbsorberConfig:
                                  # (small). Compiled into a bundle's train step at export.
     reset: str = "none"          # before each round: "none" (paper: adapters and AdamW moments carry over),
                                  # "moments" (fresh AdamW moments), "adapters" (fresh adapters: a diagnosis)
-    decay: float = 0.0           # before each round scale every lora_B by (1 - decay): older text fades
+    decay: float = 0.0           # before each round scale every lora_B (sparse: the committed values) by
+                                 # (1 - decay): older text fades
     teacher: str = "base"        # "base": the frozen model with X in context (adapters off) is the target;
                                  # "current": base + current adapters (the paper's W <- W*). "current" drifts:
                                  # each round chases the previous rounds' errors (benchmarks/eval.md, drift);

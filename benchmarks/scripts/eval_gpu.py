@@ -165,7 +165,35 @@ def worker(wid: int, args: dict, tasks, results) -> None:
         except Exception:   # keep going with the other pieces; the error is in the JSON
             rec["error"] = traceback.format_exc()[-2000:]
         dump()
-        results.put((name, ti, rec["done"], round(time.perf_counter() - t0, 1)))
+        results.put((f"{name} text {ti}", rec["done"], round(time.perf_counter() - t0, 1)))
+
+
+def run_workers(worker, args: dict, pieces: list, workers: int, budget: float) -> int:
+    """Queue the pieces in order, start `workers` spawned processes of worker(wid, args, tasks, results), print
+    each (label, ok, seconds) they report, and stop them at `budget` seconds; returns the pieces finished.
+    Shared with retention_gpu.py."""
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for p in pieces:
+        tasks.put(p)
+    procs = [ctx.Process(target=worker, args=(w, args, tasks, results), daemon=True) for w in range(workers)]
+    t0 = time.time()
+    for p in procs:
+        p.start()
+    done = 0
+    while any(p.is_alive() for p in procs) and time.time() - t0 < budget:
+        try:
+            label, ok, secs = results.get(timeout=2)
+            done += 1
+            print(f"[{time.time() - t0:6.0f}s] {label}: {'ok' if ok else 'ERROR'} {secs}s ({done}/{len(pieces)})",
+                  flush=True)
+        except queue.Empty:
+            pass
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    print(f"stopped after {time.time() - t0:.0f}s with {done}/{len(pieces)} pieces complete", flush=True)
+    return done
 
 
 def main() -> int:
@@ -197,38 +225,18 @@ def main() -> int:
             texts |= set(range(int(lo), int(hi or lo) + 1))
     n_short = 2 if smoke else 12
     n_pass = 2 if smoke else PASSKEY["passkey_trials"]   # passkey: trial j uses short text j
-    ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
     pieces = []
     for job in jobs:
         count = 1 if job[3] == "long" else (n_pass if job[1] == "passkey" else n_short)
         pieces += [(job, i) for i in range(count) if job[3] == "long" or texts is None or i in texts]
     # interleave so that every job gets its first texts early (a budget cut leaves each job partial, not absent)
     order = sorted(range(len(pieces)), key=lambda i: (pieces[i][1] // 3, i))
-    for i in order:
-        tasks.put(pieces[i])
     (out / "plan.json").write_text(json.dumps({"plan": a.plan, "jobs": jobs, "pieces": len(pieces),
                                                "args": vars(a)}, indent=1))
     args = {"model": a.model, "device": a.device, "threads": a.threads, "out": str(out), "smoke": smoke,
             "long_rounds": a.long_rounds,
             "passkey_lengths": [int(x) for x in a.passkey_lengths.split(",")] if a.passkey_lengths else None}
-    procs = [ctx.Process(target=worker, args=(w, args, tasks, results), daemon=True) for w in range(a.workers)]
-    t0 = time.time()
-    for p in procs:
-        p.start()
-    done = 0
-    while any(p.is_alive() for p in procs) and time.time() - t0 < a.budget:
-        try:
-            name, ti, ok, secs = results.get(timeout=5)
-            done += 1
-            print(f"[{time.time() - t0:6.0f}s] {name} text {ti}: {'ok' if ok else 'ERROR'} {secs}s "
-                  f"({done}/{len(pieces)})", flush=True)
-        except queue.Empty:
-            pass
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    print(f"stopped after {time.time() - t0:.0f}s with {done}/{len(pieces)} pieces complete", flush=True)
+    run_workers(worker, args, [pieces[i] for i in order], a.workers, a.budget)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import queue
 import sys
@@ -27,7 +26,9 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))       # retention_screen's variant()
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # retention_screen's variant(), eval_gpu's pool
+
+from eval_gpu import run_workers  # noqa: E402
 
 # window groups: n, m, K, rounds the facts are planted over, distances scored
 GROUPS = {
@@ -122,7 +123,7 @@ def worker(wid: int, args: dict, tasks, results) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=str))
         os.replace(tmp, path)
-        results.put((gname, label, ti, rec["done"], round(rec["seconds"], 1)))
+        results.put((f"{gname} {label} text {ti}", rec["done"], round(rec["seconds"], 1)))
 
 
 def run(a) -> int:
@@ -130,29 +131,9 @@ def run(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     speeches = 1 if a.plan == "smoke" else SPEECHES
     pieces = [(g, v, ti) for g, v in PLANS[a.plan] for ti in range(speeches)]
-    ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for p in pieces:
-        tasks.put(p)
     (out / "plan.json").write_text(json.dumps({"plan": a.plan, "pieces": pieces, "args": vars(a)}, indent=1))
     args = {"model": a.model, "device": a.device, "threads": a.threads, "out": str(out), "facts": a.facts}
-    procs = [ctx.Process(target=worker, args=(w, args, tasks, results), daemon=True) for w in range(a.workers)]
-    t0 = time.time()
-    for p in procs:
-        p.start()
-    done = 0
-    while any(p.is_alive() for p in procs) and time.time() - t0 < a.budget:
-        try:
-            g, v, ti, ok, secs = results.get(timeout=2)
-            done += 1
-            print(f"[{time.time() - t0:6.0f}s] {g} {v} text {ti}: {'ok' if ok else 'ERROR'} {secs}s "
-                  f"({done}/{len(pieces)})", flush=True)
-        except queue.Empty:
-            pass
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    print(f"stopped after {time.time() - t0:.0f}s with {done}/{len(pieces)} pieces complete", flush=True)
+    run_workers(worker, args, pieces, a.workers, a.budget)
     return 0
 
 

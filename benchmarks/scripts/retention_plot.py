@@ -8,6 +8,14 @@ over the raw records of one or more screens (benchmarks/retention.md), with 95 %
 Each argument is LABEL=FILE::VARIANT; arguments with the same LABEL are pooled (their per-fact records put
 together, so a label can span speeches run in separate screens). Prints the pooled table (markdown) too:
 specific and raw retention per distance, the number of facts, and the held-out damage per speech at the end.
+
+With `--frontier D` the plot is the retention-damage frontier instead: each label's specific retention at D
+rounds after eviction (95 % CI over facts) against its held-out damage at the end (mean over speeches, the bar
+spanning them), the goal's corner, and with `--context FILE` (context_damage.py's records) the damage that the
+stream's text *in context* does to the same held-out tokens:
+
+    python benchmarks/scripts/retention_plot.py --frontier 8 --context benchmarks/context_damage.json \
+        --out benchmarks/retention_frontier.png LABEL=FILE::VARIANT ...
 """
 from __future__ import annotations
 
@@ -54,6 +62,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+", help="LABEL=FILE::VARIANT (same LABEL: pooled)")
     ap.add_argument("--out", help="PNG to write (matplotlib); without it only the table is printed")
+    ap.add_argument("--frontier", type=int, metavar="D", help="plot specific retention at distance D against damage")
+    ap.add_argument("--context", help="with --frontier: context_damage.py's JSON (the in-context reference)")
     a = ap.parse_args(argv)
     data = pooled(a.specs)
     rows = {}
@@ -80,7 +90,9 @@ def main(argv=None) -> int:
         dmg = ", ".join(f"{t} {x:+.1%}" for t, x in e["damage"] if x is not None) or "–"
         print(f"| {label} | {len(set(e['texts']))} | {n}/{m}/{k} | " + " | ".join(cells)
               + f" | {last['retention']:.2f} | {last['facts']} | {dmg} |")
-    if a.out:
+    if a.out and a.frontier:
+        frontier_plot(rows, data, a.frontier, a.context, a.out)
+    elif a.out:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -106,6 +118,39 @@ def main(argv=None) -> int:
         fig.savefig(a.out, dpi=110)
         print(f"wrote {a.out}")
     return 0
+
+
+def frontier_plot(rows: dict, data: dict, dist: int, context: str | None, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 6))
+    if context:
+        ch = [r["ppl_change"] * 100 for r in json.loads(Path(context).read_text())["rows"]]
+        ax.axvspan(min(ch), max(ch), color="orange", alpha=0.15,
+                   label=f"the stream's text in context instead (base model): {min(ch):+.0f} to {max(ch):+.0f} %")
+    ax.add_patch(plt.Rectangle((-100, 0.8), 102, 1.0, color="green", alpha=0.12, label="goal: >= 0.8 with <= 2 %"))
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, cs) in enumerate(rows.items()):
+        c = next((c for c in cs if c["distance"] == dist and c["facts"]), None)
+        dm = [x * 100 for _, x in data[label]["damage"] if x is not None]
+        if c is None or not dm or c["specific"] is None or math.isnan(c["specific"]):
+            continue
+        ci = c["specific_ci95"] or (c["specific"],) * 2
+        x = sum(dm) / len(dm)
+        ax.errorbar([x], [c["specific"]], yerr=[[c["specific"] - ci[0]], [ci[1] - c["specific"]]],
+                    xerr=[[x - min(dm)], [max(dm) - x]], marker="s" if "sparse" in label else "o", capsize=3,
+                    color=colors[i % len(colors)], label=label)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(-10, 400)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("held-out perplexity change at the end, % (mean over speeches; bar: their range)")
+    ax.set_ylabel(f"specific retention {dist} rounds after eviction (95 % CI over facts)")
+    ax.set_title("Retention against damage, SmolLM2-135M")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
