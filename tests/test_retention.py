@@ -274,6 +274,15 @@ def test_eval_cli_forgetting_curve(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res["methods"]) == {"window", "absorber"} and res["command"] is None or isinstance(res["command"], str)
     assert len(res["methods"]["absorber"]["records"]) == 2 * 2
+    # --sweep with --facts: one curve per grid point (it was silently ignored)
+    rc = main(["eval", "--model", "tiny", "--text", str(f), "--facts", "2", "--plant-rounds", "1", "--distances",
+               "1", "--methods", "window,absorber", "--n", "64", "--m", "32", "--k", "1", "--bootstrap", "20",
+               "--quiet", "--json", str(out), "--sweep", "sparse=4", "lr=1e-3,2e-3"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"window", "absorber sparse=4 lr=0.001", "absorber sparse=4 lr=0.002"}
+    assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lora"]["sparse"] == 4
+    assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lr"] == 0.002
 
 
 # ------------------------------------------------------------------ the retention levers in the reference

@@ -74,8 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--json", metavar="OUT", help="write the full result as JSON")
     out.add_argument("--plot", metavar="PNG", help="plot PPL vs stream position per method (not with --sweep)")
     out.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
-                     help="grid over settings (n, m, k, lr, clip, loss_layers, kl_weight, rank, ...); "
-                          "use | to separate tuple values, e.g. loss_layers=all|10,20,30")
+                     help="grid over settings (n, m, k, lr, clip, loss_layers, kl_weight, rank, sparse, ...); "
+                          "use | to separate tuple values, e.g. loss_layers=all|10,20,30; with --facts, one "
+                          "forgetting curve per point")
     out.add_argument("--quiet", action="store_true", help="no per-round progress")
 
 
@@ -147,6 +148,13 @@ def main(args: argparse.Namespace) -> int:
     if args.facts:
         from absorber import data, retention as RT
         runs = [(m, m, cfg) for m in methods if m in ("window", "ttt", "absorber")]
+        if grid:   # one run per grid point of each trained method, labelled by its settings
+            import itertools
+            keys = list(grid)
+            points = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+            runs = [r for r in runs if r[1] == "window"] + [
+                (f"{m} " + " ".join(f"{k}={v}" for k, v in p.items()), m, override(cfg, **p))
+                for _, m, _ in runs if m != "window" for p in points]
         if not runs:
             raise AbsorberError("--facts needs at least one of the methods window, ttt, absorber")
         rs = RT.RetentionSettings(facts=args.facts, plant_rounds=args.plant_rounds,
