@@ -240,6 +240,13 @@ def parse_value(key: str, text: str):
     return int(x) if x.is_integer() and key in _INT_KEYS else x
 
 
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    """Every point of a parse_sweep grid, as override() flags, in itertools.product order."""
+    import itertools
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
 def parse_sweep(specs) -> dict[str, list]:
     """["n=128,256", "lr=1e-3,2e-3", "loss_layers=all|15,30"] -> {"n": [128, 256], ...}: a grid of override()
     keys (lists separated by ',' or, when a value itself holds commas, by '|')."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from absorber import lora
-from absorber.config import AbsorberConfig, override
+from absorber.config import AbsorberConfig, grid_points, override
 from absorber.stream import StreamingAbsorber
 
 METHODS = ("full", "window", "sink", "ttt", "absorber")    # report order
@@ -387,17 +387,16 @@ def sweep(base: nn.Module, tok, texts, cfg: AbsorberConfig, settings: EvalSettin
     pool = ModelPool(base)
     cache: dict[tuple, dict] = {}
     points = []
-    keys = list(grid)
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        c = override(copy.deepcopy(cfg), **dict(zip(keys, combo)))
+    for point in grid_points(grid):
+        c = override(copy.deepcopy(cfg), **point)
         if log:
-            log(f"== sweep point {dict(zip(keys, combo))}")
+            log(f"== sweep point {point}")
         base_key = (c.n, c.m, c.sink)
         cached = cache.get(base_key, {})
         res = evaluate(base, tok, texts, c, settings, pool=pool, cached=cached, log=log)
         cache[base_key] = {m: {"segments": res["segments"][m], "passkey": res["passkey"][m]}
                            for m in res["methods"] if m not in TRAINED}
-        points.append({"point": {k: (list(v) if isinstance(v, tuple) else v) for k, v in zip(keys, combo)},
+        points.append({"point": {k: (list(v) if isinstance(v, tuple) else v) for k, v in point.items()},
                        "methods": res["methods"], "settings": res["settings"], "segments": res["segments"]})
         if on_point:
             on_point({"sweep": points, "partial": True})

@@ -259,6 +259,19 @@ def damage_summary(damage: list[dict]) -> dict:
     return out
 
 
+def pooled_run(method: str, config: dict, outs: Sequence[tuple[str, dict]], rs: RetentionSettings) -> dict:
+    """One run's result pooled over texts: `outs` is (text name, stream_facts' result) per text; every record
+    is tagged with its text, the curve and the damage are computed over all of them."""
+    recs = [dict(r, text=name) for name, o in outs for r in o["records"]]
+    dmg = [dict(d, text=name) for name, o in outs for d in o["damage"]]
+    rnd = [dict(x, text=name) for name, o in outs for x in o["rounds"]]
+    mean = lambda k: sum(x[k] for x in rnd) / len(rnd) if rnd else None  # noqa: E731
+    return {"method": method, "config": config, "curve": curve(recs, rs), "damage": damage_summary(dmg),
+            "records": recs, "damage_records": dmg,
+            "losses": {"first": mean("loss_first"), "last": mean("loss_last"), "seconds": mean("seconds")},
+            "rounds": rnd}
+
+
 def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[int]]],
                      heldout: Sequence[int], runs: Sequence[tuple[str, str, AbsorberConfig]],
                      rs: RetentionSettings | None = None, log: Callable[[str], None] | None = None,
@@ -270,20 +283,14 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
     per: dict[str, dict] = {}
     base_cache: dict[tuple, dict] = {}
     for label, mth, cfg in runs:
-        recs, dmg, rnd = [], [], []
+        outs = []
         for ti, (name, ids) in enumerate(texts):
             if log:
                 log(f"{label} ({mth}) on {name}: {rs.facts} facts in the first {rs.plant_rounds} rounds")
-            out = stream_facts(pool, tok, ids, heldout, cfg, mth, rs, seed=rs.seed + 1000 * ti, log=log,
-                               baselines=base_cache.setdefault((name, cfg.n, cfg.m, cfg.prefix), {}))
-            recs += [dict(r, text=name) for r in out["records"]]
-            dmg += [dict(d, text=name) for d in out["damage"]]
-            rnd += [dict(x, text=name) for x in out["rounds"]]
-        mean = lambda k: sum(x[k] for x in rnd) / len(rnd) if rnd else None  # noqa: E731
-        per[label] = {"method": mth, "config": cfg.to_dict(), "curve": curve(recs, rs),
-                      "damage": damage_summary(dmg), "records": recs, "damage_records": dmg,
-                      "losses": {"first": mean("loss_first"), "last": mean("loss_last"), "seconds": mean("seconds")},
-                      "rounds": rnd}
+            outs.append((name, stream_facts(pool, tok, ids, heldout, cfg, mth, rs, seed=rs.seed + 1000 * ti,
+                                            log=log, baselines=base_cache.setdefault((name, cfg.n, cfg.m,
+                                                                                      cfg.prefix), {}))))
+        per[label] = pooled_run(mth, cfg.to_dict(), outs, rs)
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from absorber import evaluate as E
-    from absorber.config import AbsorberConfig, override, parse_sweep, parse_value
+    from absorber.config import AbsorberConfig, grid_points, override, parse_sweep, parse_value
     from absorber.errors import AbsorberError
 
     if args.threads:
@@ -149,12 +149,9 @@ def main(args: argparse.Namespace) -> int:
         from absorber import data, retention as RT
         runs = [(m, m, cfg) for m in methods if m in ("window", "ttt", "absorber")]
         if grid:   # one run per grid point of each trained method, labelled by its settings
-            import itertools
-            keys = list(grid)
-            points = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
             runs = [r for r in runs if r[1] == "window"] + [
                 (f"{m} " + " ".join(f"{k}={v}" for k, v in p.items()), m, override(cfg, **p))
-                for _, m, _ in runs if m != "window" for p in points]
+                for _, m, _ in runs if m != "window" for p in grid_points(grid)]
         if not runs:
             raise AbsorberError("--facts needs at least one of the methods window, ttt, absorber")
         rs = RT.RetentionSettings(facts=args.facts, plant_rounds=args.plant_rounds,

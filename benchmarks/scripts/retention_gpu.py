@@ -139,7 +139,7 @@ def run(a) -> int:
 
 def combine(folder: Path, into: str) -> list[Path]:
     """One retention_screen-format JSON per group: every variant's finished pieces pooled (records per text)."""
-    from absorber.retention import RetentionSettings, curve, damage_summary
+    from absorber.retention import RetentionSettings, pooled_run
     pieces = [json.loads(p.read_text()) for p in sorted(folder.glob("*__*__*.json"))]
     written = []
     for gname in sorted({p["group"] for p in pieces}):
@@ -152,16 +152,9 @@ def combine(folder: Path, into: str) -> list[Path]:
         order = list(dict.fromkeys(v for g, v in PLANS["main"] + PLANS["smoke"] if g == gname))
         for label in sorted({p["variant"] for p in mine}, key=lambda v: order.index(v) if v in order else 99):
             ps = sorted((p for p in mine if p["variant"] == label), key=lambda p: p["text_index"])
-            recs = [dict(r, text=p["text"]) for p in ps for r in p["records"]]
-            dmg = [dict(d, text=p["text"]) for p in ps for d in p["damage"]]
-            rnd = [dict(x, text=p["text"]) for p in ps for x in p["rounds"]]
             texts += [p["text"] for p in ps if p["text"] not in texts]
-            mean = lambda k: sum(x[k] for x in rnd) / len(rnd) if rnd else None  # noqa: E731
-            methods[label] = {"method": ps[0]["method"], "config": ps[0]["config"], "curve": curve(recs, rs),
-                              "damage": damage_summary(dmg), "records": recs, "damage_records": dmg,
-                              "losses": {"first": mean("loss_first"), "last": mean("loss_last"),
-                                         "seconds": mean("seconds")},
-                              "rounds": rnd, "texts": [p["text"] for p in ps]}
+            methods[label] = dict(pooled_run(ps[0]["method"], ps[0]["config"], [(p["text"], p) for p in ps], rs),
+                                  texts=[p["text"] for p in ps])
         g = GROUPS[gname]
         path = Path(f"{into}_{gname}.json")
         path.write_text(json.dumps({
