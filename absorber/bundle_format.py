@@ -82,6 +82,12 @@ def quant_names(name: str, bits: int) -> dict[str, str]:
             "zero": f"{name}.zp", "zero8": f"{name}.zp8", "min": f"{name}.min"}
 
 
+def rows_name(stored: str, start: int, stop: int) -> str:
+    """A stored tensor's rows start..stop-1 as a tensor of their own (an alias of those bytes: export/quant.py
+    dequantizes a large weight in row pieces where a product contracts over its rows)."""
+    return f"{stored}.rows{start}-{stop}"
+
+
 def required_io(graph: str, num_layers: int, adapters: list[str], ntp: bool = False) -> tuple[set[str], set[str]]:
     """(inputs, outputs) that the runtime needs from a graph, whatever the manifest says. ntp: the train step
     carries the next-token term on X (manifest loss.ntp_weight > 0) and so takes X's ids."""

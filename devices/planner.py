@@ -51,7 +51,7 @@ COEFFS: dict[str, float] = {
     "baseline_bytes": 110 * 2**20,    # python + numpy + onnxruntime + tokenizers + runtime (fitted, planner.md section 0)
     "baseline_per_layer": 2.4 * 2**20,  # both sessions' graphs, per decoder layer (measured: 4 vs 30 layers)
     "weight_copies": 1.0,             # resident copies of the frozen weights (see module doc)
-    "adapter_copies": 7.0,            # params, grads, AdamW m and v, rollback snapshot, 2 update temporaries
+    "adapter_copies": 7.0,            # params, grads, AdamW m and v, the rollback backup of all three (the update's temporaries are 4 MB pieces)
     "c_out_copies": 2.0,              # graph outputs: the ORT buffer and the numpy array handed to Python
     "c_scores": 1.1,                  # attention scores + softmax probabilities of one layer live at once
     "c_tok": 4.0,                     # per-token working set of one layer, in units of (H + I) floats
@@ -83,6 +83,9 @@ COEFFS: dict[str, float] = {
     "c_ntp2_pieces": 1.0,             # ... one piece's [n/head_chunks, V] fp32 logits (set)
     "c_ntp2_tables": 1.87,            # ... [V, H] fp32 tables: quantized bundles / fp32 ones (fitted)
     "c_ntp2_tables_fp32": 1.04,
+    "c_ntp2_rows_fixed": 73 * 2**20,  # ... the head in row pieces (bundles of 2026-12-04 on): a constant instead
+                                      # of the whole tables (what c_ntp2_tables held besides them; fitted on 6
+                                      # rows, int4/int8 x 128x64..512x256, planner.md section 00000)
     "c_ntp2_saved": 0.44,             # ... plain (fp32) train step: share of X's saved activations (fitted)
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
     "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
@@ -282,6 +285,14 @@ def dequantized_tables(bundle: Bundle, f: ModelFacts) -> dict[str, float]:
     return {"decoder": dec, "train_step": tr}
 
 
+def head_table_bytes(bundle: Bundle, f: ModelFacts) -> float:
+    """fp32 bytes of the head dequantized at once for the next-token term's softmax @ W: the whole [V, H] table,
+    or the largest row piece where the exporter dequantizes it in pieces (export/quant.py, ROWS_BYTES: the
+    pieces of the view are stored tensors `<view>.rows<a>-<b>`, aliases of the packed bytes)."""
+    rows = [t.shape[0] for t in bundle.stored_tensors if ".view.rows" in t.name and len(t.shape) == 2]
+    return float((max(rows) if rows else f.V) * f.H * F32)
+
+
 def _x_pass_bytes(c: dict, f, n: int, recompute: bool, keep: float, saved_share: float) -> float:
     """The student's own pass on X (the next-token term) in the train step: every layer's kept boundary
     tensors (`keep` H floats per token) and one layer's activations when it recomputes, else `saved_share` of
@@ -370,13 +381,15 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
         # fp32 tables (the head dequantized for softmax @ W); a plain (fp32) train step keeps `c_ntp2_saved` x X's
         # saved activations. Fitted in benchmarks/planner.md section 000.
         piece = math.ceil((n - 1) / b.loss_head_chunks) * f.V * F32
-        table = f.V * f.H * F32
+        table = head_table_bytes(b, f)        # [V, H], or one row piece of it (bundles of 2026-12-04 on)
+        pieces = table < f.V * f.H * F32
         s_ntp = _x_pass_bytes(c, f, n, b.recompute, c["c_ntp2_keep"], c["c_ntp2_saved"])
         if b.recompute:
             s_ntp += c["c_ntp2_scores"] * f.L * f.nh * n * n * F32
         s_ntp += c["c_ntp2_pieces"] * piece
         quantized = f.scheme != "fp32" and b.kernel_tensors
         s_ntp += (c["c_ntp2_tables"] if quantized else c["c_ntp2_tables_fp32"]) * table
+        s_ntp += c["c_ntp2_rows_fixed"] if pieces else 0.0
     elif b.loss_ntp_weight > 0 and n > 1:
         # bundles of 2026-12-03 (fourth session): the head differentiated whole, weight gradients run last
         logits = (n - 1) * f.V * F32

@@ -67,10 +67,11 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
     """Move the named initializers of all graphs into ONE weights.bin (one copy per name; the same bytes at
     the same offset for every graph that uses it). Values come from `store` (name -> array) when there, else from
     the initializer itself. aliases: {name: other}: name reinterprets other's bytes (same offset and length, no
-    second copy). kernel: tensors marked for ONNX Runtime to load and pre-pack itself (MatMulNBits' inputs).
+    second copy); {name: (other, first byte, bytes)}: a span of them (a row piece, export/quant.py). kernel: tensors marked for ONNX Runtime to load and pre-pack itself (MatMulNBits' inputs).
     Returns the tensor table of the manifest."""
     aliases = aliases or {}
     kernel = kernel or set()
+    spans = {n: (a, 0, None) if isinstance(a, str) else a for n, a in aliases.items()}
     table: dict[str, dict] = {}
     order: list[str] = []
     first: dict[str, onnx.TensorProto] = {}
@@ -93,10 +94,10 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
     for n in order:
         if n in kernel:
             table[n]["kernel"] = True
-        if n in aliases:
-            if aliases[n] not in table:
-                raise AbsorberError(f"tensor {n} aliases {aliases[n]}, which no graph uses")
-            table[n]["alias_of"] = aliases[n]
+        if n in spans:
+            if spans[n][0] not in table or spans[n][0] in spans:
+                raise AbsorberError(f"tensor {n} aliases {spans[n][0]}, which no graph uses as stored bytes")
+            table[n]["alias_of"] = spans[n][0]
     offset = 0
     with open(folder / WEIGHTS_FILE, "wb") as f:
         for n in order:
@@ -110,8 +111,13 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
             table[n].update(offset=offset, length=len(raw))
             offset += len(raw)
     for n in order:
-        if n in aliases:
-            table[n].update(offset=table[aliases[n]]["offset"], length=table[aliases[n]]["length"])
+        if n in spans:
+            other, start, length = spans[n]
+            whole = table[other]["length"]
+            length = whole if length is None else length
+            if start < 0 or start + length > whole:
+                raise AbsorberError(f"tensor {n}: bytes {start}..{start + length} lie outside {other}")
+            table[n].update(offset=table[other]["offset"] + start, length=length)
     for mp in graphs.values():
         for t in mp.graph.initializer:
             if t.name in table:
@@ -323,7 +329,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
     qweights: dict[str, Q.QWeight] = {}
     counts: dict[str, int] = {}
     accuracy = dict(accuracy or Q.ACCURACY)
-    aliases: dict[str, str] = {}
+    aliases: dict[str, str | tuple[str, int, int]] = {}
+    row_aliases: dict[str, tuple[str, int, int]] = {}
     kernel: set[str] = set()
     if quant != "fp32":
         say(f"quantizing frozen weights ({quant})")
@@ -345,17 +352,21 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         for gname, mp in (("train_step", train), ("decoder", dec)):
             res = Q.apply(mp.graph, qweights, accuracy[gname])
             store.update(res["stored"])
+            row_aliases.update(res["row_aliases"])
             for k, v in res["counts"].items():
                 counts[f"{gname}.{k}"] = v
         weight_names = (weight_names - set(qweights)) | (set(store) - set(traced.store))
         aliases = {v: q for v, q in Q.aliases(qweights).items() if v in weight_names}
+        aliases.update({v: a for v, a in row_aliases.items() if v in weight_names})
         kernel = Q.kernel_tensors(qweights) & weight_names
     recomputed = None
     if recompute is None:
         recompute = quant != "fp32"
     if recompute:
         say("train step: recomputing activations per layer")
-        recomputed = recompute_layers(train, head_tensors(traced.head),
+        head = head_tensors(traced.head)
+        head |= {v for v, (parent, _, _) in row_aliases.items() if parent in head}
+        recomputed = recompute_layers(train, head,
                                       order_after_grads=getattr(traced.cfg, "ntp_weight", 0) > 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

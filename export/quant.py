@@ -23,6 +23,11 @@ How each USE of W is executed (a graph rewrite after tracing, `apply`):
   anything else (the backward's dX = dY @ W, which needs W in the other orientation)
         -> its own DequantizeLinear(view of the same bytes) [+ minimum] right before that node: one layer's fp32
            weight exists while its gradient node runs and is freed after (exact: the forward's values).
+  p @ W with W larger than ROWS_BYTES in fp32 (the next-token term's softmax @ W_head, [V, H]: 113 MB for
+  SmolLM2, 671 MB for Gemma-3-270M)
+        -> in row pieces: sum over pieces of p[:, rows] @ DequantizeLinear(those rows), each piece's quantized
+           rows an alias of the stored bytes (`rows_name`, `row_aliases`): one piece of the fp32 table exists
+           at a time instead of the whole (the same products, summed in a different order: fp32 rounding).
 The integer kernels need ONNX Runtime's pre-packing (without it MatMulNBits dequantizes on every call), so the
 tensors that feed MatMulNBits are loaded by ONNX Runtime itself (`kernel_tensors`; the manifest's tensor table
 marks them `kernel`), not shared by the runtime.
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from absorber.bundle_format import INT4_BLOCK, QUANT_SCHEMES as SCHEMES, quant_names
+from absorber.bundle_format import INT4_BLOCK, QUANT_SCHEMES as SCHEMES, quant_names, rows_name
 
 BITS = {"int8": 8, "int4": 4}
 MS = "com.microsoft"
@@ -44,6 +49,9 @@ MS = "com.microsoft"
 # 4 = int8 activations (the fast integer kernels; ~0.5 % relative error per product). Measured on an AVX2 CPU
 # (benchmarks/quant.md): at one token 4 is 4x (4-bit) to 70x (8-bit) faster than 1; at 256 rows 1 is as fast.
 ACCURACY = {"decoder": 1, "train_step": 1}
+# the most fp32 bytes of a weight dequantized at once where a product contracts over its rows (p @ W): larger
+# weights are dequantized in row pieces of at most this size (SmolLM2's head: 8 pieces of 6144 rows)
+ROWS_BYTES = 16 << 20
 SESSION_CONFIG: dict[str, str] = {}
 
 
@@ -134,6 +142,7 @@ class _Rewriter:
         self.acc = accuracy_level
         self.consts: dict[str, np.ndarray] = {}
         self.used: set[str] = set()           # stored tensor names referenced
+        self.rows: dict[str, tuple[str, int, int]] = {}   # row-piece tensor -> (stored tensor, start, stop)
         self.n = 0
 
     def _const(self, name: str, value) -> str:
@@ -203,9 +212,47 @@ class _Rewriter:
                                       [out]))
         return nodes
 
-    def dequantize(self, qw: QWeight, out: str) -> list:
-        """out = W (float32 [N, K]) for one consumer: DequantizeLinear over a view of the same bytes."""
-        n, (N, K) = qw.names, qw.shape
+    def _rows_of(self, qw: QWeight, rows: tuple[int, int] | None) -> dict[str, str]:
+        """The stored names DequantizeLinear reads, or for rows (start, stop) their row-piece aliases. A piece of
+        the view aliases the packed blocks (the same bytes); of the 8-bit zero points, MatMulNBits' own (the
+        same values, 128): so that every piece aliases a tensor that some graph keeps."""
+        n = dict(qw.names)
+        if rows is None:
+            return n
+        parent = {"view": n["q"], "scale": n["scale"]}
+        parent.update({"zero8": n["zero"]} if qw.bits == 8 else {"min": n["min"]})
+        for k, p in parent.items():
+            n[k] = rows_name(n[k], *rows)
+            self.rows[n[k]] = (p, *rows)
+            self._use(p)
+        return n
+
+    def contract_rows(self, qw: QWeight, a: str, out: str) -> list:
+        """out = a @ W (a [..., N], W [N, K]: contracted over W's rows) in row pieces of at most ROWS_BYTES of
+        fp32: sum over pieces of a[..., rows] @ W[rows] (each piece dequantized right before its product)."""
+        N, K = qw.shape
+        pieces = -(-N * K * 4 // ROWS_BYTES)
+        step = -(-N // pieces)
+        ax = self._const("q.axis_last", np.array([-1], np.int64))
+        nodes, parts = [], []
+        for start in range(0, N, step):
+            stop = min(N, start + step)
+            a_p, w_p, y_p = self._tmp(out), self._tmp(out), self._tmp(out)
+            nodes.append(helper.make_node("Slice", [a, self._const(f"q.at{start}", np.array([start], np.int64)),
+                                                    self._const(f"q.at{stop}", np.array([stop], np.int64)), ax],
+                                          [a_p], name=self._tmp(qw.name)))
+            nodes += self.dequantize(qw, w_p, rows=(start, stop))
+            nodes.append(helper.make_node("MatMul", [a_p, w_p], [y_p], name=self._tmp(qw.name)))
+            parts.append(y_p)
+        nodes.append(helper.make_node("Sum", parts, [out], name=self._tmp(qw.name)))
+        return nodes
+
+    def dequantize(self, qw: QWeight, out: str, rows: tuple[int, int] | None = None) -> list:
+        """out = W (float32 [N, K]) for one consumer: DequantizeLinear over a view of the same bytes (rows
+        (start, stop): only those rows, from their row-piece aliases)."""
+        n, (N, K) = self._rows_of(qw, rows), qw.shape
+        if rows is not None:
+            N = rows[1] - rows[0]
         nb = K // qw.block
         if qw.bits == 8:
             self._use(n["view"], n["scale"], n["zero8"])
@@ -242,7 +289,8 @@ def _is_linear(nd, w: str) -> str | None:
 def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
           ids_names: tuple[str, ...] = ("input_ids", "x_ids")) -> dict:
     """Rewrite every use of the named float initializers (in place). Returns {stored tensor name: array}
-    of what the graph now references (quantized tensors, views, constants) and a count of each kind of use."""
+    of what the graph now references (quantized tensors, views, constants, row pieces), a count of each kind of
+    use, and the row pieces' aliases {name: (stored tensor, first byte, bytes)} for the tensor table."""
     rw = _Rewriter(accuracy_level)
     counts = {"matmul_nbits": 0, "gather": 0, "dequantize": 0}
     nodes = []
@@ -257,6 +305,12 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
         if x is not None:
             nodes += rw.matmul(qw, x, nd.output[0])
             counts["matmul_nbits"] += 1
+            continue
+        N, K = qw.shape
+        if len(ws) == 1 and nd.op_type == "MatMul" and nd.domain in ("", "ai.onnx") and nd.input[1] == w \
+                and nd.input[0] != w and N * K * 4 > ROWS_BYTES:
+            nodes += rw.contract_rows(qw, nd.input[0], nd.output[0])
+            counts["dequantize_rows"] = counts.get("dequantize_rows", 0) + 1
             continue
         if len(ws) == 1 and nd.op_type == "Gather" and nd.input[0] == w and _attrs(nd).get("axis", 0) == 0 \
                 and nd.input[1] in ids_names:
@@ -298,7 +352,29 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
             else:
                 t = numpy_helper.from_array(packed.reshape(qw.shape), view)
             graph.initializer.append(t)
-    return {"stored": stored, "counts": counts}
+    row_aliases: dict[str, tuple[str, int, int]] = {}
+    parents = {k: (qw, kind) for qw in qweights.values() for kind, k in qw.names.items()}
+    whole_of: dict[str, dict[str, np.ndarray]] = {}
+    for name, (parent, start, stop) in rw.rows.items():
+        qw, kind = parents[parent]
+        if qw.name not in whole_of:
+            whole_of[qw.name] = qw.stored()
+        whole = whole_of[qw.name][parent]
+        per_row = whole.nbytes // qw.shape[0]
+        piece = whole[start:stop]
+        stored[name] = piece
+        row_aliases[name] = (parent, start * per_row, (stop - start) * per_row)
+        if kind == "q" and qw.bits == 4:       # the view's piece: uint4 [rows, K] over the packed bytes
+            t = TensorProto()
+            t.name, t.data_type = name, TensorProto.UINT4
+            t.dims.extend([stop - start, qw.shape[1]])
+            t.raw_data = np.ascontiguousarray(piece).tobytes()
+        elif kind == "q":
+            t = numpy_helper.from_array(np.ascontiguousarray(piece).reshape(stop - start, qw.shape[1]), name)
+        else:
+            t = numpy_helper.from_array(np.ascontiguousarray(piece), name)
+        graph.initializer.append(t)
+    return {"stored": stored, "counts": counts, "row_aliases": row_aliases}
 
 
 def kernel_tensors(qweights: dict[str, QWeight]) -> set[str]:

@@ -30,27 +30,29 @@ def prefill_feeds(model, ids: list[int], adapters: dict, logits_to_keep: int, pa
     return feeds
 
 
-def hidden_states(model, ids: list[int], adapters: dict) -> np.ndarray:
+def hidden_states(model, ids: list[int], adapters: dict, run_options=None) -> np.ndarray:
     """decoder.onnx on ids at positions 0..T-1, empty past: hidden_states [S, T, H]."""
-    return model.decoder.run([F.HIDDEN_STATES], prefill_feeds(model, ids, adapters, 1))[0]
+    return model.decoder.run([F.HIDDEN_STATES], prefill_feeds(model, ids, adapters, 1), run_options)[0]
 
 
-def hidden_states_after(model, context: list[int], ids: list[int], adapters: dict) -> np.ndarray:
+def hidden_states_after(model, context: list[int], ids: list[int], adapters: dict,
+                        run_options=None) -> np.ndarray:
     """hidden_states [S, len(ids), H] of ids read after context (positions 0..len(context)+len(ids)-1), the
     context passed through the KV cache first: the same values as hidden_states(context + ids)[:, len(context):]
     up to float rounding, without the context's states and its [T, T] attention at full length (the teacher
     pass's memory: a second decoder call instead of one over X.Y)."""
     if not context:
-        return hidden_states(model, ids, adapters)
+        return hidden_states(model, ids, adapters, run_options)
     past = dict(zip(model.past_names,
-                    model.decoder.run(model.present_names, prefill_feeds(model, context, adapters, 1))))
+                    model.decoder.run(model.present_names, prefill_feeds(model, context, adapters, 1),
+                                      run_options)))
     feeds = prefill_feeds(model, ids, adapters, 1, past=past, start=len(context))
-    return model.decoder.run([F.HIDDEN_STATES], feeds)[0]
+    return model.decoder.run([F.HIDDEN_STATES], feeds, run_options)[0]
 
 
-def all_logits(model, ids: list[int], adapters: dict) -> np.ndarray:
+def all_logits(model, ids: list[int], adapters: dict, run_options=None) -> np.ndarray:
     """Logits [T, V] at every position of ids (positions 0..T-1)."""
-    return model.decoder.run([F.LOGITS], prefill_feeds(model, ids, adapters, 0))[0][0]
+    return model.decoder.run([F.LOGITS], prefill_feeds(model, ids, adapters, 0), run_options)[0][0]
 
 
 def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
@@ -66,10 +68,25 @@ def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
     return total
 
 
-def next_token_loss(model, ids: list[int], adapters: dict) -> float:
+# the most fp32 bytes of logits one decoder call of next_token_loss returns: [rows, V] with rows = this / (4 V)
+# (SmolLM2: 170 rows; Gemma-3-270M: 32 rows instead of X's 512 at once, 537 MB)
+LOGITS_BYTES = 32 << 20
+
+
+def next_token_loss(model, ids: list[int], adapters: dict, run_options=None, rows: int | None = None) -> float:
     """Mean next-token cross-entropy of ids alone (positions 0..T-1), as absorber.sync.next_token_loss: the
-    logits at t score ids[t+1]."""
-    return summed_nll(all_logits(model, ids, adapters)[:-1], ids[1:]) / (len(ids) - 1)
+    logits at t score ids[t+1]. The positions run in pieces of `rows` (default: LOGITS_BYTES of logits), each
+    piece after the ones before it through the KV cache, so that no [T, V] logits exist at once (the same
+    values up to float rounding)."""
+    rows = rows or max(1, LOGITS_BYTES // (4 * model.bundle.vocab))
+    total, past = 0.0, None
+    for a in range(0, len(ids) - 1, rows):       # logits at a..b-1 score ids[a+1..b]
+        b = min(len(ids) - 1, a + rows)
+        outs = model.decoder.run([F.LOGITS] + model.present_names,
+                                 prefill_feeds(model, ids[a:b], adapters, 0, past=past, start=a), run_options)
+        total += summed_nll(outs[0][0], ids[a + 1:b + 1])
+        past = dict(zip(model.past_names, outs[1:]))
+    return total / (len(ids) - 1)
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:

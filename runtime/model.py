@@ -23,7 +23,7 @@ from absorber.devices import default_profile
 from absorber.devices.planner import parse_size, plan, predict
 from absorber.runtime.bundle import open_bundle
 from absorber.runtime.optim import Scratch
-from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile
+from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile, shrink_options
 
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
 RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
@@ -61,6 +61,8 @@ class Model:
         # stream of this model (rounds take turns under scratch.lock); a stream keeps params and moments
         self.scratch = Scratch(sum(int(np.prod(s.shape)) for s in self.adapter_specs))
         self.grad_values = None    # OrtValues over scratch.grads, made on first use
+        # the round's decoder passes give the arena's free regions back when they end (sessions.shrink_options)
+        self.round_run_options = shrink_options(profile, device)
 
     # ------------------------------------------------------------------ open
     @classmethod

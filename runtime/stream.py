@@ -314,14 +314,15 @@ class Stream:
         """The final loss evaluation (forward only): the decoder's hidden states vs the teacher's, plus the
         next-token term on X when the bundle's train step has one."""
         k = self.loss_skip
-        d = G.hidden_states(self.model, y, self.param_views)[:, k:] - teacher[:, k:]
+        ro = self.model.round_run_options
+        d = G.hidden_states(self.model, y, self.param_views, ro)[:, k:] - teacher[:, k:]
         if self.loss_kind == "l1":
             np.abs(d, out=d)
         else:
             np.multiply(d, d, out=d)
         loss = float(d.mean(dtype=np.float32))
         if self.ntp_weight > 0:
-            loss += self.ntp_weight * G.next_token_loss(self.model, x, self.param_views)
+            loss += self.ntp_weight * G.next_token_loss(self.model, x, self.param_views, ro)
         return loss
 
     def _before_round(self) -> None:
@@ -342,11 +343,12 @@ class Stream:
         """The target at y's positions, as absorber.sync.teacher: the base (or current) model on x·y, plus for
         teacher="compose" gamma x (h_current(y) - h_base(y)) on y alone."""
         cfg = self.cfg
+        ro = self.model.round_run_options
         feeds = self.param_views if cfg.teacher == "current" else self._base_feeds
-        teacher = G.hidden_states_after(self.model, x, y, feeds)
+        teacher = G.hidden_states_after(self.model, x, y, feeds, ro)
         if cfg.teacher == "compose":
-            own = G.hidden_states(self.model, y, self.param_views)
-            own -= G.hidden_states(self.model, y, self._base_feeds)
+            own = G.hidden_states(self.model, y, self.param_views, ro)
+            own -= G.hidden_states(self.model, y, self._base_feeds, ro)
             own *= np.float32(cfg.gamma)
             teacher += own
         return teacher
@@ -371,8 +373,8 @@ class Stream:
         for step in range(cfg.k + 1):
             if self.step_hook is not None:
                 self.step_hook()
-            if step < cfg.k:
-                self.train.run_with_iobinding(io)
+            if step < cfg.k:       # the last step gives the arena back before the final loss evaluation
+                self.train.run_with_iobinding(io, self.model.round_run_options if step == cfg.k - 1 else None)
                 lv = float(self._loss_buf)
             else:
                 lv = self._eval_loss(x, y, teacher)

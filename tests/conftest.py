@@ -46,9 +46,16 @@ def tiny_bundles(tmp_path_factory) -> dict:
             root = root or tmp_path_factory.mktemp("bundles")
             missing[quant] = root / ("tiny" if quant == "fp32" else f"tiny-{quant}")
     if missing:
-        from absorber.export import export_bundles
+        from absorber.export import export_bundles, quant as Q
         from absorber.models import tiny_llama, tiny_tokenizer
-        outs = export_bundles(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), missing, cfg=TINY_BUNDLE_CFG)
+        # the tiny head [512, 64] is 128 KB in fp32: pieces of 48 KB make the next-token term's softmax @ W_head
+        # run in 3 uneven row pieces (171/171/170 rows) as a real head does (SmolLM2's: 8 of 16 MiB), so every
+        # parity test of the quantized bundles covers the row-piece rewrite
+        rows_bytes, Q.ROWS_BYTES = Q.ROWS_BYTES, 48 << 10
+        try:
+            outs = export_bundles(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), missing, cfg=TINY_BUNDLE_CFG)
+        finally:
+            Q.ROWS_BYTES = rows_bytes
         found.update({q: Path(p) for q, p in outs.items()})
     return found
 

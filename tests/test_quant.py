@@ -210,7 +210,7 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
         floats = [t for t in g.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]
         assert not quantized & {t.name for t in g.initializer}
         for t in floats:
-            assert t.name in small or t.name.startswith("blocksum."), t.name
+            assert t.name.split(".rows")[0] in small or t.name.startswith("blocksum."), t.name
             if t.name in small:                     # [N, K/32] beside the packed [N, K/32, blob]
                 base = next(n for n in quantized if t.name.startswith(n + "."))
                 packed = next(s for s in b.stored_tensors if s.name == f"{base}.q{man['bits'][base]}")
@@ -230,15 +230,48 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
             clones = sum(1 for nd in g.node if nd.op_type == "MatMulNBits" and SUFFIX in nd.name)
             assert b.recompute and 0 < clones <= 2 * layers
             assert ops.count("MatMulNBits") - clones == 2 * layers + HEAD_CHUNKS
-            # dX of the backward, and softmax @ W of each piece (the head in the other orientation)
-            assert 0 < ops.count("DequantizeLinear") <= 2 * layers + HEAD_CHUNKS
+            # dX of the backward, and softmax @ W of each piece of X (the head in the other orientation), the
+            # head in its 3 row pieces (test_large_contractions_dequantize_in_row_pieces)
+            assert 0 < ops.count("DequantizeLinear") <= 2 * layers + 3 * HEAD_CHUNKS
     kinds = {t.name: t for t in b.stored_tensors}
     for n in quantized:
         q = kinds[f"{n}.q{man['bits'][n]}"]
         assert q.kernel and q.dtype == "uint8"
     # the backward's [N, K] views reuse the packed bytes: no second copy in weights.bin
-    views = [t for t in b.stored_tensors if t.alias_of]
+    views = [t for t in b.stored_tensors if t.alias_of and ".rows" not in t.name]
     assert views and all(kinds[v.alias_of].offset == v.offset for v in views)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_large_contractions_dequantize_in_row_pieces(tiny_bundles, quant):
+    """softmax @ W_head (the next-token term's gradient at h, contracted over the head's rows) dequantizes the
+    head one row piece at a time (quant.ROWS_BYTES; the tiny bundles are exported with 48 KB pieces, so the
+    128 KB head takes 3): each piece's tensors alias a span of the stored bytes, the spans tile the whole, no
+    DequantizeLinear reads the whole head, and weights.bin holds no second copy. The parity tests of the
+    quantized bundles (test_runtime: rounds and the next-token term against torch) run through these pieces."""
+    from absorber.bundle_format import read_manifest
+    b = read_manifest(tiny_bundles[quant])
+    man = b.manifest
+    assert man["quant"]["uses"]["train_step.dequantize_rows"] == man["loss"]["head_chunks"]
+    assert "decoder.dequantize_rows" not in man["quant"]["uses"]
+    kinds = {t.name: t for t in b.stored_tensors}
+    pieces = [t for t in b.stored_tensors if ".rows" in t.name]
+    head = "lm_head.weight"
+    bits = man["quant"]["bits"][head]
+    parts = {"q": f"{head}.q{bits}", "scale": f"{head}.scale", ("zp" if bits == 8 else "min"):
+             f"{head}.zp" if bits == 8 else f"{head}.min"}
+    assert {t.alias_of for t in pieces} == set(parts.values())
+    for parent in parts.values():
+        mine = sorted((t for t in pieces if t.alias_of == parent), key=lambda t: t.offset)
+        whole = kinds[parent]
+        spans = [(t.offset, t.length) for t in mine]
+        assert len(spans) == 3 and spans[0][0] == whole.offset
+        assert all(a[0] + a[1] == c[0] for a, c in zip(spans, spans[1:]))
+        assert spans[-1][0] + spans[-1][1] == whole.offset + whole.length
+    g = _graphs(tiny_bundles[quant])["train_step"].graph
+    whole_view = f"{head}.q{bits}.view"
+    dq = [nd for nd in g.node if nd.op_type == "DequantizeLinear" and nd.input[0].startswith(head)]
+    assert len(dq) == 3 * man["loss"]["head_chunks"] and not any(nd.input[0] == whole_view for nd in dq)
 
 
 def test_runtime_leaves_kernel_tensors_to_onnxruntime_and_shares_the_rest(tiny_bundle_int4):

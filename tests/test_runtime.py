@@ -375,9 +375,9 @@ def test_nan_rollback(bundle):
     calls = {"n": 0}
     before = {}
 
-    def poisoned(io):
+    def poisoned(io, *run_options):
         calls["n"] += 1
-        real(io)
+        real(io, *run_options)
         if calls["n"] == 2:
             before.update(params=s.opt.params.copy(), step=s.opt.step)
         if calls["n"] == 3:
@@ -880,3 +880,57 @@ def test_both_sessions_allocate_from_one_shared_arena(bundle):
         with pytest.raises(RuntimeError, match="use_env_allocators"):    # the entry is not set at all
             sess.get_session_options().get_session_config_entry("session.use_env_allocators")
     assert on.feed_tokens(_ids(CFG.n + CFG.m)) and off.feed_tokens(_ids(CFG.n + CFG.m))
+
+
+def test_round_gives_the_arena_back_between_its_phases(bundle):
+    """With the CPU arena on, the round's decoder passes (teacher, final loss evaluation) and its LAST train step
+    run with the arena-shrinkage run option (sessions.shrink_options), the other steps and answering without it;
+    with the arena off there is nothing to shrink. The round's numbers do not depend on it."""
+    import dataclasses
+
+    from absorber.devices.profiles import get_profile
+    from absorber.runtime import Stream
+    win = {"n": CFG.n, "m": CFG.m, "k": 3}
+    on = Stream.open(bundle, profile="laptop-cpu", config_overrides=win)
+    ro = on.model.round_run_options
+    assert ro is not None and ro.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    seen = {"train": [], "decoder": []}
+    real_train, real_dec, real_dec_io = on.train.run_with_iobinding, on.model.decoder.run, \
+        on.model.decoder.run_with_iobinding
+
+    def train(io, run_options=None):
+        seen["train"].append(run_options)
+        return real_train(io, run_options)
+
+    def dec(names, feeds, run_options=None):
+        seen["decoder"].append(run_options)
+        return real_dec(names, feeds, run_options)
+
+    def dec_io(io, run_options=None):
+        seen["decoder"].append(run_options)
+        return real_dec_io(io, run_options)
+    on.train.run_with_iobinding, on.model.decoder.run, on.model.decoder.run_with_iobinding = train, dec, dec_io
+    (r_on,) = on.feed_tokens(_ids(CFG.n + CFG.m))
+    assert seen["train"] == [None, None, ro]
+    assert seen["decoder"] and all(o is ro for o in seen["decoder"])
+    seen["decoder"].clear()
+    on.ask("a question", max_new_tokens=2)
+    assert seen["decoder"] and not any(seen["decoder"])
+    off = Stream.open(bundle, profile=dataclasses.replace(get_profile("laptop-cpu"), enable_cpu_mem_arena=False),
+                      config_overrides=win)
+    assert off.model.round_run_options is None
+    (r_off,) = off.feed_tokens(_ids(CFG.n + CFG.m))
+    assert (r_on.loss_first, r_on.loss_last) == (r_off.loss_first, r_off.loss_last)
+
+
+def test_next_token_loss_in_pieces_equals_one_pass(bundle):
+    """The final loss evaluation's next-token term runs X in pieces through the KV cache (generate.LOGITS_BYTES:
+    no [n, V] logits at once); uneven pieces give the value of one pass over all the logits."""
+    from absorber.runtime import Stream
+    from absorber.runtime import generate as G
+    s = Stream.open(bundle)
+    ids = _ids(37, seed=3)
+    whole = G.summed_nll(G.all_logits(s.model, ids, s.param_views)[:-1], ids[1:]) / (len(ids) - 1)
+    for rows in (5, 12, 36, 64):
+        assert G.next_token_loss(s.model, ids, s.param_views, rows=rows) == pytest.approx(whole, rel=1e-5)
+    assert G.next_token_loss(s.model, ids, s.param_views) == pytest.approx(whole, rel=1e-5)
