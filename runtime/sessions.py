@@ -175,7 +175,8 @@ def _fixed_mmap_threshold() -> None:
     raises that threshold to the size of each mmap'd block freed (up to 32 MiB), so once the arena gives regions
     back, the next ones come from the heap, which cannot shrink past a live block (measured: +32 MB of RSS per
     stream over 20 rounds, tests/test_runtime.py::test_ten_megabyte_line_is_absorbed_whole). Setting it fixes
-    it. Process-wide, once; nothing on other C libraries (mallopt absent)."""
+    it. Process-wide, once; nothing on other C libraries. ctypes, not a package: no maintained Python binding
+    of mallopt exists, and this is one call."""
     if _MMAP_FIXED:
         return
     _MMAP_FIXED.append(True)
@@ -183,7 +184,7 @@ def _fixed_mmap_threshold() -> None:
         import ctypes
         libc = ctypes.CDLL(None)
         libc.mallopt(ctypes.c_int(-3), ctypes.c_int(_MMAP_THRESHOLD))     # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):     # no glibc (macOS: no mallopt; Windows: no CDLL(None))
         pass
 
 
@@ -197,7 +198,7 @@ def shrink_options(profile, device: str) -> ort.RunOptions | None:
     with them: the arena then gives back what each phase freed before the next one allocates, instead of keeping
     every phase's high-water mark and the holes between them (SmolLM2-135M int4, n=512, m=256: benchmarks/
     planner.md section 00000). The train step's first K-1 runs keep their arena (releasing it every step would
-    page it in again K times); answering keeps it too (one run per token).""" 
+    page it in again K times); answering keeps it too (one run per token)."""
     if device != "cpu" or not getattr(profile, "enable_cpu_mem_arena", True):
         return None
     _fixed_mmap_threshold()
