@@ -269,6 +269,18 @@ class _Rewriter:
                 helper.make_node("Reshape", [w3, self._const(f"q.shape.{N}x{K}", np.array([N, K], np.int64))], [out])]
 
 
+def _view_proto(name: str, packed: np.ndarray, qw: QWeight) -> TensorProto:
+    """Packed rows [rows, K/block, blob] of qw as the [rows, K] tensor DequantizeLinear reads (uint4 or uint8)."""
+    rows, K = packed.shape[0], qw.shape[1]
+    if qw.bits == 8:
+        return numpy_helper.from_array(packed.reshape(rows, K), name)
+    t = TensorProto()
+    t.name, t.data_type = name, TensorProto.UINT4
+    t.dims.extend([rows, K])
+    t.raw_data = packed.tobytes()
+    return t
+
+
 def _attrs(nd) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in nd.attribute}
 
@@ -335,45 +347,27 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
     stored: dict[str, np.ndarray] = {}
     for name, arr in rw.consts.items():
         graph.initializer.append(numpy_helper.from_array(arr, name))
+    whole_of: dict[str, dict[str, np.ndarray]] = {}      # each weight's stored tensors, packed once
     for qw in qweights.values():
-        for k, arr in qw.stored().items():
+        whole_of[qw.name] = qw.stored()
+        for k, arr in whole_of[qw.name].items():
             if k in rw.used:
                 stored[k] = arr
                 graph.initializer.append(numpy_helper.from_array(arr, k))
         view = qw.names["view"]
         if view in rw.used:                     # [N, K] over the packed bytes (the exporter aliases them)
-            packed = qw.packed()
-            stored[view] = packed
-            if qw.bits == 4:
-                t = TensorProto()
-                t.name, t.data_type = view, TensorProto.UINT4
-                t.dims.extend(qw.shape)
-                t.raw_data = packed.tobytes()
-            else:
-                t = numpy_helper.from_array(packed.reshape(qw.shape), view)
-            graph.initializer.append(t)
+            stored[view] = whole_of[qw.name][qw.names["q"]]
+            graph.initializer.append(_view_proto(view, stored[view], qw))
     row_aliases: dict[str, tuple[str, int, int]] = {}
     parents = {k: (qw, kind) for qw in qweights.values() for kind, k in qw.names.items()}
-    whole_of: dict[str, dict[str, np.ndarray]] = {}
     for name, (parent, start, stop) in rw.rows.items():
         qw, kind = parents[parent]
-        if qw.name not in whole_of:
-            whole_of[qw.name] = qw.stored()
         whole = whole_of[qw.name][parent]
         per_row = whole.nbytes // qw.shape[0]
-        piece = whole[start:stop]
+        piece = np.ascontiguousarray(whole[start:stop])
         stored[name] = piece
         row_aliases[name] = (parent, start * per_row, (stop - start) * per_row)
-        if kind == "q" and qw.bits == 4:       # the view's piece: uint4 [rows, K] over the packed bytes
-            t = TensorProto()
-            t.name, t.data_type = name, TensorProto.UINT4
-            t.dims.extend([stop - start, qw.shape[1]])
-            t.raw_data = np.ascontiguousarray(piece).tobytes()
-        elif kind == "q":
-            t = numpy_helper.from_array(np.ascontiguousarray(piece).reshape(stop - start, qw.shape[1]), name)
-        else:
-            t = numpy_helper.from_array(np.ascontiguousarray(piece), name)
-        graph.initializer.append(t)
+        graph.initializer.append(_view_proto(name, piece, qw) if kind == "q" else numpy_helper.from_array(piece, name))
     return {"stored": stored, "counts": counts, "row_aliases": row_aliases}
 
 

@@ -168,6 +168,7 @@ def _use_shared_arena(so, device: str) -> None:
 
 
 _MMAP_THRESHOLD = 1 << 20
+_MMAP_FIXED: list[bool] = []
 
 
 def _fixed_mmap_threshold() -> None:
@@ -186,9 +187,6 @@ def _fixed_mmap_threshold() -> None:
         libc.mallopt(ctypes.c_int(-3), ctypes.c_int(_MMAP_THRESHOLD))     # M_MMAP_THRESHOLD
     except (OSError, AttributeError, TypeError):     # no glibc (macOS: no mallopt; Windows: no CDLL(None))
         pass
-
-
-_MMAP_FIXED: list[bool] = []
 
 
 def shrink_options(profile, device: str) -> ort.RunOptions | None:
