@@ -468,6 +468,12 @@ class Bundle:
         return "recompute" in self.manifest["graphs"]["train_step"]
 
     @property
+    def recompute_sinks_norms(self) -> bool:
+        """The recomputing train step keeps only the residual stream per layer (each norm's x * rsqrt moved into
+        the norm's stage, export/recompute.py `_sink_weight_free`; bundles before 2026-12-05: False)."""
+        return self.manifest["graphs"]["train_step"].get("recompute", {}).get("sunk", 0) > 0
+
+    @property
     def quant_scheme(self) -> str:
         return str(self.manifest["quant"]["scheme"])
 

@@ -67,8 +67,8 @@ COEFFS: dict[str, float] = {
     "kernel_copies_combined": 3.0,    # the same for ONE session over both graphs (combined.onnx), per stored byte
                                       # counted once (fitted on int4/int8 at 512x256: 3.34 / 2.64; planner.md
                                       # section 0000)
-    "c_rc_keep": 1.0,                 # recomputing bundles: kept per layer per token, in H floats (residual, normed
-                                      # input, the loss' slice)
+    "c_rc_keep": 1.0,                 # recomputing bundles: kept per layer per token, in H floats (the residual;
+                                      # bundles before 2026-12-05 also kept the normed input: fitted terms absorb it)
     "c_rc_layers": 1.0,               # ... layers' activations live at once in the backward
     "c_dq_backward": 1.0,             # fp32 [N, K] weights the backward dequantizes live at once, x the largest one
     "c_ntp_logits": 0.0,              # next-token term on X (loss.ntp_weight), fitted in planner.md section 00:
@@ -86,6 +86,9 @@ COEFFS: dict[str, float] = {
     "c_ntp2_rows_fixed": 73 * 2**20,  # ... the head in row pieces (bundles of 2026-12-04 on): a constant instead
                                       # of the whole tables (what c_ntp2_tables held besides them; fitted on 6
                                       # rows, int4/int8 x 128x64..512x256, planner.md section 00000)
+    "c_ntp2_scores_sunk": 0.0,        # bundles that keep only the residual per layer (recompute `sunk`, 2026-12-05
+    "c_ntp2_rows_fixed_sunk": 102 * 2**20,  # on): c_ntp2_scores and c_ntp2_rows_fixed refitted on 6 rows
+                                      # (int4/int8 x 128x64..512x256, planner.md section 000000)
     "c_ntp2_saved": 0.44,             # ... plain (fp32) train step: share of X's saved activations (fitted)
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
     "c_noarena": 1.0,                 # without the arena: one more dequantized table on the fragmented heap
@@ -384,12 +387,13 @@ def predict(bundle: Bundle | dict, n: int, m: int, k: int = 16, *, arena: bool =
         table = head_table_bytes(b, f)        # [V, H], or one row piece of it (bundles of 2026-12-04 on)
         pieces = table < f.V * f.H * F32
         s_ntp = _x_pass_bytes(c, f, n, b.recompute, c["c_ntp2_keep"], c["c_ntp2_saved"])
+        sunk = b.recompute_sinks_norms       # only the residual kept per layer: refitted constants
         if b.recompute:
-            s_ntp += c["c_ntp2_scores"] * f.L * f.nh * n * n * F32
+            s_ntp += c["c_ntp2_scores_sunk" if sunk else "c_ntp2_scores"] * f.L * f.nh * n * n * F32
         s_ntp += c["c_ntp2_pieces"] * piece
         quantized = f.scheme != "fp32" and b.kernel_tensors
         s_ntp += (c["c_ntp2_tables"] if quantized else c["c_ntp2_tables_fp32"]) * table
-        s_ntp += c["c_ntp2_rows_fixed"] if pieces else 0.0
+        s_ntp += c["c_ntp2_rows_fixed_sunk" if sunk else "c_ntp2_rows_fixed"] if pieces else 0.0
     elif b.loss_ntp_weight > 0 and n > 1:
         # bundles of 2026-12-03 (fourth session): the head differentiated whole, weight gradients run last
         logits = (n - 1) * f.V * F32

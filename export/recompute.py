@@ -23,8 +23,9 @@ How:
                    same peak RSS as one stage per layer within 2 %; the next-token term's extra memory is
                    elsewhere, benchmarks/planner.md section 00.)
   boundary       = a forward tensor read by a forward node of a later stage (the residual stream h_i, the
-                   normed input before its weight, the rotary tables, the mask) or by the loss' final stage:
-                   kept, as before.
+                   rotary tables, the mask) or by the loss' final stage: kept, as before. A node that reads no
+                   weight of a layer moves into its consumers' later stage where that shrinks what crosses
+                   (`_sink_weight_free`: each norm's x * rsqrt, whose [T, H] output was kept beside x).
   saved          = a forward tensor of stage s read by the backward and not a boundary: its producer and the
                    producer's in-stage ancestors are cloned (memoized per stage) and the backward reads the clone.
   order          = the clones of stage s read their float boundary inputs through `x + 0 * sum(Shape(g))`,
@@ -53,6 +54,7 @@ never cloned: cloning a constant-foldable node would give ONNX Runtime a second 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections import defaultdict
 
@@ -115,6 +117,11 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
             s = max([_layer_of(x) for x in n.input if x and x not in producer] + [-1])
             s = max([s] + [stage[producer[x]][0] for x in n.input if x in producer and producer[x] in stage])
             stage[i] = (s, passes.get(n.output[0], "") if n.output else "")
+    infos = list(g.value_info) + list(g.input) + list(g.output)
+    elem = {v.name: v.type.tensor_type.elem_type for v in infos}
+    symbolic = {v.name for v in infos if any(d.dim_param for d in v.type.tensor_type.shape.dim)}
+    dims = _dims(infos)
+    sunk = _sink_weight_free(nodes, forward, stage, producer, consumers, data, elem, dims)
     top = max(s for s, _ in stage.values())
 
     def tensor_stage(t: str) -> tuple[int, str]:
@@ -136,6 +143,8 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
         reads_head = any(x in from_head for x in n.input) and any(x in data for x in n.input)
         if reads_head or any(x in after_head and tensor_stage(x) == stage[i] for x in n.input):
             after_head.update(o for o in n.output if o)
+    # floats per token of the length-dependent tensors kept across stages (the residual stream: H per layer and pass)
+    kept_per_token = sum(_per_token(dims, t) for t in boundary if elem.get(t) == TensorProto.FLOAT)
     boundary |= after_head
     # saved activations: forward, data-dependent, read by a backward node
     saved: dict[str, list[int]] = {}
@@ -161,10 +170,6 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
             if name not in used:
                 used.add(name)
                 return name
-
-    infos = list(g.value_info) + list(g.input) + list(g.output)
-    elem = {v.name: v.type.tensor_type.elem_type for v in infos}
-    symbolic = {v.name for v in infos if any(d.dim_param for d in v.type.tensor_type.shape.dim)}
 
     def dynamic(x: str) -> bool:
         """a value whose shape depends on the input length: its Shape is never constant-folded"""
@@ -283,8 +288,75 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
     del g.node[:]
     g.node.extend(_topological(order, {x.name for x in g.input} | {t.name for t in g.initializer}))
     return {"stages": top + 1, "saved_recomputed": len(saved), "cloned_nodes": sum(len(v) for v in new_nodes.values()),
-            "boundary_kept": len(boundary), "head_kept": len(after_head),
+            "boundary_kept": len(boundary), "head_kept": len(after_head), "sunk": sunk, "kept_floats_per_token": kept_per_token,
             "gates_after_grads": ordered_after_grads, "gates": barrier_count, "rewired": rewired}
+
+
+_SEQ = 1 << 10      # a length-dependent dimension, in _sink_weight_free's size comparison
+
+
+def _dims(infos: list) -> dict[str, list[int | None]]:
+    """Each value's dimensions (None: a symbolic one, the step's length)."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in infos if v.type.tensor_type.HasField("shape")}
+
+
+def _per_token(dims: dict, t: str) -> int:
+    """Elements of t per unit of its symbolic dimension (0: t has none, or no known shape)."""
+    d = dims.get(t)
+    if not d or None not in d:
+        return 0
+    return math.prod(x for x in d if x is not None)
+
+
+def _sink_weight_free(nodes: list, forward: set[int], stage: dict, producer: dict[str, int],
+                      consumers: dict[str, list[int]], data: set[str], elem: dict, dims: dict) -> int:
+    """Move forward nodes that read no layer weight into their consumers' stage where that shrinks what is kept.
+
+    A node's stage is the largest layer among what it reads, so the start of each RMSNorm, x * rsqrt(mean(x^2) +
+    eps), falls in the stage of the layer BELOW the norm's weight: its [T, H] output crossed into the next stage
+    and was kept for the whole backward beside the residual stream it was computed from (every layer's normed
+    input, for X and for Y). Here (reverse topological order) a node without a layer weight whose forward
+    consumers are all in one later stage s (same pass) moves into s when the data it then reads across stages
+    (inputs not already read in s or later) is smaller than its outputs: the norm's Mul(x, rsqrt) moves, and
+    only the [T, 1] rsqrt crosses beside x, which the residual add reads in s anyway. The residual adds do not
+    move (two [T, H] inputs for one output). Only what is kept or cloned changes, never a value. Returns how
+    many nodes moved."""
+    def size(t: str) -> int | None:
+        if t not in dims:
+            return None
+        n = 1
+        for d in dims[t]:
+            n *= _SEQ if d is None else d
+        return n
+    moved = 0
+    for i in sorted(forward, reverse=True):
+        n = nodes[i]
+        if i not in stage or not any(x in data for x in n.input):
+            continue
+        if any(_layer_of(x) >= 0 for x in n.input if x and x not in producer):
+            continue
+        s, p = stage[i]
+        outs = [o for o in n.output if o]
+        if any(elem.get(o) != TensorProto.FLOAT for o in outs):      # activations only, not shape arithmetic
+            continue
+        fc = [c for o in outs for c in consumers.get(o, []) if c in forward]
+        if not fc or any(stage[c][1] != p for c in fc):
+            continue
+        t = min(stage[c][0] for c in fc)
+        if t <= s:
+            continue
+        removed = [size(o) for o in outs]
+        added = []
+        for x in dict.fromkeys(x for x in n.input if x in data and x in producer and producer[x] in forward):
+            if stage[producer[x]][0] < t and not any(c != i and c in forward and stage[c][0] >= t
+                                                     for c in consumers.get(x, [])):
+                added.append(size(x))
+        if None in removed or None in added or sum(added) >= sum(removed):
+            continue
+        stage[i] = (t, p)
+        moved += 1
+    return moved
 
 
 def _topological(order: list[onnx.NodeProto], given: set[str]) -> list[onnx.NodeProto]:

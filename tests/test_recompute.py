@@ -187,3 +187,24 @@ def test_head_chunks_recorded_only_where_the_head_is_in_pieces():
     assert loss_entry(cfg, [1], HEAD_CHUNKS)["head_chunks"] == HEAD_CHUNKS
     assert "head_chunks" not in loss_entry(cfg, [1], 0)
     assert "head_chunks" not in loss_entry(AbsorberConfig(ntp_weight=0.0), [1], HEAD_CHUNKS)
+
+
+def test_each_norm_input_is_recomputed_not_kept(pairs, monkeypatch):
+    """The start of a layer's RMSNorm (x * rsqrt(mean(x^2) + eps)) reads no weight of the layer, so it fell in the
+    stage below and its [T, H] output was kept for the whole backward beside the residual stream x. Moved into
+    the norm's stage, only the [T, 1] rsqrt crosses: one hidden vector per token fewer per layer and pass."""
+    from absorber.export import recompute as R
+    from absorber.export.bundle import head_tensors
+    head = head_tensors(pairs["head"])
+    plain, _ = pairs["int4"]
+    hidden = int(json.loads((plain / "manifest.json").read_text())["model"]["hidden"])
+    graph = onnx.load(str(plain / "train_step.onnx"), load_external_data=False)
+    a, b = onnx.ModelProto(), onnx.ModelProto()
+    a.CopyFrom(graph)
+    b.CopyFrom(graph)
+    moved = R.recompute_layers(a, head)
+    monkeypatch.setattr(R, "_sink_weight_free", lambda *args: 0)
+    kept = R.recompute_layers(b, head)
+    # both passes (X for the next-token term, Y) of every layer: one norm input each
+    assert moved["sunk"] == 2 * moved["stages"]
+    assert kept["kept_floats_per_token"] - moved["kept_floats_per_token"] == moved["sunk"] * (hidden - 1)
