@@ -288,7 +288,8 @@ def recompute_layers(mp: onnx.ModelProto, keep_reading: frozenset[str] | set[str
     del g.node[:]
     g.node.extend(_topological(order, {x.name for x in g.input} | {t.name for t in g.initializer}))
     return {"stages": top + 1, "saved_recomputed": len(saved), "cloned_nodes": sum(len(v) for v in new_nodes.values()),
-            "boundary_kept": len(boundary), "head_kept": len(after_head), "sunk": sunk, "kept_floats_per_token": kept_per_token,
+            "boundary_kept": len(boundary), "head_kept": len(after_head), "sunk": sunk,
+            "kept_floats_per_token": kept_per_token,
             "gates_after_grads": ordered_after_grads, "gates": barrier_count, "rewired": rewired}
 
 
@@ -316,11 +317,13 @@ def _sink_weight_free(nodes: list, forward: set[int], stage: dict, producer: dic
     A node's stage is the largest layer among what it reads, so the start of each RMSNorm, x * rsqrt(mean(x^2) +
     eps), falls in the stage of the layer BELOW the norm's weight: its [T, H] output crossed into the next stage
     and was kept for the whole backward beside the residual stream it was computed from (every layer's normed
-    input, for X and for Y). Here (reverse topological order) a node without a layer weight whose forward
-    consumers are all in one later stage s (same pass) moves into s when the data it then reads across stages
-    (inputs not already read in s or later) is smaller than its outputs: the norm's Mul(x, rsqrt) moves, and
-    only the [T, 1] rsqrt crosses beside x, which the residual add reads in s anyway. The residual adds do not
-    move (two [T, H] inputs for one output). Only what is kept or cloned changes, never a value. Returns how
+    input, for X and for Y); so did each loss layer's slice of the teacher_hidden input (stage -1). Here, in
+    reverse topological order, a node without a layer weight whose forward consumers are all in one later stage
+    s (same pass) moves into s together with the producers in its stage that feed only it (the norm's Pow ->
+    ReduceMean -> Add -> Sqrt -> Reciprocal behind its Mul, the Gather behind a Slice of an input) when the data
+    they then read across stages (inputs not already read in s or later) is smaller than what the node writes:
+    the norm reads x, which the residual add reads in s anyway, and the slice reads a graph input. A residual
+    add stays (two [T, H] inputs for one output). Only what is kept or cloned changes, never a value. Returns how
     many nodes moved."""
     def size(t: str) -> int | None:
         if t not in dims:
@@ -329,33 +332,50 @@ def _sink_weight_free(nodes: list, forward: set[int], stage: dict, producer: dic
         for d in dims[t]:
             n *= _SEQ if d is None else d
         return n
+    def movable(i: int) -> bool:
+        """a forward, data-dependent node that reads no layer weight and writes float activations"""
+        n = nodes[i]
+        return (i in forward and i in stage and any(x in data for x in n.input)
+                and not any(_layer_of(x) >= 0 for x in n.input if x and x not in producer)
+                and all(elem.get(o) == TensorProto.FLOAT for o in n.output if o))
+
     moved = 0
     for i in sorted(forward, reverse=True):
-        n = nodes[i]
-        if i not in stage or not any(x in data for x in n.input):
-            continue
-        if any(_layer_of(x) >= 0 for x in n.input if x and x not in producer):
+        if not movable(i):
             continue
         s, p = stage[i]
-        outs = [o for o in n.output if o]
-        if any(elem.get(o) != TensorProto.FLOAT for o in outs):      # activations only, not shape arithmetic
-            continue
+        outs = [o for o in nodes[i].output if o]
         fc = [c for o in outs for c in consumers.get(o, []) if c in forward]
         if not fc or any(stage[c][1] != p for c in fc):
             continue
         t = min(stage[c][0] for c in fc)
         if t <= s:
             continue
+        # the node and the movable producers in its stage that feed only it (transitively): the norm's
+        # Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal behind its Mul, the Gather behind a Slice of an input
+        chain, todo = {i}, [i]
+        while todo:
+            for x in nodes[todo.pop()].input:
+                q = producer.get(x)
+                if q is None or q in chain or not movable(q) or stage[q] != (s, p):
+                    continue
+                if all(c in chain for o in nodes[q].output if o for c in consumers.get(o, []) if c in forward):
+                    chain.add(q)
+                    todo.append(q)
         removed = [size(o) for o in outs]
         added = []
-        for x in dict.fromkeys(x for x in n.input if x in data and x in producer and producer[x] in forward):
-            if stage[producer[x]][0] < t and not any(c != i and c in forward and stage[c][0] >= t
-                                                     for c in consumers.get(x, [])):
+        for x in dict.fromkeys(x for j in chain for x in nodes[j].input):
+            q = producer.get(x)
+            if x not in data or q is None or q not in forward or q in chain:
+                continue
+            if stage[q][0] < t and not any(c not in chain and c in forward and stage[c][0] >= t
+                                           for c in consumers.get(x, [])):
                 added.append(size(x))
         if None in removed or None in added or sum(added) >= sum(removed):
             continue
-        stage[i] = (t, p)
-        moved += 1
+        for j in chain:
+            stage[j] = (t, p)
+        moved += len(chain)
     return moved
 
 

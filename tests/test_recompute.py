@@ -191,13 +191,15 @@ def test_head_chunks_recorded_only_where_the_head_is_in_pieces():
 
 def test_each_norm_input_is_recomputed_not_kept(pairs, monkeypatch):
     """The start of a layer's RMSNorm (x * rsqrt(mean(x^2) + eps)) reads no weight of the layer, so it fell in the
-    stage below and its [T, H] output was kept for the whole backward beside the residual stream x. Moved into
-    the norm's stage, only the [T, 1] rsqrt crosses: one hidden vector per token fewer per layer and pass."""
+    stage below and its [T, H] output was kept for the whole backward beside the residual stream x; so did each
+    loss layer's slice of the teacher_hidden input. Moved into the stage that reads them, neither is kept: one
+    hidden vector per token fewer per layer and pass, and one per loss layer."""
     from absorber.export import recompute as R
     from absorber.export.bundle import head_tensors
     head = head_tensors(pairs["head"])
     plain, _ = pairs["int4"]
-    hidden = int(json.loads((plain / "manifest.json").read_text())["model"]["hidden"])
+    manifest = json.loads((plain / "manifest.json").read_text())
+    hidden, loss_layers = int(manifest["model"]["hidden"]), len(manifest["loss"]["layers"])
     graph = onnx.load(str(plain / "train_step.onnx"), load_external_data=False)
     a, b = onnx.ModelProto(), onnx.ModelProto()
     a.CopyFrom(graph)
@@ -205,6 +207,8 @@ def test_each_norm_input_is_recomputed_not_kept(pairs, monkeypatch):
     moved = R.recompute_layers(a, head)
     monkeypatch.setattr(R, "_sink_weight_free", lambda *args: 0)
     kept = R.recompute_layers(b, head)
-    # both passes (X for the next-token term, Y) of every layer: one norm input each
-    assert moved["sunk"] == 2 * moved["stages"]
-    assert kept["kept_floats_per_token"] - moved["kept_floats_per_token"] == moved["sunk"] * (hidden - 1)
+    # both passes (X for the next-token term, Y) of every layer: one norm input each; Y: one teacher slice per
+    # loss layer
+    assert moved["sunk"] > 0 and kept["sunk"] == 0
+    assert (kept["kept_floats_per_token"] - moved["kept_floats_per_token"]
+            == hidden * (2 * moved["stages"] + loss_layers))
