@@ -25,7 +25,8 @@ How:
   boundary       = a forward tensor read by a forward node of a later stage (the residual stream h_i, the
                    rotary tables, the mask) or by the loss' final stage: kept, as before. A node that reads no
                    weight of a layer moves into its consumers' later stage where that shrinks what crosses
-                   (`_sink_weight_free`: each norm's x * rsqrt, whose [T, H] output was kept beside x).
+                   (`_sink_weight_free`: each norm's x * rsqrt, whose [T, H] output was kept beside x, and
+                   each loss layer's slice of the teacher_hidden input).
   saved          = a forward tensor of stage s read by the backward and not a boundary: its producer and the
                    producer's in-stage ancestors are cloned (memoized per stage) and the backward reads the clone.
   order          = the clones of stage s read their float boundary inputs through `x + 0 * sum(Shape(g))`,
@@ -332,6 +333,7 @@ def _sink_weight_free(nodes: list, forward: set[int], stage: dict, producer: dic
         for d in dims[t]:
             n *= _SEQ if d is None else d
         return n
+
     def movable(i: int) -> bool:
         """a forward, data-dependent node that reads no layer weight and writes float activations"""
         n = nodes[i]
