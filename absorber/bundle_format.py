@@ -88,6 +88,11 @@ def rows_name(stored: str, start: int, stop: int) -> str:
     return f"{stored}.rows{start}-{stop}"
 
 
+def is_view_rows(name: str) -> bool:
+    """name is a row piece (rows_name) of a quantized weight's [N, K] view (quant_names "view")."""
+    return re.search(r"\.view\.rows\d+-\d+$", name) is not None
+
+
 def required_io(graph: str, num_layers: int, adapters: list[str], ntp: bool = False) -> tuple[set[str], set[str]]:
     """(inputs, outputs) that the runtime needs from a graph, whatever the manifest says. ntp: the train step
     carries the next-token term on X (manifest loss.ntp_weight > 0) and so takes X's ids."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from absorber.bundle_format import Bundle, read_manifest
+from absorber.bundle_format import Bundle, is_view_rows, read_manifest
 from absorber.errors import AbsorberError
 
 F32 = 4
@@ -51,7 +51,8 @@ COEFFS: dict[str, float] = {
     "baseline_bytes": 110 * 2**20,    # python + numpy + onnxruntime + tokenizers + runtime (fitted, planner.md section 0)
     "baseline_per_layer": 2.4 * 2**20,  # both sessions' graphs, per decoder layer (measured: 4 vs 30 layers)
     "weight_copies": 1.0,             # resident copies of the frozen weights (see module doc)
-    "adapter_copies": 7.0,            # params, grads, AdamW m and v, the rollback backup of all three (the update's temporaries are 4 MB pieces)
+    "adapter_copies": 7.0,            # params, grads, AdamW m and v, the rollback backup of all three (the
+                                      # update's temporaries are 4 MB pieces)
     "c_out_copies": 2.0,              # graph outputs: the ORT buffer and the numpy array handed to Python
     "c_scores": 1.1,                  # attention scores + softmax probabilities of one layer live at once
     "c_tok": 4.0,                     # per-token working set of one layer, in units of (H + I) floats
@@ -292,7 +293,7 @@ def head_table_bytes(bundle: Bundle, f: ModelFacts) -> float:
     """fp32 bytes of the head dequantized at once for the next-token term's softmax @ W: the whole [V, H] table,
     or the largest row piece where the exporter dequantizes it in pieces (export/quant.py, ROWS_BYTES: the
     pieces of the view are stored tensors `<view>.rows<a>-<b>`, aliases of the packed bytes)."""
-    rows = [t.shape[0] for t in bundle.stored_tensors if ".view.rows" in t.name and len(t.shape) == 2]
+    rows = [t.shape[0] for t in bundle.stored_tensors if is_view_rows(t.name) and len(t.shape) == 2]
     return float((max(rows) if rows else f.V) * f.H * F32)
 
 

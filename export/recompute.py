@@ -327,17 +327,12 @@ def _sink_weight_free(nodes: list, forward: set[int], stage: dict, producer: dic
     add stays (two [T, H] inputs for one output). Only what is kept or cloned changes, never a value. Returns how
     many nodes moved."""
     def size(t: str) -> int | None:
-        if t not in dims:
-            return None
-        n = 1
-        for d in dims[t]:
-            n *= _SEQ if d is None else d
-        return n
+        return math.prod(_SEQ if d is None else d for d in dims[t]) if t in dims else None
 
     def movable(i: int) -> bool:
         """a forward, data-dependent node that reads no layer weight and writes float activations"""
         n = nodes[i]
-        return (i in forward and i in stage and any(x in data for x in n.input)
+        return (i in forward and any(x in data for x in n.input)
                 and not any(_layer_of(x) >= 0 for x in n.input if x and x not in producer)
                 and all(elem.get(o) == TensorProto.FLOAT for o in n.output if o))
 

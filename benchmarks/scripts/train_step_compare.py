@@ -22,8 +22,10 @@ for b in sys.argv[1:3]:
     for k in ad:
         if k.endswith("lora_B"): ad[k] = (rng.standard_normal(ad[k].shape) * 0.01).astype(np.float32)
     H = man["model"]["hidden"]; S = len(man["loss"]["layers"])
-    feeds = {"input_ids": rng.integers(0, 5000, (1, m)).astype(np.int64), "position_ids": np.arange(m)[None].astype(np.int64),
-             "teacher_hidden": rng.standard_normal((S, m, H)).astype(np.float32), "x_ids": rng.integers(0, 5000, (1, n)).astype(np.int64)}
+    feeds = {"input_ids": rng.integers(0, 5000, (1, m)).astype(np.int64),
+             "position_ids": np.arange(m)[None].astype(np.int64),
+             "teacher_hidden": rng.standard_normal((S, m, H)).astype(np.float32),
+             "x_ids": rng.integers(0, 5000, (1, n)).astype(np.int64)}
     feeds.update(ad)
     names = [o.name for o in s.get_outputs()]
     outs[b] = dict(zip(names, s.run(None, feeds)))
