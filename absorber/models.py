@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from absorber.attention import use_grouped_attention
 from absorber.errors import AbsorberError
 
 
@@ -244,8 +245,9 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "float32"):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    # eager attention: exportable, deterministic, and the same math as the ONNX graphs
-    model.config._attn_implementation = "eager"
+    # eager attention's math with grouped K/V (absorber/attention.py): exportable, deterministic, and the same
+    # function the ONNX graphs are traced from
+    use_grouped_attention(model)
     return model, tok
 
 
@@ -278,7 +280,7 @@ def tiny_llama(seed: int = 0, vocab: int = 512, hidden: int = 64, layers: int = 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg._attn_implementation = "eager"
+    use_grouped_attention(cfg)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # a "peaky" random model, so that context matters and losses are not ~0
         for p in model.parameters():
@@ -303,7 +305,7 @@ def tiny_gemma3(seed: int = 0, vocab: int = 512, hidden: int = 64, layers: int =
                            head_dim=head_dim, sliding_window=sliding_window, layer_types=types,
                            max_position_embeddings=max_positions, query_pre_attn_scalar=head_dim,
                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg._attn_implementation = "eager"
+    use_grouped_attention(cfg)
     model = Gemma3ForCausalLM(cfg)
     with torch.no_grad():  # peaky, as tiny_llama; norms stay as initialized
         for name, p in model.named_parameters():

@@ -19,6 +19,12 @@ from torch import nn
 from absorber.bundle_format import HEAD_CHUNKS
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """Logits and losses in float32 at least: a float64 model stays float64 (the reference the export tests check
+    the graphs' gradients against, tests/test_export.py)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def num_layers(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
@@ -78,7 +84,7 @@ def teacher(model: nn.Module, x_ids: torch.Tensor, y_ids: torch.Tensor, layers: 
         hs = compose_target(hs, *own_contribution(model, y_ids, layers), gamma)
         if with_logprobs:
             raise ValueError("the compositional teacher has no logits target (kl_weight must be 0)")
-    lp = F.log_softmax(logits[-m:].float(), -1) if with_logprobs else None
+    lp = F.log_softmax(_f32(logits[-m:]), -1) if with_logprobs else None
     return Teacher(hs.contiguous(), lp)
 
 
@@ -118,7 +124,7 @@ def sync_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "l1",
 
 def kl_base_student(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per position [T, V], averaged over positions."""
-    s_lp = F.log_softmax(student_logits.float(), -1)
+    s_lp = F.log_softmax(_f32(student_logits), -1)
     return (teacher_logprobs.exp() * (teacher_logprobs - s_lp)).sum(-1).mean()
 
 
@@ -199,14 +205,14 @@ def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD
                       attention_mask=torch.ones_like(ids), use_cache=False)
     h = out.last_hidden_state[0, :-1]                       # [T-1, H]: position t predicts ids[t+1]
     w = head.weight.detach()
-    rows = F.embedding(ids, w)[0, 1:].float()               # W[ids[t+1]]
-    hd = h.detach().float()
+    rows = _f32(F.embedding(ids, w)[0, 1:])               # W[ids[t+1]]
+    hd = _f32(h.detach())
     t1 = hd.shape[0]
     size = (t1 + chunks - 1) // chunks
     piece = torch.arange(size, device=ids.device)
     lses, pws = [], []
     for c in range(chunks):       # a piece's rows by index (clamped: the last piece repeats the last row)
-        logits = F.linear(hd[(piece + c * size).clamp(max=t1 - 1)], w).float()    # [size, V]
+        logits = _f32(F.linear(hd[(piece + c * size).clamp(max=t1 - 1)], w))    # [size, V]
         lse = torch.logsumexp(logits, dim=-1)
         lses.append(lse)
         pws.append(torch.exp(logits - lse[:, None]) @ w)    # softmax(logits) W: [size, H]
@@ -214,7 +220,7 @@ def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD
     lse = torch.cat(lses)[keep]
     grad = (torch.cat(pws)[keep] - rows) / t1                # d loss / d h
     value = (lse - (hd * rows).sum(-1)).mean()
-    hg = (h.float() * grad).sum()
+    hg = (_f32(h) * grad).sum()
     return value + (hg - hg.detach())
 
 
@@ -228,7 +234,7 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor, context: torch.Tensor |
     out = model(input_ids=full, position_ids=positions(full.shape[1], device=ids.device),
                 attention_mask=torch.ones_like(full), use_cache=False)
     start = max(c - 1, 0)                     # the logit at c-1 predicts ids[0]
-    return F.cross_entropy(out.logits[0, start:-1].float(), full[0, start + 1:], reduction=reduction)
+    return F.cross_entropy(_f32(out.logits[0, start:-1]), full[0, start + 1:], reduction=reduction)
 
 
 def surprising(nll: torch.Tensor, top: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from absorber.attention import use_grouped_attention
 from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
 from absorber.export.combined import BRANCH_OF, combine
@@ -256,7 +257,7 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     attn = getattr(model.config, "_attn_implementation", None)
     try:
         model.eval()
-        model.config._attn_implementation = "eager"
+        use_grouped_attention(model)   # no per-head copy of the KV cache in the graphs (absorber/attention.py)
         adapters = lora_mod.adapters(model)
         for n, p in model.named_parameters():
             p.requires_grad_(n in adapters)

@@ -4,6 +4,7 @@ One trace for the whole module (fp32, int8 and int4 bundles written from it): th
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -485,12 +486,21 @@ def test_smollm2_bundle_matches_torch(tmp_path):
     assert relerr(logits[0], ref) <= TOL
     x, y = ids[:, :12], ids[:, 12:]
     r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
-    # 30 layers of float32 under an L1 loss: per-tensor errors sit at torch's own fp32-vs-fp64 level (~1e-3,
-    # benchmarks/export.md); all gradients together must agree to 1e-4
-    num = sum(float(np.sum((r[f"grad.{n}"].astype(np.float64) - g) ** 2)) for n, g in grads.items())
-    den = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())
-    assert math.sqrt(num / den) <= TOL
-    for n, g in grads.items():
+    # 30 layers of float32 under an L1 loss and the next-token term's 49152-word softmax: PyTorch's own float32
+    # gradients are ~4e-4 (all tensors together) from float64's, more than the graph's (~1e-4, measured
+    # 2026-12-05). So both are checked against the same reference in float64: the graph must be as close as
+    # PyTorch's float32 (or within 1e-4), and each tensor within 1 %.
+    m64 = copy.deepcopy(model).double()
+    th64 = sync.teacher(m64, x, y, m["loss"]["layers"]).hidden
+    _, g64 = _torch_loss_grads(m64, m, y, th64, x)
+
+    def err(got: dict) -> float:
+        num = sum(float(np.sum((np.asarray(got[n], np.float64) - g) ** 2)) for n, g in g64.items())
+        return math.sqrt(num / sum(float(np.sum(g ** 2)) for g in g64.values()))
+
+    ours = err({n: r[f"grad.{n}"] for n in g64})
+    assert ours <= max(TOL, err(grads)), (ours, err(grads))
+    for n, g in g64.items():
         assert np.linalg.norm(r[f"grad.{n}"] - g) <= 1e-2 * np.linalg.norm(g), n
 
 
