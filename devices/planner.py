@@ -83,14 +83,14 @@ COEFFS: dict[str, float] = {
     "c_ntp2_scores": 0.69,            # ... recomputing: x L layers' [nh, n, n] attention scores on X (fitted)
     "c_ntp2_pieces": 1.0,             # ... one piece's [n/head_chunks, V] fp32 logits (set)
     "c_ntp2_tables": 1.87,            # ... [V, H] fp32 tables: quantized bundles / fp32 ones (fitted)
-    "c_ntp2_tables_fp32": 0.05,       # (fp32: refitted with c_ntp2_saved on 4 rows on 2026-12-05, planner.md 0000000)
+    "c_ntp2_tables_fp32": 0.54,       # (fp32: refitted with c_ntp2_saved on 2026-12-05, planner.md 0000000)
     "c_ntp2_rows_fixed": 73 * 2**20,  # ... the head in row pieces (bundles of 2026-12-04 on): a constant instead
                                       # of the whole tables (what c_ntp2_tables held besides them; fitted on 6
                                       # rows, int4/int8 x 128x64..512x256, planner.md section 00000)
     "c_ntp2_scores_sunk": 0.0,        # bundles that keep only the residual per layer (recompute `sunk`, 2026-12-05
     "c_ntp2_rows_fixed_sunk": 102 * 2**20,  # on): c_ntp2_scores and c_ntp2_rows_fixed refitted on 6 rows
                                       # (int4/int8 x 128x64..512x256, planner.md section 000000)
-    "c_ntp2_saved": 0.315,            # ... plain (fp32) train step: share of X's saved activations (fitted; was
+    "c_ntp2_saved": 0.28,             # ... plain (fp32) train step: share of X's saved activations (fitted; was
                                       # 0.44 with 1.04 tables, over by 10-16 % since the arena is given back
                                       # between phases and K/V are no longer copied per head: planner.md 0000000)
     "c_overlap": 0.7,                 # part of a dequantized table's memory the same run's activations reuse
