@@ -3,7 +3,7 @@
 transformers' eager attention expands K and V of a GQA model to one copy per query head (`repeat_kv`: SmolLM2-135M
 has 9 query heads over 3 KV heads, Gemma-3-270M 4 over 1) before the two products. Traced into ONNX that is an
 Expand of the whole KV cache in every layer and every decoder call: at 1024 cached tokens SmolLM2 moves ~140 MB
-per generated token for it, and decoding slows with the length of the context (benchmarks/planner.md, 0000000).
+per generated token for it, and decoding slows with the length of the context (benchmarks/decode.md).
 
 Here the query heads that share a KV head are stacked along the rows instead, [B, Hkv, g*T, D], so each product
 reads K and V once, as they are:
