@@ -28,11 +28,14 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GRAPHS = ("decoder", "train_step")
 GRAPH_FILES = {"decoder": "decoder.onnx", "train_step": "train_step.onnx"}
-# quantized bundles also hold both graphs as the two branches of one If (export/combined.py), so that ONE ONNX
-# Runtime session pre-packs the integer kernels' weights once instead of once per graph
+# quantized bundles also hold both graphs in one model (export/combined.py), so that ONE ONNX Runtime session
+# pre-packs the integer kernels' weights once instead of once per graph: the decoder as the main graph and the
+# train step inside an If (bundles of 2026-12-03..05: both graphs as the two branches of one If)
 COMBINED = "combined"
 COMBINED_FILE = "combined.onnx"
-COMBINED_SELECTOR = "graph_is_decoder"      # bool scalar input: True runs the decoder branch, False the train step
+COMBINED_SELECTOR = "graph_is_train_step"   # bool scalar input: True also runs the train step (the If's then_branch)
+COMBINED_SELECTOR_BRANCHES = "graph_is_decoder"   # the earlier layout's: True runs the decoder branch, False the train step
+COMBINED_MAIN = "main"                      # `branches` value of the graph that is the combined model's main graph
 ALIGN = 4096                    # a tensor of a page or more in weights.bin starts on a page boundary (mmap)
 SMALL_ALIGN = 64                # a smaller one (per-block scales, zero points) on a cache line: page-aligning
                                 # the four small tensors of every quantized weight would pad more than they hold
@@ -149,8 +152,12 @@ _graph = {"type": "object", "required": ["file", "inputs", "outputs", "opset"],
 _combined = {"type": "object", "required": ["file", "selector", "branches"],
              "properties": {"file": _plain_file, "selector": _str, "opset": _int, "ir_version": _int,
                             "branches": {"type": "object", "required": list(GRAPHS),
-                                         "properties": {g: {"enum": ["then_branch", "else_branch"]}
-                                                        for g in GRAPHS}}}}
+                                         "properties": {g: {"enum": [COMBINED_MAIN, "then_branch", "else_branch"]}
+                                                        for g in GRAPHS}},
+                            # graph -> {its input name: the combined model's input name} where they differ
+                            "renamed": {"type": "object", "properties": {
+                                g: {"type": "object", "additionalProperties": _str} for g in GRAPHS},
+                                "additionalProperties": False}}}
 
 MANIFEST_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -521,13 +528,21 @@ class Bundle:
 
     @property
     def combined_file(self) -> Path | None:
-        """Both graphs as the branches of one If (quantized bundles since the sixth session), or None."""
+        """Both graphs in one model (quantized bundles since the sixth session; export/combined.py), or None."""
         c = self.manifest["graphs"].get(COMBINED)
         return self._at(c["file"]) if c else None
 
     @property
     def combined_selector(self) -> str:
         return str(self.manifest["graphs"][COMBINED]["selector"])
+
+    def combined_branch(self, graph: str) -> str:
+        """Where `graph` sits in combined.onnx: "main" (the main graph), "then_branch" or "else_branch" (If)."""
+        return str(self.manifest["graphs"][COMBINED]["branches"][graph])
+
+    def combined_renamed(self, graph: str) -> dict[str, str]:
+        """`graph`'s input names that combined.onnx gives another name: {graph's name: combined name}."""
+        return dict(self.manifest["graphs"][COMBINED].get("renamed", {}).get(graph, {}))
 
     def graph_io(self, graph: str, kind: str) -> list[dict]:
         return list(self.manifest["graphs"][graph].get(kind, []))

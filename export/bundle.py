@@ -388,11 +388,11 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             graphs_desc["train_step"]["recompute"] = recomputed
         if kernel:
             # integer kernels: one session over both graphs pre-packs their weights once (export/combined.py)
-            comb = combine(dec, train, {t["name"] for t in table})
+            comb, renamed = combine(dec, train, {t["name"] for t in table}, set(traced.adapters))
             onnx.save(comb, tmp / F.COMBINED_FILE)
             graphs_desc[F.COMBINED] = {"file": F.COMBINED_FILE, "selector": F.COMBINED_SELECTOR,
-                                       "branches": dict(BRANCH_OF), "opset": graphs_desc["decoder"]["opset"],
-                                       "ir_version": int(comb.ir_version)}
+                                       "branches": dict(BRANCH_OF), "renamed": {"train_step": renamed},
+                                       "opset": graphs_desc["decoder"]["opset"], "ir_version": int(comb.ir_version)}
             del comb
         from safetensors.numpy import save_file
         save_file(traced.adapters, str(tmp / F.ADAPTERS_FILE))

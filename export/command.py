@@ -5,8 +5,8 @@ HELP = "export a model as a bundle (ONNX decoder + train step, shared weights, t
 DESCRIPTION = """Export MODEL as a bundle folder (docs/bundle.md) for `absorber run`: decoder.onnx (KV cache, adapters
 as inputs, hidden states out), train_step.onnx (sync loss + gradient of every adapter), weights.bin (the frozen
 weights, one copy shared by both graphs), adapters.safetensors, tokenizer.json, manifest.json; int8/int4 also
-combined.onnx (both graphs as the branches of one If: the runtime opens one session, so the integer kernels'
-pre-packed weights are held once).
+combined.onnx (the decoder as the main graph and the train step inside an If: the runtime opens one session,
+so the integer kernels' pre-packed weights are held once).
 
 MODEL: smollm2-135m (built in), a .gguf file, a local folder or hub id, or `tiny` (a tiny random Llama, for demos).
 

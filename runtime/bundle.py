@@ -70,7 +70,8 @@ def open_bundle(path: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
         b.graph_info[g] = info
     if F.COMBINED in graphs:
         sel = b.combined_selector
-        declared = {i["name"] for g in GRAPHS for i in b.graph_io(g, "inputs")} | {sel}
+        declared = {b.combined_renamed(g).get(i["name"], i["name"]) for g in GRAPHS
+                    for i in b.graph_io(g, "inputs")} | {sel}
         if set(b.graph_info[F.COMBINED].inputs) != declared:
             raise _bad(p, f"{b.combined_file.name}: its inputs are not the selector {sel!r} and the two graphs' "
                           "inputs (re-export the bundle)")

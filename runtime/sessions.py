@@ -8,9 +8,9 @@ and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left
 inputs of the integer kernels (MatMulNBits, `Bundle.kernel_tensors`): ONNX Runtime pre-packs those into its own
 layout per session (without it the kernel dequantizes on every call) and releases what it loaded.
 With the CPU arena on, both sessions allocate their activations from one process-wide arena (`_use_shared_arena`).
-A bundle with integer kernels also holds both graphs as the branches of one If (`combined.onnx`,
-export/combined.py): then ONE session serves both, so those pre-packed weights are resident once, not once per
-graph; `Branch` presents each graph of it as a session of its own.
+A bundle with integer kernels also holds both graphs in one model (`combined.onnx`, export/combined.py: the
+decoder as the main graph, the train step inside an If): then ONE session serves both, so those pre-packed weights
+are resident once, not once per graph; `Branch` presents each graph of it as a session of its own.
 """
 from __future__ import annotations
 
@@ -57,23 +57,53 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int
              "tensor(int8)": np.int8}
 
 
+class _Input:
+    """A combined session's input under the name its own graph gives it (Branch.get_inputs)."""
+
+    def __init__(self, name: str, arg):
+        self.name, self.type, self.shape = name, arg.type, arg.shape
+
+
+class _Binding:
+    """An IOBinding of a combined session that takes the graph's own input names (Branch.io_binding)."""
+
+    def __init__(self, io: ort.IOBinding, renamed: dict[str, str]):
+        self._io, self._renamed = io, renamed
+
+    def bind_cpu_input(self, name, arr):
+        return self._io.bind_cpu_input(self._renamed.get(name, name), arr)
+
+    def bind_ortvalue_input(self, name, ov):
+        return self._io.bind_ortvalue_input(self._renamed.get(name, name), ov)
+
+    def bind_input(self, name, *a, **k):
+        return self._io.bind_input(self._renamed.get(name, name), *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._io, name)
+
+
 class Branch:
     """One graph of a combined bundle (export/combined.py) presented as a session of its own: every call also
-    gets the selector and an empty placeholder for each input of the other graph (made once), and only this
-    graph's inputs and outputs are listed. Anything else is the shared InferenceSession's."""
+    gets the selector and an empty placeholder for each input of the other graph (made once), inputs go by the
+    graph's own names (the manifest's `renamed` maps them), and only this graph's inputs and outputs are listed.
+    Anything else is the shared InferenceSession's. In the layout with the decoder as the main graph, a
+    train-step call also runs the decoder on those placeholders: 0 tokens, 0 cached (~2 ms)."""
 
     def __init__(self, session: ort.InferenceSession, bundle: Bundle, graph: str):
         self._session = session
         self.graph = graph
+        self._renamed = bundle.combined_renamed(graph)
         own_in = [i["name"] for i in bundle.graph_io(graph, "inputs")]
         own_out = [o["name"] for o in bundle.graph_io(graph, "outputs")]
         ins = {i.name: i for i in session.get_inputs()}
         outs = {o.name: o for o in session.get_outputs()}
-        self._inputs = [ins[n] for n in own_in if n in ins]
+        mine = {self._renamed.get(n, n): n for n in own_in}
+        self._inputs = [_Input(n, ins[c]) for c, n in mine.items() if c in ins]
         self._outputs = [outs[n] for n in own_out if n in outs]
         sel = bundle.combined_selector
-        self._feeds: dict[str, np.ndarray] = {sel: np.asarray(graph == "decoder")}
-        mine = set(own_in)
+        # the selector is True for the If's then_branch (the train step; the earlier layout: the decoder)
+        self._feeds: dict[str, np.ndarray] = {sel: np.asarray(bundle.combined_branch(graph) == "then_branch")}
         for n, i in ins.items():
             if n == sel or n in mine:
                 continue
@@ -94,16 +124,18 @@ class Branch:
 
     def run(self, output_names, input_feed, run_options=None):
         names = output_names or [o.name for o in self._outputs]
-        return self._session.run(names, {**self._feeds, **input_feed}, run_options)
+        feed = {self._renamed.get(n, n): v for n, v in input_feed.items()}
+        return self._session.run(names, {**self._feeds, **feed}, run_options)
 
     def io_binding(self):
         io = self._session.io_binding()
         for n, ov in self._values.items():
             io.bind_ortvalue_input(n, ov)
-        return io
+        return _Binding(io, self._renamed) if self._renamed else io
 
     def run_with_iobinding(self, iobinding, run_options=None):
-        return self._session.run_with_iobinding(iobinding, run_options)
+        io = iobinding._io if isinstance(iobinding, _Binding) else iobinding
+        return self._session.run_with_iobinding(io, run_options)
 
 
 @dataclass
@@ -249,8 +281,9 @@ def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
         return str(path)
     data = path.read_bytes()
     patch = []
-    # a combined graph: each branch (a sub-graph named after its graph) gets that graph's levels
-    parts = [(g, g) for g in F.GRAPHS] if graph == F.COMBINED else [(graph, None)]
+    # a combined graph: each graph gets its levels, in the main graph or in a sub-graph named after it
+    parts = [(g, None if bundle.combined_branch(g) == F.COMBINED_MAIN else g) for g in F.GRAPHS] \
+        if graph == F.COMBINED else [(graph, None)]
     for g, sub in parts:
         for node in node_int_attributes(data, "MatMulNBits", sub):
             if "accuracy_level" not in node:
