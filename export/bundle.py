@@ -370,6 +370,13 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         head |= {v for v, (parent, _, _) in row_aliases.items() if parent in head}
         recomputed = recompute_layers(train, head,
                                       order_after_grads=getattr(traced.cfg, "ntp_weight", 0) > 0)
+        # the recomputing train step is written without its intermediate value_info: ONNX Runtime infers the
+        # shapes itself, and with the exporter's (symbolic) ones the round peaks higher. Measured, one bundle after
+        # the other (benchmarks/planner.md section 00000000): SmolLM2-135M int4 / int8 at 512x256 1061 -> 939 /
+        # 1126 -> 1005 MiB, Gemma-3-270M int4 1668 -> 1624, ~25 MB less resident after opening, the same speed; not
+        # for the plain fp32 train step (1940 -> 1968 MiB). Which of ORT's plans differs is not pinned down (not
+        # the MatMul+Add -> Gemm fusion the shapes allow, which only moves the losses by float rounding).
+        del train.graph.value_info[:]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -212,3 +212,21 @@ def test_each_norm_input_is_recomputed_not_kept(pairs, monkeypatch):
     assert moved["sunk"] > 0 and kept["sunk"] == 0
     assert (kept["kept_floats_per_token"] - moved["kept_floats_per_token"]
             == hidden * (2 * moved["stages"] + loss_layers))
+
+
+def test_the_recomputing_train_step_is_written_without_value_info(tiny_bundles):
+    """export/bundle.py: the recomputing train step (int8/int4) carries no intermediate value_info, so ONNX Runtime
+    infers the shapes itself (measured: a lower round peak, benchmarks/planner.md section 00000000); the plain
+    fp32 one keeps the exporter's, and both keep their declared inputs and outputs."""
+    from absorber.runtime.bundle import open_bundle
+    for quant, recomputes in (("int4", True), ("int8", True), ("fp32", False)):
+        b = open_bundle(tiny_bundles[quant])
+        assert b.recompute is recomputes
+        g = onnx.load(str(b.graph_file("train_step")), load_external_data=False).graph
+        assert (len(g.value_info) == 0) is recomputes, quant
+        assert [i.name for i in g.input] == [i["name"] for i in b.graph_io("train_step", "inputs")]
+        assert all(o.type.tensor_type.HasField("shape") for o in g.output)
+        if recomputes:
+            then = next(a.g for a in onnx.load(str(b.combined_file), load_external_data=False).graph.node[-1].attribute
+                        if a.name == "then_branch")
+            assert len(then.value_info) == 0
