@@ -374,8 +374,11 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         # shapes itself, and with the exporter's (symbolic) ones the round peaks higher. Measured, one bundle after
         # the other (benchmarks/planner.md section 00000000): SmolLM2-135M int4 / int8 at 512x256 1061 -> 939 /
         # 1126 -> 1005 MiB, Gemma-3-270M int4 1668 -> 1624, ~25 MB less resident after opening, the same speed; not
-        # for the plain fp32 train step (1940 -> 1968 MiB). Which of ORT's plans differs is not pinned down (not
-        # the MatMul+Add -> Gemm fusion the shapes allow, which only moves the losses by float rounding).
+        # for the plain fp32 train step (1940 -> 1968 MiB). Why: ORT's allocation planner hands a freed buffer to a
+        # later tensor of the same shape, which keeps it allocated in between (with the shapes kept and
+        # `enable_mem_reuse` off, the same round peaks at 959 MiB); where the recomputed layers free everything
+        # between stages that pinning costs more than it saves. Without the shapes ORT also no longer fuses
+        # MatMul+Add into Gemm, which moves the losses by float rounding.
         del train.graph.value_info[:]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
