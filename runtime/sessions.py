@@ -124,8 +124,9 @@ class Branch:
 
     def run(self, output_names, input_feed, run_options=None):
         names = output_names or [o.name for o in self._outputs]
-        feed = {self._renamed.get(n, n): v for n, v in input_feed.items()}
-        return self._session.run(names, {**self._feeds, **feed}, run_options)
+        if self._renamed:      # only the train step of the current layout has renamed inputs
+            input_feed = {self._renamed.get(n, n): v for n, v in input_feed.items()}
+        return self._session.run(names, {**self._feeds, **input_feed}, run_options)
 
     def io_binding(self):
         io = self._session.io_binding()
