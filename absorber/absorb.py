@@ -41,9 +41,11 @@ class Absorption:
         self.gen_prompts: list[list[int]] = []   # cfg.probe_gen: ids of config.GEN_PROBE_PROMPTS (idem)
         self.prefix: list[int] = []          # cfg.prefix: the stream's first tokens (set by the streaming loop)
         self.anchor_ids: list[int] = []      # cfg.anchor: the replay text's ids (set by the streaming loop)
-        self._anchor_target: torch.Tensor | None = None
-        self._anchor_logprobs: torch.Tensor | None = None
-        self._ttt_context: torch.Tensor | None = None   # cfg.ttt_context: the end of the previous round's X
+        self.anchor_rows: list[list[int]] = []   # cfg.anchor_sampled: the frozen model's own samples, one per
+        self._anchor_step = 0                    # step in turn (set by the streaming loop; replaces anchor_ids)
+        self._anchor_targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ttt_context: torch.Tensor | None = None   # cfg.ttt_context / ntp_context: the end of the previous
+                                                        # round's X
         self._ntp_keep: torch.Tensor | None = None      # cfg.ntp_top: the round's mask of X's scored tokens
         self.background_ids: list[int] = []  # cfg.lora.sparse: the selection's first background (set by the loop)
 
@@ -102,13 +104,18 @@ class Absorption:
 
     def anchor_target(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(anchor ids [1, A], the base model's hidden states [layers, A, H] and next-token log-probabilities
-        [A, V] on them, no context): computed once."""
-        ids = torch.tensor([self.anchor_ids], device=device)
-        if self._anchor_target is None:
+        [A, V] on them, no context): computed once per anchor text. With sampled rows, each call takes the
+        next row."""
+        row = 0
+        if self.anchor_rows:
+            row = self._anchor_step % len(self.anchor_rows)
+            self._anchor_step += 1
+        ids = torch.tensor([self.anchor_rows[row] if self.anchor_rows else self.anchor_ids], device=device)
+        if row not in self._anchor_targets:
             with torch.no_grad(), lora.disabled(self.model):
-                self._anchor_target, logits = sync.forward_states(self.model, ids, self.layers, with_logits=True)
-                self._anchor_logprobs = torch.log_softmax(logits.float(), -1)
-        return ids, self._anchor_target, self._anchor_logprobs
+                hs, logits = sync.forward_states(self.model, ids, self.layers, with_logits=True)
+                self._anchor_targets[row] = (hs, torch.log_softmax(logits.float(), -1))
+        return (ids, *self._anchor_targets[row])
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, t: sync.Teacher | None) -> torch.Tensor:
         cfg = self.cfg
@@ -122,7 +129,7 @@ class Absorption:
             m = y.shape[1]
             hs, logits = hs[:, -m:], (logits[-m:] if logits is not None else None)
         loss = sync.sync_loss(hs, t.hidden, cfg.loss, logits, t.logprobs, cfg.kl_weight, cfg.sync_skip)
-        if (cfg.anchor > 0 or cfg.anchor_kl > 0) and self.anchor_ids:
+        if (cfg.anchor > 0 or cfg.anchor_kl > 0) and (self.anchor_ids or self.anchor_rows):
             a_ids, a_t, a_lp = self.anchor_target(y.device)
             a_hs, a_logits = sync.forward_states(self.model, a_ids, self.layers, with_logits=cfg.anchor_kl > 0)
             if cfg.anchor > 0:
@@ -130,7 +137,9 @@ class Absorption:
             if cfg.anchor_kl > 0:
                 loss = loss + cfg.anchor_kl * sync.kl_base_student(a_lp, a_logits)
         if cfg.ntp_weight > 0:   # write X itself into the adapters (TTT's term) beside the sync on Y
-            per_token = sync.next_token_loss(self.model, x, reduction="none")
+            ctx = self._ttt_context if cfg.ntp_context > 0 else None
+            per_token = sync.next_token_loss(self.model, x, ctx if ctx is not None and ctx.shape[1] else None,
+                                             reduction="none")
             kept = per_token if self._ntp_keep is None else per_token[self._ntp_keep]
             loss = loss + cfg.ntp_weight * kept.mean()
         return loss
@@ -244,6 +253,8 @@ class Absorption:
                 break
         if self.method == "ttt" and cfg.ttt_context > 0:
             self._ttt_context = x[:, -cfg.ttt_context:].detach().clone()
+        elif self.method == "absorber" and cfg.ntp_context > 0:   # the hybrid's next-token term, same recipe
+            self._ttt_context = x[:, -cfg.ntp_context:].detach().clone()
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",

@@ -45,6 +45,13 @@ class LoraConfig:
                                               # of this many MLP neurons per layer per round, those X uses most
                                               # against the background (anchor text + earlier X): tf-idf, as in
                                               # sparse memory finetuning (arXiv 2510.15103). Reference only. 0: LoRA
+    protect: float = 0.0                      # > 0: each adapted layer reads its input with this fraction of its
+                                              # dimensions removed: the top principal directions of that layer's
+                                              # inputs on background text (the base model's own samples + the
+                                              # anchor text), so ordinary text barely reaches the adapters (the
+                                              # null-space constraint of AlphaEdit, arXiv 2410.02355;
+                                              # absorber/protect.py). Reference only. 0: off
+    protect_tokens: int = 2048                # background tokens sampled for `protect`
 
     @property
     def scaling(self) -> float:
@@ -103,6 +110,10 @@ class AbsorberConfig:
                                  # (no context), in every step: what held-out perplexity measures, without the
                                  # massive channels that dominate the hidden-state L1 of `anchor`. Reference
                                  # only (bundles: 0). 0: off
+    anchor_sampled: int = 0      # > 0: the anchor text (anchor, anchor_kl) is this many tokens of the frozen
+                                 # model's own samples (absorber/protect.py: background_rows, fixed seed), rows of
+                                 # anchor_tokens, one row per step in turn, instead of absorber/anchor.txt:
+                                 # the model's prior over ordinary text, not one paragraph. Reference only. 0: off
     ntp_weight: float = 1.0      # method "absorber": + ntp_weight x the next-token loss of the student on X
                                  # itself (no context) in every step: sync on Y plus TTT on X; the round's
                                  # reported losses include the term. The default since it won at the shipped
@@ -112,6 +123,14 @@ class AbsorberConfig:
     ntp_top: float = 1.0         # with ntp_weight: the next-token term scores only this fraction of X's tokens,
                                  # those the frozen model (no context) finds most surprising (invented names,
                                  # numbers: where facts are), not the predictable ones that carry the register
+    calibrate: int = 0           # > 0: after every round, measure the adapters' context-free shift of the next-token
+                                 # log-probabilities on this many tokens of the frozen model's own samples (rows of
+                                 # 128) and subtract it from the logits wherever the adapted model predicts
+                                 # (absorber/calibrate.py; training never sees it). Raises the damage it was meant
+                                 # to remove (benchmarks/retention.md). Reference only. 0: off
+    ntp_context: int = 0         # with ntp_weight: the last c tokens of the previous round's X stay in front of X
+                                 # in the next-token term (not scored), as ttt_context does for TTT: what the text
+                                 # before X already predicts (its register) needs no writing. Reference only. 0: off
     ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
                                  # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
@@ -142,7 +161,7 @@ class AbsorberConfig:
             raise AbsorberError(f"k must be >= 0 (got {self.k})")
         if self.loss not in ("l1", "l2", "l1n"):
             raise AbsorberError(f"loss must be l1, l2 or l1n (got {self.loss!r})")
-        if self.prefix < 0 or self.anchor < 0 or self.anchor_kl < 0 or self.anchor_tokens < 2:
+        if self.prefix < 0 or self.anchor < 0 or self.anchor_kl < 0 or self.anchor_tokens < 2 or self.anchor_sampled < 0:
             raise AbsorberError(f"prefix, anchor and anchor_kl must be >= 0 and anchor_tokens >= 2 (got "
                                 f"{self.prefix}, {self.anchor}, {self.anchor_kl}, {self.anchor_tokens})")
         if not 0 <= self.sync_skip < self.m:
@@ -164,20 +183,27 @@ class AbsorberConfig:
             raise AbsorberError(f"ntp_top must be in (0, 1] (got {self.ntp_top})")
         if not (self.ntp_weight >= 0 and math.isfinite(self.ntp_weight)):
             raise AbsorberError(f"ntp_weight must be a finite number >= 0 (got {self.ntp_weight})")
-        if self.ttt_context < 0:
-            raise AbsorberError(f"ttt_context must be >= 0 (got {self.ttt_context})")
+        if self.calibrate < 0:
+            raise AbsorberError(f"calibrate must be >= 0 background tokens (got {self.calibrate})")
+        if self.ttt_context < 0 or self.ntp_context < 0:
+            raise AbsorberError(f"ttt_context and ntp_context must be >= 0 (got {self.ttt_context}, "
+                                f"{self.ntp_context})")
         if self.lora.rank < 1:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
         if self.lora.sparse < 0:
             raise AbsorberError(f"LoRA sparse must be >= 0 neurons per layer (got {self.lora.sparse})")
+        if not 0.0 <= self.lora.protect < 1.0 or self.lora.protect_tokens < 2:
+            raise AbsorberError(f"LoRA protect must be in [0, 1) and protect_tokens >= 2 (got "
+                                f"{self.lora.protect}, {self.lora.protect_tokens})")
 
 
 # ------------------------------------------------------------------------------------------------ flags -> config
 LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "layers", "seed": "seed",
-             "sparse": "sparse", "lora.rank": "rank", "lora.alpha": "alpha", "lora.targets": "targets",
-             "lora.layers": "layers", "lora.seed": "seed", "lora.sparse": "sparse"}
-_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "probes", "probe_gen", "ttt_context", "lora.rank", "lora.seed",
-             "lora.sparse")
+             "sparse": "sparse", "protect": "protect", "protect_tokens": "protect_tokens", "lora.rank": "rank",
+             "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers", "lora.seed": "seed",
+             "lora.sparse": "sparse", "lora.protect": "protect", "lora.protect_tokens": "protect_tokens"}
+_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "anchor_sampled", "probes", "probe_gen", "ttt_context", "ntp_context", "calibrate", "lora.rank", "lora.seed",
+             "lora.sparse", "lora.protect_tokens")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 
@@ -218,7 +244,8 @@ def parse_value(key: str, text: str):
     from absorber.errors import AbsorberError
     import re
     key = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets", "layers": "lora.layers",
-           "seed": "lora.seed", "sparse": "lora.sparse"}.get(key, key)
+           "seed": "lora.seed", "sparse": "lora.sparse", "protect": "lora.protect",
+           "protect_tokens": "lora.protect_tokens"}.get(key, key)
     v = text.strip()
     if key in _TUPLE_KEYS:
         if v in ("all", "none", ""):

@@ -35,11 +35,16 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(rank, out_f, dtype=w.dtype, device=w.device))
         self.scaling = alpha / rank
         self.enabled = True
+        # LoraConfig.protect (absorber/protect.py): [in, k] orthonormal directions the adapter does not read
+        self.register_buffer("protect_U", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        return self.base(x) + (x @ self.lora_A @ self.lora_B) * self.scaling
+        xa = x @ self.lora_A
+        if self.protect_U is not None:     # (x - x U U^T) A: the adapter reads x off the protected subspace
+            xa = xa - (x @ self.protect_U) @ (self.protect_U.T @ self.lora_A)
+        return self.base(x) + (xa @ self.lora_B) * self.scaling
 
 
 class SparseValues(nn.Module):

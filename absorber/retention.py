@@ -163,12 +163,19 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 baselines[key] = (win[i], full[i], win_dec[i])
         mine, mine_dec = (None, None) if method == "window" else answer_and_decoy_nlls(
             sa.model, tok, ctx, [fs[j] for j, _ in due[r]], [dec[j] for j, _ in due[r]])
+        raw = raw_dec = None
+        if sa.calibration is not None:       # the same adapters without the correction: a paired control
+            with sa.calibration.off():
+                raw, raw_dec = answer_and_decoy_nlls(sa.model, tok, ctx, [fs[j] for j, _ in due[r]],
+                                                     [dec[j] for j, _ in due[r]])
         for i, (j, d) in enumerate(due[r]):
             w, f_, wd = baselines[(j, d)]
             mth = w if mine is None else mine[i]
             md = wd if mine_dec is None else mine_dec[i]
             records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
                             "nll_method": mth, "nll_full": f_, "nll_window_decoy": wd, "nll_method_decoy": md})
+            if raw is not None:
+                records[-1].update(nll_method_uncalibrated=raw[i], nll_method_decoy_uncalibrated=raw_dec[i])
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
             if "heldout" not in baselines:
@@ -180,6 +187,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             cn, cc = baselines[("heldout_context", r)]
             damage.append({"round": r, "nll_base": bn, "nll_method": hn, "count": hc,
                            "nll_context": cn, "count_context": cc})
+            if sa.calibration is not None:
+                with sa.calibration.off():
+                    damage[-1]["nll_method_uncalibrated"] = score_nll(sa.model, [], h, max_len)[0]
         if log:
             done_d = sorted({d for _, d in due[r]})
             sub = [x for x in records if x["round"] == r]
@@ -188,6 +198,14 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             log(f"  {method} round {r:2d} distances {done_d}: retention {ret:.3f}{extra}")
     return {"facts": [f.to_dict() for f in fs], "spans": spans, "eviction_rounds": ev, "records": records,
             "damage": damage, "rounds": rounds, "baselines": baselines}
+
+
+def uncalibrated(out: dict) -> dict:
+    """A calibrated stream's result (AbsorberConfig.calibrate) as scored without the correction: the paired
+    control recorded beside every method NLL."""
+    swap = lambda x, keys: {**x, **{k: x[k + "_uncalibrated"] for k in keys if k + "_uncalibrated" in x}}  # noqa: E731
+    return {**out, "records": [swap(r, ("nll_method", "nll_method_decoy")) for r in out["records"]],
+            "damage": [swap(d, ("nll_method",)) for d in out["damage"]]}
 
 
 def retention(records: list[dict]) -> float:
@@ -291,6 +309,8 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
                                             log=log, baselines=base_cache.setdefault((name, cfg.n, cfg.m,
                                                                                       cfg.prefix), {}))))
         per[label] = pooled_run(mth, cfg.to_dict(), outs, rs)
+        if cfg.calibrate > 0:
+            per[label + " (uncalibrated)"] = pooled_run(mth, cfg.to_dict(), [(n, uncalibrated(o)) for n, o in outs], rs)
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

@@ -9,6 +9,7 @@ adapters have a fixed size.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -19,6 +20,7 @@ from absorber.absorb import Absorption, RoundResult
 from absorber.config import AbsorberConfig
 
 METHODS = ("absorber", "ttt", "window", "sink", "full")
+CALIBRATION_ROW = 128      # tokens per background sample of cfg.calibrate
 
 
 class StreamingAbsorber:
@@ -30,6 +32,10 @@ class StreamingAbsorber:
         self.cfg = cfg or AbsorberConfig()
         self.cfg.validate()
         self.model, self.tokenizer, self.method = model, tokenizer, method
+        old = getattr(model, "_absorber_calibration", None)
+        if old is not None:                # a reused model (evaluate.ModelPool) calibrated by an earlier stream
+            old.detach()
+        self.calibration = None            # cfg.calibrate: absorber.calibrate.Calibration
         if method in ("absorber", "ttt"):
             if not lora.adapters(model):
                 lora.inject(model, self.cfg.lora)
@@ -45,6 +51,20 @@ class StreamingAbsorber:
                 from absorber.config import anchor_text
                 ids = tokenizer.encode(anchor_text(), add_special_tokens=False)
                 self.absorption.anchor_ids = ids[:self.cfg.anchor_tokens]
+                if self.cfg.anchor_sampled > 0:
+                    from absorber.protect import background_rows
+                    self.absorption.anchor_rows = background_rows(
+                        model, tokenizer, self.cfg.anchor_sampled, self.cfg.lora.seed, anchor=False,
+                        row=self.cfg.anchor_tokens)
+            if tokenizer is not None and self.cfg.lora.protect > 0 and any(
+                    m.protect_U is None for m in model.modules() if isinstance(m, lora.LoraLinear)):
+                from absorber.protect import protect     # once per adapted model (evaluate.ModelPool keeps it)
+                protect(model, tokenizer, self.cfg.lora.protect, self.cfg.lora.protect_tokens, self.cfg.lora.seed)
+            if tokenizer is not None and self.cfg.calibrate > 0:
+                from absorber.calibrate import Calibration
+                from absorber.protect import background_rows
+                self.calibration = Calibration(model, background_rows(
+                    model, tokenizer, self.cfg.calibrate, self.cfg.lora.seed, anchor=False, row=CALIBRATION_ROW))
             if tokenizer is not None and self.cfg.lora.sparse > 0:
                 from absorber.config import anchor_text
                 self.absorption.background_ids = tokenizer.encode(anchor_text(), add_special_tokens=False)
@@ -122,7 +142,10 @@ class StreamingAbsorber:
             x = torch.tensor([self.window[:n]], device=self.device)
             y = torch.tensor([self.window[n:n + m]], device=self.device)
             self.tokens_absorbed += n
-            res = self.absorption.round(x, y, self.tokens_absorbed)
+            with self.calibration.off() if self.calibration is not None else contextlib.nullcontext():
+                res = self.absorption.round(x, y, self.tokens_absorbed)
+            if self.calibration is not None:
+                self.calibration.update()
             self.window = self.window[n:]
         self.rounds.append(res)
         return res

@@ -227,12 +227,21 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if ref_only:       # loss terms of the PyTorch reference that the traced train step does not carry
         raise AbsorberError(f"{ref_only[0]} > 0 is not supported by the exported train step (sync loss on Y and "
                             "the next-token term on X only; it is a reference option)")
+    if cfg.calibrate > 0:
+        raise AbsorberError(f"calibrate={cfg.calibrate} is not supported by the exporter (it raises the damage it "
+                            "was meant to remove: benchmarks/retention.md; a reference option)")
+    if cfg.ntp_weight > 0 and cfg.ntp_context > 0:
+        raise AbsorberError(f"ntp_context={cfg.ntp_context} is not supported by the exported train step (X is "
+                            "scored alone; ntp_context is a reference option)")
     if cfg.ntp_weight > 0 and cfg.ntp_top < 1:
         raise AbsorberError(f"ntp_top={cfg.ntp_top} is not supported by the exported train step (it scores every "
                             "token of X; ntp_top < 1 is a reference option)")
     if lora_cfg.sparse > 0:
         raise AbsorberError("LoRA sparse > 0 (trained MLP values) is not supported by the exporter: its slice "
                             "is LoRA A/B pairs; sparse is a reference option")
+    if lora_cfg.protect > 0:
+        raise AbsorberError("LoRA protect > 0 (a protected input subspace per layer) is not supported by the "
+                            "exporter; it is a reference option")
     arch = architectures.lookup(model.config)
     architectures.check_targets(arch, lora_cfg.targets)
     facts = arch.facts(model.config)

@@ -250,6 +250,26 @@ def test_forgetting_curve_end_to_end_on_a_tiny_model(tiny_model, tiny_tok):
     assert "| absorber |" in RT.format_curve(res)
 
 
+def test_a_calibrated_run_records_its_uncalibrated_twin_on_the_same_adapters(tiny_model, tiny_tok):
+    """calibrate=T in the forgetting curve: every method NLL is also scored without the correction (same
+    adapters, same round), and the run gets a second entry "<label> (uncalibrated)" built from those."""
+    text = tiny_tok.encode("The council met on a cold morning. Everyone spoke at length. " * 60,
+                           add_special_tokens=False)
+    held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
+    cfg = AbsorberConfig(n=64, m=32, k=2, lr=1e-2, calibrate=64)
+    rs = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=64, bootstrap=50)
+    res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("cal", "absorber", cfg)], rs)
+    cal, raw = res["methods"]["cal"], res["methods"]["cal (uncalibrated)"]
+    assert len(cal["records"]) == len(raw["records"]) == 6
+    for c, r in zip(cal["records"], raw["records"]):
+        assert r["nll_method"] == c["nll_method_uncalibrated"] and r["nll_window"] == c["nll_window"]
+        assert r["nll_method_decoy"] == c["nll_method_decoy_uncalibrated"]
+    assert any(c["nll_method"] != c["nll_method_uncalibrated"] for c in cal["records"])
+    assert [d["nll_method"] for d in raw["damage_records"]] == \
+        [d["nll_method_uncalibrated"] for d in cal["damage_records"]]
+    assert cal["damage"]["ppl_change_at_end"] != raw["damage"]["ppl_change_at_end"]
+
+
 def test_too_short_text_is_one_line_error(tiny_model, tiny_tok):
     from absorber.errors import AbsorberError
     text = tiny_tok.encode("Short. " * 30, add_special_tokens=False)
@@ -350,7 +370,7 @@ def _anchored(tiny_tok, rng_ids, **anchor):
     x, y = torch.tensor([rng_ids(16, seed=1)]), torch.tensor([rng_ids(8, seed=2)])
     plain = Absorption.__new__(Absorption)
     plain.__dict__.update(ab.__dict__)
-    plain.anchor_ids = []
+    plain.anchor_ids, plain.anchor_rows = [], []
 
     def perturb() -> None:
         with torch.no_grad():
@@ -400,6 +420,24 @@ def test_anchor_kl_is_the_base_to_student_kl_on_the_anchor_text(tiny_tok, rng_id
         AbsorberConfig(anchor_kl=-1.0).validate()
     with pytest.raises(Exception, match="anchor_kl > 0 is not supported by the exported train step"):
         export_bundle(tiny_llama(seed=0, vocab=512), tiny_tok, "/nonexistent/never-written", cfg=ab.cfg)
+
+
+def test_a_sampled_anchor_takes_the_frozen_models_own_rows_in_turn(tiny_tok, rng_ids):
+    """anchor_sampled=T: the anchor is T tokens of the frozen model's own samples cut into rows of anchor_tokens,
+    one row per step in turn (the KL term then differs between rows); the same seed gives the same rows."""
+    import torch
+    from absorber import lora
+    from absorber.protect import background_rows
+    model, ab, plain, x, y, t, perturb = _anchored(tiny_tok, rng_ids, anchor_kl=1.0, anchor_sampled=48)
+    assert len(ab.anchor_rows) == 4 and all(len(r) == 12 for r in ab.anchor_rows)
+    again = background_rows(model, tiny_tok, 48, 0, anchor=False, row=12)
+    assert again == ab.anchor_rows and ab.anchor_rows[0] != ab.anchor_ids
+    perturb()
+    seen = [ab.anchor_target(x.device)[0][0].tolist() for _ in range(len(ab.anchor_rows) + 1)]
+    assert seen[:-1] == ab.anchor_rows and seen[-1] == ab.anchor_rows[0]
+    extras = [float(ab._loss(x, y, t)) - float(plain._loss(x, y, t)) for _ in range(2)]
+    assert min(extras) > 1e-6 and extras[0] != pytest.approx(extras[1], rel=1e-6)
+    assert lora.adapters(model)
 
 
 def test_generated_probes_are_the_base_models_own_continuation(tiny_tok, rng_ids):
@@ -581,4 +619,129 @@ def test_sparse_values_train_only_the_selected_neurons_and_accumulate(tiny_tok, 
         override(cfg, sparse=-1).validate()
     from absorber.export.bundle import trace
     with pytest.raises(AbsorberError, match="sparse"):
+        trace(tiny_llama(seed=0, vocab=512), cfg=cfg)
+
+
+def test_protected_subspace_silences_the_adapters_on_background_directions(tiny_tok, rng_ids):
+    """lora.protect: each LoRA layer's input loses the top principal directions of its background inputs; the
+    adapter then gives nothing on an input inside them and the same as plain LoRA on one orthogonal to them;
+    the streaming loop sets them once per adapted model; the export refuses it."""
+    import torch
+    from absorber import lora, protect
+    from absorber.config import AbsorberConfig, LoraConfig, override
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    from absorber.stream import StreamingAbsorber
+    g = torch.randn(8, 8, dtype=torch.float64)
+    u = protect.top_directions(g @ g.T, 0.25)
+    assert u.shape == (8, 2) and torch.allclose(u.T @ u, torch.eye(2, dtype=torch.float64), atol=1e-9)
+    assert protect.residual_energy(torch.eye(8, dtype=torch.float64), u) == pytest.approx(0.75)
+    lin = lora.LoraLinear(torch.nn.Linear(8, 5), rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    lin.protect_U = u.float()
+    inside, off = (u.float() @ torch.tensor([1.0, -2.0])), torch.randn(8)
+    off = off - u.float() @ (u.float().T @ off)
+    with torch.no_grad():
+        assert torch.allclose(lin(inside), lin.base(inside), atol=1e-5)
+        plain = lin.base(off) + (off @ lin.lora_A @ lin.lora_B) * lin.scaling
+        assert torch.allclose(lin(off), plain, atol=1e-5)
+    cfg = AbsorberConfig(n=24, m=12, k=2, lr=1e-2, lora=LoraConfig(protect=0.5, protect_tokens=64))
+    model = tiny_llama(seed=0, vocab=512)
+    sa = StreamingAbsorber(model, tiny_tok, cfg)
+    mods = [m for m in model.modules() if isinstance(m, lora.LoraLinear)]
+    assert mods and all(m.protect_U is not None and m.protect_U.shape[1] == round(0.5 * m.lora_A.shape[0])
+                        for m in mods)
+    first = mods[0].protect_U.clone()
+    StreamingAbsorber(model, tiny_tok, cfg)        # the same adapted model: the directions are kept, not redrawn
+    assert torch.equal(mods[0].protect_U, first)
+    sa.feed_tokens(rng_ids(40, seed=4))
+    assert len(sa.rounds) == 1 and sa.rounds[0].loss_last < sa.rounds[0].loss_first
+    with pytest.raises(AbsorberError, match="protect"):
+        override(cfg, protect=1.0).validate()
+    from absorber.export.bundle import trace
+    with pytest.raises(AbsorberError, match="protect"):
+        trace(tiny_llama(seed=0, vocab=512), cfg=cfg)
+
+
+def test_ntp_context_conditions_the_next_token_term_on_the_previous_x(tiny_tok, rng_ids):
+    """ntp_context=c: from the second round on, the hybrid's next-token term scores X after the last c tokens
+    of the previous round's X (not scored), exactly sync.next_token_loss with that context; the export refuses it."""
+    import torch
+    from absorber import sync
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    ids = rng_ids(60, seed=5)
+    cfg = AbsorberConfig(n=16, m=8, k=1, lr=1e-2, ntp_weight=1.0, ntp_context=6, lora=LoraConfig(rank=2, alpha=4))
+    model = tiny_llama(seed=0, vocab=512)
+    from absorber import lora
+    lora.inject(model, cfg.lora)
+    ab = Absorption(model, cfg)
+    x1, y1 = torch.tensor([ids[:16]]), torch.tensor([ids[16:24]])
+    ab.round(x1, y1)
+    assert ab._ttt_context.tolist() == [ids[10:16]]
+    x2, y2 = torch.tensor([ids[16:32]]), torch.tensor([ids[32:40]])
+    t = ab._teacher(x2, y2)
+    sync_only = Absorption.__new__(Absorption)
+    sync_only.__dict__.update(ab.__dict__)
+    sync_only.cfg = AbsorberConfig(n=16, m=8, k=1, ntp_weight=0.0, lora=cfg.lora)
+    with torch.no_grad():
+        extra = float(ab._loss(x2, y2, t)) - float(sync_only._loss(x2, y2, t))
+        by_hand = float(sync.next_token_loss(model, x2, torch.tensor([ids[10:16]])))
+        alone = float(sync.next_token_loss(model, x2))
+    assert extra == pytest.approx(by_hand, rel=1e-4) and by_hand != pytest.approx(alone, rel=1e-4)
+    with pytest.raises(AbsorberError, match="ntp_context"):
+        AbsorberConfig(ntp_context=-1).validate()
+    from absorber.export.bundle import trace
+    with pytest.raises(AbsorberError, match="ntp_context"):
+        trace(tiny_llama(seed=0, vocab=512), cfg=cfg)
+
+
+def test_calibration_subtracts_the_adapters_context_free_shift_and_never_touches_training(tiny_tok, rng_ids):
+    """calibrate=T: after each round the adapters' mean log-prob shift over the frozen model's own samples is
+    measured and subtracted from the logits wherever the model predicts; rounds train exactly as without it;
+    a model reused for another stream keeps one hook; the export refuses it."""
+    import torch
+    from absorber import lora
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    from absorber.stream import StreamingAbsorber
+    ids = rng_ids(40, seed=6)
+    cfg = AbsorberConfig(n=24, m=12, k=3, lr=3e-2, calibrate=48, lora=LoraConfig(rank=2, alpha=4))
+    plain_cfg = AbsorberConfig(n=24, m=12, k=3, lr=3e-2, lora=LoraConfig(rank=2, alpha=4))
+    runs = {}
+    for name, c in (("calibrated", cfg), ("plain", plain_cfg)):
+        model = tiny_llama(seed=0, vocab=512)
+        sa = StreamingAbsorber(model, tiny_tok, c)
+        sa.feed_tokens(ids)
+        runs[name] = (model, sa)
+    model, sa = runs["calibrated"]
+    assert len(sa.rounds) == 1 and sa.calibration is not None and len(sa.calibration.rows) == 1
+    for a, b in zip(lora.snapshot(model).values(), lora.snapshot(runs["plain"][0]).values()):
+        assert torch.equal(a, b)                            # training saw no correction
+    probe = torch.tensor([rng_ids(10, seed=7)])
+    with torch.no_grad():
+        corrected = model(input_ids=probe).logits
+        with sa.calibration.off():
+            raw = model(input_ids=probe).logits
+        row = torch.tensor([sa.calibration.rows[0]])
+        with sa.calibration.off():
+            lp_a = torch.log_softmax(model(input_ids=row).logits[0, :-1], -1)
+            with lora.disabled(model):
+                lp_b = torch.log_softmax(model(input_ids=row).logits[0, :-1], -1)
+    shift = (lp_a - lp_b).mean(0)
+    assert float(shift.abs().max()) > 1e-4
+    assert torch.allclose(sa.calibration.shift, shift, atol=1e-5)
+    assert torch.allclose(corrected, raw - shift, atol=1e-5)
+    StreamingAbsorber(model, tiny_tok, cfg)               # the same model for a new stream: the old hook goes
+    assert len(model.get_output_embeddings()._forward_hooks) == 1
+    StreamingAbsorber(model, tiny_tok, plain_cfg)
+    assert len(model.get_output_embeddings()._forward_hooks) == 0
+    with pytest.raises(AbsorberError, match="calibrate"):
+        AbsorberConfig(calibrate=-1).validate()
+    from absorber.export.bundle import trace
+    with pytest.raises(AbsorberError, match="calibrate"):
         trace(tiny_llama(seed=0, vocab=512), cfg=cfg)
