@@ -80,6 +80,3 @@ class Calibration:
                 with lora.disabled(self.model):
                     self._base_mean = self._mean_logprobs()
             self.shift = self._mean_logprobs() - self._base_mean
-
-    def reset(self) -> None:
-        self.shift = None

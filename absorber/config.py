@@ -161,9 +161,11 @@ class AbsorberConfig:
             raise AbsorberError(f"k must be >= 0 (got {self.k})")
         if self.loss not in ("l1", "l2", "l1n"):
             raise AbsorberError(f"loss must be l1, l2 or l1n (got {self.loss!r})")
-        if self.prefix < 0 or self.anchor < 0 or self.anchor_kl < 0 or self.anchor_tokens < 2 or self.anchor_sampled < 0:
-            raise AbsorberError(f"prefix, anchor and anchor_kl must be >= 0 and anchor_tokens >= 2 (got "
-                                f"{self.prefix}, {self.anchor}, {self.anchor_kl}, {self.anchor_tokens})")
+        if (self.prefix < 0 or self.anchor < 0 or self.anchor_kl < 0 or self.anchor_tokens < 2
+                or self.anchor_sampled < 0):
+            raise AbsorberError(f"prefix, anchor, anchor_kl and anchor_sampled must be >= 0 and anchor_tokens >= 2 "
+                                f"(got {self.prefix}, {self.anchor}, {self.anchor_kl}, {self.anchor_sampled}, "
+                                f"{self.anchor_tokens})")
         if not 0 <= self.sync_skip < self.m:
             raise AbsorberError(f"sync_skip must be in 0..m-1 (got {self.sync_skip}, m={self.m})")
         if self.reset not in ("none", "moments", "adapters"):
@@ -202,8 +204,8 @@ LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "
              "sparse": "sparse", "protect": "protect", "protect_tokens": "protect_tokens", "lora.rank": "rank",
              "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers", "lora.seed": "seed",
              "lora.sparse": "sparse", "lora.protect": "protect", "lora.protect_tokens": "protect_tokens"}
-_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "anchor_sampled", "probes", "probe_gen", "ttt_context", "ntp_context", "calibrate", "lora.rank", "lora.seed",
-             "lora.sparse", "lora.protect_tokens")
+_INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "anchor_sampled", "probes", "probe_gen",
+             "ttt_context", "ntp_context", "calibrate", "lora.rank", "lora.seed", "lora.sparse", "lora.protect_tokens")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 

@@ -161,13 +161,13 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                     full[i] = v
             for i, key in enumerate(todo):
                 baselines[key] = (win[i], full[i], win_dec[i])
+        asked, asked_dec = [fs[j] for j, _ in due[r]], [dec[j] for j, _ in due[r]]
         mine, mine_dec = (None, None) if method == "window" else answer_and_decoy_nlls(
-            sa.model, tok, ctx, [fs[j] for j, _ in due[r]], [dec[j] for j, _ in due[r]])
+            sa.model, tok, ctx, asked, asked_dec)
         raw = raw_dec = None
         if sa.calibration is not None:       # the same adapters without the correction: a paired control
             with sa.calibration.off():
-                raw, raw_dec = answer_and_decoy_nlls(sa.model, tok, ctx, [fs[j] for j, _ in due[r]],
-                                                     [dec[j] for j, _ in due[r]])
+                raw, raw_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
         for i, (j, d) in enumerate(due[r]):
             w, f_, wd = baselines[(j, d)]
             mth = w if mine is None else mine[i]

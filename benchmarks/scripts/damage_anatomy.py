@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     from absorber.config import AbsorberConfig, override
     from absorber.evaluate import ModelPool, make_streamer, EvalSettings, stream_rounds, model_max_positions
     from absorber.models import load
+    from absorber.calibrate import Calibration
     from absorber.protect import background_rows
+    from absorber.stream import CALIBRATION_ROW
     from retention_screen import variant
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -125,50 +127,38 @@ def main(argv=None) -> int:
         lg = m(input_ids=x, use_cache=False).logits[0, :-1].float()
         return F.cross_entropy(lg, x[0, 1:], reduction="none"), torch.log_softmax(lg, -1)
 
-    # the adapters' context-free shift over background text
-    rows = background_rows(model, tok, a.background, 0, anchor=False, row=128)
-    V = model.config.vocab_size
-    shift = torch.zeros(V, dtype=torch.float64)
-    marg_a, marg_b = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
-    count = 0
-    for row in rows:
-        with lora.disabled(work):
-            _, lp_b = token_nlls(work, row)
-        _, lp_a = token_nlls(work, row)
-        shift += (lp_a - lp_b).double().sum(0)
-        marg_a += lp_a.double().exp().sum(0)
-        marg_b += lp_b.double().exp().sum(0)
-        count += lp_a.shape[0]
-    shift = (shift / count).float()
-    marginal = (marg_a.log() - marg_b.log()).float()   # log of the ratio of the two mean distributions
+    if a.save:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in lora.snapshot(work).items()}, a.save)
+    with lora.disabled(work):      # the frozen model as it is: the reference of every condition
+        nb, _ = token_nlls(work, h)
+    # the adapters' context-free shift over background text: absorber.calibrate's mean log-ratio (and its hook,
+    # which every condition below sets to one estimator), plus the log-ratio of the two mean distributions
+    cal = Calibration(work, background_rows(model, tok, a.background, 0, anchor=False, row=CALIBRATION_ROW))
+    cal.update()
+    shift = cal.shift
+    marg_a = marg_b = 0
+    with cal.off():
+        for row in cal.rows:
+            marg_a = marg_a + token_nlls(work, row)[1].double().exp().sum(0)
+            with lora.disabled(work):
+                marg_b = marg_b + token_nlls(work, row)[1].double().exp().sum(0)
+    marginal = (marg_a.log() - marg_b.log()).float()
     estimators = {"adapters, context-free shift removed": shift,        # the mean log-ratio (absorber/calibrate.py)
                   "mean log-ratio, positive part removed": shift.clamp(min=0),
                   "marginal log-ratio removed": marginal,
                   "marginal log-ratio, positive part removed": marginal.clamp(min=0)}
-    if a.save:
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in lora.snapshot(work).items()}, a.save)
-    head = work.get_output_embeddings()
-    hook_on = {"on": False, "shift": shift}
-    handle = head.register_forward_hook(
-        lambda mod, inp, out: out - hook_on["shift"].to(out.dtype) if hook_on["on"] else out)
 
-    with lora.disabled(work):      # the frozen model as it is: the reference of every condition
-        nb, _ = token_nlls(work, h)
-
-    def run(calibrated) -> dict:
-        hook_on["on"] = calibrated is not None
-        if calibrated is not None:
-            hook_on["shift"] = calibrated
+    def run(estimate) -> dict:
+        cal.shift = estimate       # None: the adapters uncorrected
         na, _ = token_nlls(work, h)
         mine = RT.answer_nlls(work, tok, ctx, list(fs) + list(dec))
         nt, _ = RT.score_nll(work, ctx, nxt, max_len)
-        hook_on["on"] = False
         return {"heldout_base": nb, "heldout_method": na, "facts": mine[:len(fs)], "decoys": mine[len(fs):],
                 "next": nt}
 
     results = [("adapters", run(None))] + [(name, run(e)) for name, e in estimators.items()]
-    handle.remove()
+    cal.detach()
     win = RT.answer_nlls(model, tok, ctx, list(fs) + list(dec))
     full = [RT.answer_nlls(model, tok, passages[j] + ctx, [fs[j]])[0] for j in range(len(fs))]
     next_window, _ = RT.score_nll(model, ctx, nxt, max_len)
@@ -176,7 +166,7 @@ def main(argv=None) -> int:
     out = {"command": "python benchmarks/scripts/damage_anatomy.py " + " ".join(argv),
            "speech": sp.fileid, "heldout": held.fileid, "variant": a.variant, "rounds": a.rounds,
            "window": f"{a.n}/{a.m}/{a.k}",
-           "eviction_rounds": ev, "background_tokens": count, "seconds": None, "conditions": {}}
+           "eviction_rounds": ev, "background_tokens": sum(len(r) - 1 for r in cal.rows), "seconds": None, "conditions": {}}
     for name, res in results:
         nb, na = res["heldout_base"], res["heldout_method"]
         diff = (na - nb)
