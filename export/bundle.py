@@ -21,6 +21,7 @@ from absorber.attention import use_grouped_attention
 from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
 from absorber.export.combined import BRANCH_OF, combine
+from absorber.export.fusions import rms_norms_as_division, rotary_as_kernel
 from absorber.export.recompute import recompute_layers
 from absorber import bundle_format as F
 from absorber.bundle_format import ALIGN, MANIFEST, SMALL_ALIGN, WEIGHTS_FILE
@@ -335,6 +336,12 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
     train, dec = onnx.ModelProto(), onnx.ModelProto()
     train.CopyFrom(traced.train)
     dec.CopyFrom(traced.decoder)
+    # decoder only (export/fusions.py): each RMS norm as x / sqrt(.), which ONNX Runtime fuses into one node at
+    # load; each rotary embedding as one RotaryEmbedding node over tables of cos / sin by position
+    norms = rms_norms_as_division(dec.graph)
+    rotary = rotary_as_kernel(dec.graph, int(traced.facts["max_positions"]), F.POSITION_IDS)
+    if rotary and not any(o.domain == "com.microsoft" for o in dec.opset_import):
+        dec.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     weight_names = set(traced.weight_names)
     store = dict(traced.store)
     qweights: dict[str, Q.QWeight] = {}
@@ -343,6 +350,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
     aliases: dict[str, str | tuple[str, int, int]] = {}
     row_aliases: dict[str, tuple[str, int, int]] = {}
     kernel: set[str] = set()
+    fused: dict[str, Q.Fused] = {}
     if quant != "fp32":
         say(f"quantizing frozen weights ({quant})")
         seen = {}
@@ -360,8 +368,11 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
                 qweights[n] = qw
             else:
                 qweights[n] = Q.quantize(n, traced.store[n], quant)
+        # linear layers that read one input run as one MatMulNBits over their stacked weights (export/quant.py
+        # Fused): the groups the decoder has, applied wherever a graph feeds a whole group one input
+        fused = {f.qw.name: f for f in (Q.fuse(g, qweights) for g in Q.linear_groups(dec.graph, qweights))}
         for gname, mp in (("train_step", train), ("decoder", dec)):
-            res = Q.apply(mp.graph, qweights, accuracy[gname])
+            res = Q.apply(mp.graph, qweights, accuracy[gname], fused=fused)
             store.update(res["stored"])
             row_aliases.update(res["row_aliases"])
             for k, v in res["counts"].items():
@@ -369,7 +380,12 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         weight_names = (weight_names - set(qweights)) | (set(store) - set(traced.store))
         aliases = {v: q for v, q in Q.aliases(qweights).items() if v in weight_names}
         aliases.update({v: a for v, a in row_aliases.items() if v in weight_names})
-        kernel = Q.kernel_tensors(qweights) & weight_names
+        # a fused member's tensors feed only DequantizeLinear (the backward), unless some graph still runs it alone
+        members = {m for f in fused.values() for m in f.members}
+        alone = {i for mp in (train, dec) for nd in mp.graph.node if nd.op_type == "MatMulNBits"
+                 for i in nd.input[1:]}
+        kernel = (Q.kernel_tensors({**{n: q for n, q in qweights.items() if n not in members},
+                                    **{n: f.qw for n, f in fused.items()}}) | alone) & weight_names
     recomputed = None
     if recompute is None:
         recompute = quant != "fp32"
@@ -403,6 +419,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             graphs_desc[gname] = {"file": graph_files[gname], **graphs.io_description(mp.graph),
                                   "opset": max(o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")),
                                   "ir_version": int(mp.ir_version)}
+        graphs_desc["decoder"]["norms_for_ort_fusion"] = norms
+        graphs_desc["decoder"]["rotary_kernels"] = rotary
         if recomputed is not None:
             graphs_desc["train_step"]["recompute"] = recomputed
         if kernel:
@@ -422,7 +440,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "slice": traced.slice,
             "adapters_file": F.ADAPTERS_FILE,
             "loss": F.loss_entry(traced.cfg, traced.layers, F.HEAD_CHUNKS if traced.head_pieces else 0),
-            "quant": Q.describe(quant, qweights, counts, accuracy),
+            "quant": Q.describe(quant, qweights, counts, accuracy, fused),
             "session_config": dict(Q.SESSION_CONFIG),
             "defaults": F.defaults_entry(traced.cfg),
             "graphs": graphs_desc,

@@ -298,15 +298,105 @@ def _is_linear(nd, w: str) -> str | None:
     return None
 
 
+@dataclass
+class Fused:
+    """Linear layers that read the same input (a layer's q/k/v projections, its gate/up projections) as ONE
+    MatMulNBits over their weights stacked along N, then a Split: one kernel call instead of one per layer, the
+    same numbers (each output column is its own dot product over the same blocks). The stacked weight is what
+    weights.bin stores; each member's tensors (for the backward's DequantizeLinear) are row aliases of it."""
+    qw: QWeight                                # the members' blocks stacked along N
+    members: tuple[str, ...]
+    rows: dict[str, tuple[int, int]]           # member -> its rows of the stack
+
+
+def fused_name(members: tuple[str, ...]) -> str:
+    return f"{members[0]}.fused{len(members)}"
+
+
+def linear_groups(graph, qweights: dict[str, QWeight]) -> list[tuple[str, ...]]:
+    """The sets of quantized weights that some input feeds as x @ W^T in `graph` (two or more, each once, with
+    the same K, bits, block and kind of zero point), in the graph's order."""
+    by_input: dict[str, list[str]] = {}
+    for nd in graph.node:
+        ws = [x for x in nd.input if x in qweights]
+        x = _is_linear(nd, ws[0]) if len(ws) == 1 else None
+        if x is not None:
+            by_input.setdefault(x, []).append(ws[0])
+    groups, taken = [], set()
+    for ws in by_input.values():
+        if len(ws) < 2 or len(set(ws)) != len(ws) or taken & set(ws):
+            continue
+        q0 = qweights[ws[0]]
+        if any((qweights[w].shape[1], qweights[w].bits, qweights[w].block, qweights[w].minimum is None)
+               != (q0.shape[1], q0.bits, q0.block, q0.minimum is None) for w in ws):
+            continue
+        groups.append(tuple(ws))
+        taken |= set(ws)
+    return groups
+
+
+def fuse(members: tuple[str, ...], qweights: dict[str, QWeight]) -> Fused:
+    qs = [qweights[m] for m in members]
+    rows, start = {}, 0
+    for m, q in zip(members, qs):
+        rows[m] = (start, start + q.shape[0])
+        start += q.shape[0]
+    sources = {q.source for q in qs}
+    qw = QWeight(fused_name(members), qs[0].bits, qs[0].block, np.concatenate([q.q for q in qs]),
+                 np.concatenate([q.scale for q in qs]),
+                 None if qs[0].minimum is None else np.concatenate([q.minimum for q in qs]),
+                 sources.pop() if len(sources) == 1 else "mixed")
+    return Fused(qw, tuple(members), rows)
+
+
+def _fusion_plan(graph, qweights: dict[str, QWeight], fused: dict[str, Fused]) -> tuple[dict, set]:
+    """{index of a group's first linear node: (Fused, input, [member outputs])} and the indices of the other
+    members' nodes, for every input that feeds ALL members of a group (each once) as x @ W^T."""
+    member_of = {m: f for f in fused.values() for m in f.members}
+    uses: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+    for i, nd in enumerate(graph.node):
+        ws = [x for x in nd.input if x in qweights]
+        x = _is_linear(nd, ws[0]) if len(ws) == 1 and ws[0] in member_of else None
+        if x is not None:
+            uses.setdefault((x, member_of[ws[0]].qw.name), []).append((i, ws[0], nd.output[0]))
+    emit, skip = {}, set()
+    for (x, fname), us in uses.items():
+        f = next(f for f in fused.values() if f.qw.name == fname)
+        got = {w: (i, out) for i, w, out in us}
+        if len(got) != len(us) or set(got) != set(f.members):
+            continue
+        first = min(i for i, _, _ in us)
+        emit[first] = (f, x, [got[m][1] for m in f.members])
+        skip |= {i for i, _, _ in us if i != first}
+    return emit, skip
+
+
 def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
-          ids_names: tuple[str, ...] = ("input_ids", "x_ids")) -> dict:
+          ids_names: tuple[str, ...] = ("input_ids", "x_ids"), fused: dict[str, Fused] | None = None) -> dict:
     """Rewrite every use of the named float initializers (in place). Returns {stored tensor name: array}
     of what the graph now references (quantized tensors, views, constants, row pieces), a count of each kind of
-    use, and the row pieces' aliases {name: (stored tensor, first byte, bytes)} for the tensor table."""
+    use, and the row pieces' aliases {name: (stored tensor, first byte, bytes)} for the tensor table.
+    fused: {name: Fused}: where an input feeds all of a group's members, one MatMulNBits over the stack and a
+    Split; every member's stored tensors then alias rows of the stack's (`linear_groups`, `fuse`)."""
     rw = _Rewriter(accuracy_level)
     counts = {"matmul_nbits": 0, "gather": 0, "dequantize": 0}
+    fused = fused or {}
+    emit, skip = _fusion_plan(graph, qweights, fused)
     nodes = []
-    for nd in graph.node:
+    for i, nd in enumerate(graph.node):
+        if i in skip:
+            continue
+        if i in emit:
+            f, x, outs = emit[i]
+            y = rw._tmp(f.qw.name + ".y")
+            sizes = [f.rows[m][1] - f.rows[m][0] for m in f.members]
+            nodes += rw.matmul(f.qw, x, y)
+            nodes.append(helper.make_node("Split", [y, rw._const("split." + "_".join(map(str, sizes)),
+                                                                   np.array(sizes, np.int64))],
+                                          outs, axis=-1, name=rw._tmp(f.qw.name)))
+            counts["matmul_nbits"] += len(f.members)
+            counts["matmul_nbits_fused"] = counts.get("matmul_nbits_fused", 0) + 1
+            continue
         ws = [x for x in nd.input if x in qweights]
         if not ws:
             nodes.append(nd)
@@ -347,27 +437,49 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
     stored: dict[str, np.ndarray] = {}
     for name, arr in rw.consts.items():
         graph.initializer.append(numpy_helper.from_array(arr, name))
+    # where each stored tensor's bytes live: a member of a fused group keeps none of its own, its tensors are
+    # rows of the stack's (the 8-bit DequantizeLinear zero points: MatMulNBits' own, the same values, 128)
+    stack = {m: f for f in fused.values() for m in f.members}
+    kind_in_stack = {"q": "q", "view": "q", "scale": "scale", "zero": "zero", "zero8": "zero", "min": "min"}
+
+    def home(qw: QWeight, kind: str, start: int, stop: int) -> tuple[QWeight, str, int, int]:
+        f = stack.get(qw.name)
+        if f is None:
+            return qw, ("q" if kind == "view" else kind), start, stop
+        a = f.rows[qw.name][0]
+        return f.qw, kind_in_stack[kind], a + start, a + stop
+
     whole_of: dict[str, dict[str, np.ndarray]] = {}      # each weight's stored tensors, packed once
-    for qw in qweights.values():
-        whole_of[qw.name] = qw.stored()
-        for k, arr in whole_of[qw.name].items():
-            if k in rw.used:
-                stored[k] = arr
-                graph.initializer.append(numpy_helper.from_array(arr, k))
-        view = qw.names["view"]
-        if view in rw.used:                     # [N, K] over the packed bytes (the exporter aliases them)
-            stored[view] = whole_of[qw.name][qw.names["q"]]
-            graph.initializer.append(_view_proto(view, stored[view], qw))
     row_aliases: dict[str, tuple[str, int, int]] = {}
+
+    def whole(qw: QWeight, kind: str) -> tuple[str, np.ndarray]:
+        if qw.name not in whole_of:
+            whole_of[qw.name] = qw.stored()
+        name = qw.names[kind]
+        return name, whole_of[qw.name][name]
+
+    def put(name: str, qw: QWeight, kind: str, start: int, stop: int, alias: bool) -> None:
+        """Store `name` = rows start..stop of qw's tensor of this kind (an alias of those bytes when `alias`)."""
+        hq, hkind, a, b = home(qw, kind, start, stop)
+        parent, arr = whole(hq, hkind)
+        piece = arr if (a, b) == (0, hq.shape[0]) else np.ascontiguousarray(arr[a:b])
+        stored[name] = piece
+        if alias or hq is not qw:
+            per_row = arr.nbytes // hq.shape[0]
+            row_aliases[name] = (parent, a * per_row, (b - a) * per_row)
+        graph.initializer.append(_view_proto(name, piece, hq) if kind == "view"
+                                 else numpy_helper.from_array(piece, name))
+
+    for qw in list(qweights.values()) + [f.qw for f in fused.values()]:
+        for kind, name in qw.names.items():
+            if name in rw.used and kind != "view":
+                put(name, qw, kind, 0, qw.shape[0], alias=False)
+        if qw.names["view"] in rw.used:     # [N, K] over the packed bytes (the exporter aliases them)
+            put(qw.names["view"], qw, "view", 0, qw.shape[0], alias=qw.name in stack)
     parents = {k: (qw, kind) for qw in qweights.values() for kind, k in qw.names.items()}
     for name, (parent, start, stop) in rw.rows.items():
         qw, kind = parents[parent]
-        whole = whole_of[qw.name][parent]
-        per_row = whole.nbytes // qw.shape[0]
-        piece = np.ascontiguousarray(whole[start:stop])
-        stored[name] = piece
-        row_aliases[name] = (parent, start * per_row, (stop - start) * per_row)
-        graph.initializer.append(_view_proto(name, piece, qw) if kind == "q" else numpy_helper.from_array(piece, name))
+        put(name, qw, "view" if kind == "q" else kind, start, stop, alias=True)
     return {"stored": stored, "counts": counts, "row_aliases": row_aliases}
 
 
@@ -382,7 +494,7 @@ def aliases(qweights: dict[str, QWeight]) -> dict[str, str]:
 
 
 def describe(scheme: str, qweights: dict[str, QWeight], counts: dict | None = None,
-             accuracy: dict | None = None) -> dict:
+             accuracy: dict | None = None, fused: dict[str, Fused] | None = None) -> dict:
     d = {"scheme": scheme}
     if scheme == "fp32":
         d["weights"] = "float32"
@@ -405,5 +517,6 @@ def describe(scheme: str, qweights: dict[str, QWeight], counts: dict | None = No
         "accuracy_level": dict(accuracy or ACCURACY),
         "uses": dict(counts or {}),
         "kept_float": "1-D tensors (norm weights) and non-weight constants",
+        "fused": {n: list(f.members) for n, f in sorted((fused or {}).items())},
     })
     return d

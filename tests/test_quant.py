@@ -204,22 +204,27 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
     b = read_manifest(tiny_bundles[quant])
     man = b.manifest["quant"]
     quantized = set(man["quantized"])
-    small = {x for n in quantized for x in (f"{n}.scale", f"{n}.min")}
+    stacks = man["fused"]                 # q/k/v and gate/up of each layer: one MatMulNBits each (test below)
+    saved = sum(len(m) - 1 for m in stacks.values())
+    assert stacks and saved == 3 * sum(1 for n in quantized if "down_proj" in n)
+    small = {x for n in quantized | set(stacks) for x in (f"{n}.scale", f"{n}.min")}
     for gname, mp in _graphs(tiny_bundles[quant]).items():
         g = mp.graph
         floats = [t for t in g.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]
         assert not quantized & {t.name for t in g.initializer}
         for t in floats:
-            assert t.name.split(".rows")[0] in small or t.name.startswith("blocksum."), t.name
+            assert t.name.split(".rows")[0] in small or t.name.startswith(("blocksum.", "rotary.")), t.name
             if t.name in small:                     # [N, K/32] beside the packed [N, K/32, blob]
-                base = next(n for n in quantized if t.name.startswith(n + "."))
-                packed = next(s for s in b.stored_tensors if s.name == f"{base}.q{man['bits'][base]}")
-                assert list(t.dims) == list(packed.shape[:2])
+                base = max((n for n in quantized | set(stacks) if t.name.startswith(n + ".")), key=len)
+                stack = next((k for k, ms in stacks.items() if base in ms), base)   # a member: rows of it
+                bits = man["bits"][stacks[stack][0] if stack in stacks else stack]
+                packed = next(s for s in b.stored_tensors if s.name == f"{stack}.q{bits}")
+                assert t.dims[1] == packed.shape[1] and (t.dims[0] == packed.shape[0]) == (stack == base)
         ops = [nd.op_type for nd in g.node]
         layers = sum(1 for n in quantized if "embed" not in n and "lm_head" not in n)
         if gname == "decoder":                        # + the lm_head (the embedding's table when tied)
             assert "DequantizeLinear" not in ops
-            assert ops.count("MatMulNBits") == layers + 1
+            assert ops.count("MatMulNBits") == layers - saved + 1
         else:
             # the student on Y (the sync loss) and on X (the next-token term, with the lm_head): every linear
             # layer twice, the head once per piece of X; int8/int4 recompute the layers' forward in the
@@ -229,17 +234,77 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
             assert b.loss_ntp_weight > 0 and b.loss_head_chunks == HEAD_CHUNKS
             clones = sum(1 for nd in g.node if nd.op_type == "MatMulNBits" and SUFFIX in nd.name)
             assert b.recompute and 0 < clones <= 2 * layers
-            assert ops.count("MatMulNBits") - clones == 2 * layers + HEAD_CHUNKS
+            assert ops.count("MatMulNBits") - clones == 2 * (layers - saved) + HEAD_CHUNKS
             # dX of the backward, and softmax @ W of each piece of X (the head in the other orientation), the
             # head in its 3 row pieces (test_large_contractions_dequantize_in_row_pieces)
             assert 0 < ops.count("DequantizeLinear") <= 2 * layers + 3 * HEAD_CHUNKS
     kinds = {t.name: t for t in b.stored_tensors}
-    for n in quantized:
-        q = kinds[f"{n}.q{man['bits'][n]}"]
+    members = {m for ms in stacks.values() for m in ms}
+    for n in (quantized - members) | set(stacks):
+        q = kinds[f"{n}.q{man['bits'][stacks[n][0] if n in stacks else n]}"]
         assert q.kernel and q.dtype == "uint8"
-    # the backward's [N, K] views reuse the packed bytes: no second copy in weights.bin
-    views = [t for t in b.stored_tensors if t.alias_of and ".rows" not in t.name]
-    assert views and all(kinds[v.alias_of].offset == v.offset for v in views)
+    # the backward's [N, K] views reuse the packed bytes: no second copy in weights.bin (a fused member's: its
+    # rows of the stack)
+    views = [t for t in b.stored_tensors if t.alias_of and t.name.endswith(".view")]
+    assert views
+    for v in views:
+        whole = kinds[v.alias_of]
+        assert whole.offset <= v.offset and v.offset + v.length <= whole.offset + whole.length
+        if v.name.rsplit(".q", 1)[0] in members:
+            assert v.alias_of.rsplit(".q", 1)[0] in stacks
+        else:
+            assert whole.offset == v.offset
+    # a member's own scale (and minimum) feed the backward's DequantizeLinear only: the runtime shares them
+    assert all(not t.kernel for t in b.stored_tensors if t.alias_of and t.name.endswith(".scale"))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_linear_layers_that_share_an_input_run_as_one_kernel(scheme):
+    """Three x @ W^T on one input become ONE MatMulNBits over the stacked weights and a Split, with the same
+    numbers as three; the backward's dY @ W of a member dequantizes its rows of the stack (row aliases, no second
+    copy of the bytes), also the same numbers."""
+    K, Ns = 64, (96, 32, 32)
+    ws = {f"w{i}": RNG.standard_normal((N, K)).astype(np.float32) for i, N in enumerate(Ns)}
+    qws = {n: Q.quantize(n, w, scheme) for n, w in ws.items()}
+    x = RNG.standard_normal((1, 5, K)).astype(np.float32)
+    dy = RNG.standard_normal((5, Ns[1])).astype(np.float32)
+
+    def graph():
+        nodes = [helper.make_node("FusedMatMul", ["X", n], [f"Y{i}"], domain="com.microsoft", transB=1)
+                 for i, n in enumerate(ws)]
+        nodes.append(helper.make_node("MatMul", ["DY", "w1"], ["DX"]))
+        outs = [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None) for i in range(3)]
+        outs.append(helper.make_tensor_value_info("DX", TensorProto.FLOAT, None))
+        return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 5, K]),
+                                              helper.make_tensor_value_info("DY", TensorProto.FLOAT, [5, Ns[1]])],
+                                 outs, [numpy_helper.from_array(w, n) for n, w in ws.items()])
+
+    def run(g):
+        mp = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        return ort.InferenceSession(mp.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"X": x, "DY": dy})
+
+    g0 = graph()
+    plain = run(g0) if Q.apply(g0, qws, 1) else None
+    assert Q.linear_groups(graph(), qws) == [("w0", "w1", "w2")]
+    f = Q.fuse(("w0", "w1", "w2"), qws)
+    g1 = graph()
+    res = Q.apply(g1, qws, 1, fused={f.qw.name: f})
+    fused = run(g1)
+    ops = [nd.op_type for nd in g1.node]
+    assert ops.count("MatMulNBits") == 1 and "Split" in ops and res["counts"]["matmul_nbits_fused"] == 1
+    for a, b in zip(plain, fused):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(fused[3], dy @ qws["w1"].dequantized(), rtol=0, atol=2e-5)
+    # w1's tensors are its rows of the stack, byte for byte
+    own = qws["w1"].stored()
+    for name, (parent, start, length) in res["row_aliases"].items():
+        assert name.startswith("w1.") and parent.startswith(f.qw.name + ".")
+        stack = res["stored"][parent]
+        assert stack.tobytes()[start:start + length] == res["stored"][name].tobytes()
+        if name in own:
+            assert res["stored"][name].tobytes() == own[name].tobytes()
+    assert not {n for n in res["stored"] if n.startswith(("w0.", "w2.")) and not n.startswith(f.qw.name)}
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
@@ -320,3 +385,4 @@ def test_accuracy_per_weight_bits(tiny_bundle_int4, exact_profile):
     from absorber.errors import AbsorberError
     with pytest.raises(AbsorberError, match="matmul_accuracy"):
         Profile("p", matmul_accuracy={"decoder:2": 4})
+
