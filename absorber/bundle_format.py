@@ -96,11 +96,15 @@ def is_view_rows(name: str) -> bool:
     return re.search(r"\.view\.rows\d+-\d+$", name) is not None
 
 
-def required_io(graph: str, num_layers: int, adapters: list[str], ntp: bool = False) -> tuple[set[str], set[str]]:
+def required_io(graph: str, num_layers: int, adapters: list[str], ntp: bool = False,
+                packed: dict | None = None) -> tuple[set[str], set[str]]:
     """(inputs, outputs) that the runtime needs from a graph, whatever the manifest says. ntp: the train step
-    carries the next-token term on X (manifest loss.ntp_weight > 0) and so takes X's ids."""
+    carries the next-token term on X (manifest loss.ntp_weight > 0) and so takes X's ids. packed: the decoder's
+    packed adapter inputs (manifest graphs.decoder.packed_adapters), which replace the adapters they pack."""
     ins = {INPUT_IDS, POSITION_IDS} | set(adapters)
     if graph == "decoder":
+        packed = packed or {}
+        ins = (ins - {a for p in packed.values() for a, _ in p["parts"]}) | set(packed)
         return (ins | {LOGITS_TO_KEEP} | set(past_names(num_layers)),
                 {LOGITS, HIDDEN_STATES} | set(present_names(num_layers)))
     return ins | {TEACHER_HIDDEN} | ({X_IDS} if ntp else set()), {LOSS} | {grad_name(a) for a in adapters}
@@ -446,6 +450,12 @@ class Bundle:
     @property
     def adapter_names(self) -> list[str]:
         return [t["name"] for t in self.manifest["slice"]["tensors"]]
+
+    @property
+    def packed_adapters(self) -> dict:
+        """{decoder input: {"kind", "parts": [[adapter, scale], ...], "shape"}}: adapters the decoder takes packed
+        (runtime/packing.py); empty for bundles without."""
+        return dict(self.manifest["graphs"]["decoder"].get("packed_adapters") or {})
 
     @property
     def slice_tensors(self) -> list[dict]:

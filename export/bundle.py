@@ -22,6 +22,7 @@ from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
 from absorber.export.combined import BRANCH_OF, combine
 from absorber.export.fusions import rms_norms_as_division, rotary_as_kernel
+from absorber.export.lora_packing import pack_lora_paths
 from absorber.export.recompute import recompute_layers
 from absorber import bundle_format as F
 from absorber.bundle_format import ALIGN, MANIFEST, SMALL_ALIGN, WEIGHTS_FILE
@@ -351,6 +352,7 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
     row_aliases: dict[str, tuple[str, int, int]] = {}
     kernel: set[str] = set()
     fused: dict[str, Q.Fused] = {}
+    packed: dict[str, dict] = {}
     if quant != "fp32":
         say(f"quantizing frozen weights ({quant})")
         seen = {}
@@ -377,6 +379,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             row_aliases.update(res["row_aliases"])
             for k, v in res["counts"].items():
                 counts[f"{gname}.{k}"] = v
+        # the decoder's LoRA paths of each stack as two products over packed adapter inputs (export/lora_packing.py)
+        packed = pack_lora_paths(dec.graph, {n: tuple(a.shape) for n, a in traced.adapters.items()})
         weight_names = (weight_names - set(qweights)) | (set(store) - set(traced.store))
         aliases = {v: q for v, q in Q.aliases(qweights).items() if v in weight_names}
         aliases.update({v: a for v, a in row_aliases.items() if v in weight_names})
@@ -421,6 +425,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
                                   "ir_version": int(mp.ir_version)}
         graphs_desc["decoder"]["norms_for_ort_fusion"] = norms
         graphs_desc["decoder"]["rotary_kernels"] = rotary
+        if packed:
+            graphs_desc["decoder"]["packed_adapters"] = packed
         if recomputed is not None:
             graphs_desc["train_step"]["recompute"] = recomputed
         if kernel:

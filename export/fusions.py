@@ -15,6 +15,25 @@ from __future__ import annotations
 from onnx import helper, numpy_helper
 
 
+def _index(graph) -> tuple[dict, dict, dict, set]:
+    """constants (initializers and Constant nodes) by name, each value's producer, its consumers, graph outputs."""
+    consts = {t.name: t for t in graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute
+                   and n.attribute[0].name == "value"})
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consts, producer, consumers, {o.name for o in graph.output}
+
+
+def _made_by(producer: dict, name: str, op: str):
+    """The standard-domain node of type `op` that writes `name`, else None."""
+    nd = producer.get(name)
+    return nd if nd is not None and nd.op_type == op and nd.domain in ("", "ai.onnx") else None
+
+
 def _scalar(consts: dict, name: str) -> float | None:
     t = consts.get(name)
     if t is None:
@@ -26,19 +45,10 @@ def _scalar(consts: dict, name: str) -> float | None:
 def rms_norms_as_division(graph) -> int:
     """x * Reciprocal(Sqrt(mean(x^2) + eps)) -> x / Sqrt(mean(x^2) + eps) in every RMS norm of `graph` (in
     place); returns how many. Only where the Reciprocal and the Mul have no other consumer."""
-    consts = {t.name: t for t in graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute
-                   and n.attribute[0].name == "value"})
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    consts, producer, consumers, outputs = _index(graph)
 
     def made_by(name: str, op: str):
-        nd = producer.get(name)
-        return nd if nd is not None and nd.op_type == op and nd.domain in ("", "ai.onnx") else None
+        return _made_by(producer, name, op)
 
     drop: set[int] = set()
     for rc in graph.node:
@@ -135,18 +145,10 @@ def _tables(graph, cos: str, sin: str, positions: int, position_ids: str, produc
 def rotary_as_kernel(graph, positions: int, position_ids: str = "position_ids") -> int:
     """Rewrite each traced rotary embedding of `graph` as one com.microsoft.RotaryEmbedding (in place); returns
     how many. Nothing changes when the tables would exceed TABLE_BYTES or the pattern is not the plain one."""
-    consts = {t.name: t for t in graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute
-                   and n.attribute[0].name == "value"})
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consts, producer, consumers, outputs = _index(graph)
 
     def made_by(name: str, op: str):
-        nd = producer.get(name)
-        return nd if nd is not None and nd.op_type == op and nd.domain in ("", "ai.onnx") else None
+        return _made_by(producer, name, op)
 
     def half_slice(nd, t: str):
         """(start, end) of a Slice of t along the last axis with step 1, else None."""
@@ -211,7 +213,6 @@ def rotary_as_kernel(graph, positions: int, position_ids: str = "position_ids") 
         return 0
     nodes = [put.get(id(n), n) for n in graph.node if id(n) not in drop or id(n) in put]
     # the cos / sin nodes no layer reads any more
-    outputs = {o.name for o in graph.output}
     while True:
         used = {i for n in nodes for i in n.input} | outputs
         live = [n for n in nodes if any(o in used for o in n.output)]

@@ -96,7 +96,8 @@ def check_session_io(b: Bundle, graph: str, session) -> None:
             if t and act[n] != t:
                 raise _bad(b.path, f"{graph} graph {what[:-1]} {n!r} is {act[n]}, the manifest says {t}")
     # and what this runtime needs from each graph, whatever the manifest says
-    need_in, need_out = F.required_io(graph, b.num_layers, b.adapter_names, ntp=b.loss_ntp_weight > 0)
+    need_in, need_out = F.required_io(graph, b.num_layers, b.adapter_names, ntp=b.loss_ntp_weight > 0,
+                                      packed=b.packed_adapters)
     miss = sorted((need_in - set(actual_in)) | (need_out - set(actual_out)))
     if miss:
         raise _bad(b.path, f"{graph} graph lacks {', '.join(miss[:3])}{' ...' if len(miss) > 3 else ''}")

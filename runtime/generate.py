@@ -26,7 +26,7 @@ def prefill_feeds(model, ids: list[int], adapters: dict, logits_to_keep: int, pa
              F.POSITION_IDS: np.arange(start, start + T, dtype=np.int64)[None],
              F.LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64)}
     feeds.update(past or {n: model.empty_past for n in model.past_names})
-    feeds.update(adapters)
+    feeds.update(model.decoder_adapters(adapters))
     return feeds
 
 
@@ -111,14 +111,18 @@ def pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
 class Generator:
     """Token-by-token decoding with the KV cache, over one stream's adapters (bound once)."""
 
-    def __init__(self, model, adapter_values: dict[str, ort.OrtValue], max_new_tokens: int,
+    def __init__(self, model, adapter_values: dict[str, ort.OrtValue | np.ndarray], max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True):
         self.model = model
         self.max_new = int(max_new_tokens)
         self.temperature, self.top_p, self.stop_at_eos = temperature, top_p, stop_at_eos
         self.rng = np.random.default_rng(seed)
         self.io = model.decoder.io_binding()
-        for n, ov in adapter_values.items():
+        # OrtValues, or numpy arrays (the decoder's packed adapters, Model.decoder_adapters) wrapped without a copy
+        # and kept alive as long as the generator
+        self._adapters = {n: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+                          for n, v in adapter_values.items()}
+        for n, ov in self._adapters.items():
             self.io.bind_ortvalue_input(n, ov)
         self._keep = ort.OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64))
         self._past = {n: ort.OrtValue.ortvalue_from_numpy(model.empty_past) for n in model.past_names}

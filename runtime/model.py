@@ -22,6 +22,7 @@ from absorber.errors import AbsorberError
 from absorber.devices import default_profile
 from absorber.devices.planner import parse_size, plan, predict
 from absorber.runtime.bundle import open_bundle
+from absorber.runtime.packing import decoder_adapters
 from absorber.runtime.optim import Scratch
 from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile, shrink_options
 
@@ -52,9 +53,12 @@ class Model:
         self.adapter_names = [s.name for s in self.adapter_specs]
         self.empty_past = np.zeros((1, bundle.num_kv_heads, 0, bundle.head_dim), np.float32)
         self.initial_adapters = self._read_initial_adapters()
+        # adapters the decoder takes packed (export/lora_packing.py): built from a stream's own when it calls it
+        self.packed_adapters = bundle.packed_adapters
         # teacher="base": the decoder with every B at zero is the base model. The zero Bs are views of ONE
         # read-only buffer the size of the largest B (sessions only read inputs), shared by every stream.
         b_sizes = [int(np.prod(s.shape)) for s in self.adapter_specs if s.name.endswith(".lora_B")]
+        b_sizes += [int(np.prod(p["shape"])) for p in bundle.packed_adapters.values()]
         self._zero_b = np.zeros(max(b_sizes, default=0), np.float32)
         self._zero_b.flags.writeable = False
         # gradients, optimizer temporaries and the rollback backup: needed only during a round, shared by every
@@ -63,6 +67,19 @@ class Model:
         self.grad_values = None    # OrtValues over scratch.grads, made on first use
         # the round's decoder passes give the arena's free regions back when they end (sessions.shrink_options)
         self.round_run_options = shrink_options(profile, device)
+
+    def decoder_adapters(self, adapters: dict) -> dict:
+        """The decoder's adapter inputs from one numpy array per adapter: the same dict for bundles without packed
+        adapters; else the packed inputs in one new buffer (one pass over the adapters, transient: a final loss
+        evaluation or one answer) and the given arrays for the rest (runtime/packing.py)."""
+        return decoder_adapters(self.packed_adapters, adapters)
+
+    def base_decoder_adapters(self, adapters: dict) -> dict:
+        """The decoder's inputs for the base model (every B at zero, teacher="base"): `adapters` with each B a
+        view of the shared zero buffer, and every packed input too (zero A and B give the same zero path)."""
+        base = {n: (self.zero_b(v.shape) if n.endswith(".lora_B") else v) for n, v in adapters.items()}
+        base.update({n: self.zero_b(tuple(p["shape"])) for n, p in self.packed_adapters.items()})
+        return decoder_adapters(self.packed_adapters, base)
 
     # ------------------------------------------------------------------ open
     @classmethod

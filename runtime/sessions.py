@@ -104,13 +104,20 @@ class Branch:
         sel = bundle.combined_selector
         # the selector is True for the If's then_branch (the train step; the earlier layout: the decoder)
         self._feeds: dict[str, np.ndarray] = {sel: np.asarray(bundle.combined_branch(graph) == "then_branch")}
+        shapes = {}
         for n, i in ins.items():
             if n == sel or n in mine:
                 continue
             if i.type not in ORT_TYPES:
                 raise AbsorberError(f"bundle {bundle.path}: combined graph input {n!r} has type {i.type}")
-            shape = [d if isinstance(d, int) else 0 for d in (i.shape or [])]
-            self._feeds[n] = np.zeros(shape, ORT_TYPES[i.type])
+            shapes[n] = ([d if isinstance(d, int) else 0 for d in (i.shape or [])], ORT_TYPES[i.type])
+        # the other graph's static inputs (the train step's adapters, the decoder's packed ones: MBs) are views of
+        # ONE zero buffer, which nothing writes or reads through (the other graph does not run): never resident
+        sizes = [int(np.prod(sh)) for sh, t in shapes.values() if t == np.float32]
+        zero = np.zeros(max(sizes, default=0), np.float32)
+        zero.flags.writeable = False
+        for n, (sh, t) in shapes.items():
+            self._feeds[n] = zero[:int(np.prod(sh))].reshape(sh) if t == np.float32 else np.zeros(sh, t)
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._feeds.items()}
 
     def __getattr__(self, name):

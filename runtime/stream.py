@@ -107,8 +107,7 @@ class Stream:
         for n, v in self.param_views.items():
             v[...] = model.initial_adapters[n]
         self._b_views = [v for n, v in self.param_views.items() if n.endswith(".lora_B")]
-        self._base_feeds = {n: (model.zero_b(v.shape) if n.endswith(".lora_B") else v)
-                            for n, v in self.param_views.items()}
+        self._base_feeds = model.base_decoder_adapters(self.param_views)
         self._param_ov = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.param_views.items()}
         if model.grad_values is None:      # the gradients land in the model's shared scratch
             model.grad_values = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.grad_views.items()}
@@ -444,8 +443,11 @@ class Stream:
                      seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
         """Token ids continuing `prefix` with this stream's adapters (greedy by default)."""
         with ort_errors("an answer"):
-            return G.generate(self.model, self._param_ov, prefix, max_new, temperature, top_p, seed,
-                              stop_at_eos, on_token)
+            values = self._param_ov
+            if self.model.packed_adapters:      # the decoder's packed inputs, built from the current adapters
+                values = {n: self._param_ov.get(n, v) for n, v in self.model.decoder_adapters(self.param_views).items()}
+            return G.generate(self.model, values, prefix, max_new, temperature, top_p, seed, stop_at_eos,
+                              on_token)
 
     def ask(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, on_token=None) -> str:

@@ -18,6 +18,7 @@ onnx = pytest.importorskip("onnx")
 
 from absorber.bundle_format import HEAD_CHUNKS  # noqa: E402
 from absorber import lora, sync  # noqa: E402
+from absorber.runtime.packing import decoder_adapters  # noqa: E402
 from absorber.config import AbsorberConfig, LoraConfig  # noqa: E402
 from absorber.errors import AbsorberError  # noqa: E402
 
@@ -89,6 +90,7 @@ def _decode(sess, m: dict, seq: np.ndarray, adapters: dict, prefill: int):
     past = {f"past_{k}.{i}": np.zeros((1, kv, 0, hd), np.float32) for i in range(L) for k in ("key", "value")}
     outs = [o.name for o in sess.get_outputs()]
     logits, hidden = [], []
+    adapters = decoder_adapters(m["graphs"]["decoder"].get("packed_adapters") or {}, adapters)
     for a, b in [(0, prefill)] + [(t, t + 1) for t in range(prefill, seq.shape[1])]:
         r = dict(zip(outs, sess.run(None, {"input_ids": seq[:, a:b], "position_ids": np.arange(a, b)[None],
                                            "logits_to_keep": np.array(0, np.int64), **past, **adapters})))

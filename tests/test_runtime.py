@@ -218,6 +218,41 @@ def test_logits_match_torch(any_bundle, exact_profile):
         assert np.abs(got - plain).max() > 1e-2 * scale
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_packed_adapters_answer_as_torch(tiny_bundles, exact_profile, quant):
+    """The quantized decoders take each stack's adapters packed (export/lora_packing.py: A side by side, B on a
+    block diagonal, built by the runtime from the stream's own): with nonzero adapters the logits and a greedy
+    answer equal the torch reference holding the same adapters."""
+    from absorber import lora
+    from absorber.runtime import Stream
+    bundle = tiny_bundles[quant]
+    s = Stream.open(bundle, profile=exact_profile)
+    packed = s.model.packed_adapters
+    layers = s.model.bundle.num_layers
+    assert len(packed) == 4 * layers            # q/k/v and gate/up of every layer: an A and a B each
+    members = {a for p in packed.values() for a, _ in p["parts"]}
+    dec_inputs = {i.name for i in s.model.decoder.get_inputs()}
+    assert set(packed) <= dec_inputs and not members & dec_inputs
+    rng = np.random.default_rng(7)
+    for n, v in s.param_views.items():
+        v[...] = rng.standard_normal(v.shape).astype(np.float32) * 0.05
+    model, _ = _ref_model(bundle)
+    lora.load_state(model, {n: torch.from_numpy(v.copy()) for n, v in s.param_views.items()})
+    ids = _ids(30, seed=3)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].numpy()
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, 30, dtype=torch.long),
+                             max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    plain = s.logits(ids)
+    assert np.abs(plain - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    with torch.no_grad():        # the adapters matter: without them the logits are far off
+        lora.load_state(model, {n: torch.zeros_like(torch.from_numpy(v)) if n.endswith("lora_B") else
+                                torch.from_numpy(v.copy()) for n, v in s.param_views.items()})
+        base = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].numpy()
+    assert np.abs(plain - base).max() > 1e-2 * max(1.0, np.abs(ref).max())
+    assert s.generate_ids(ids, 6, stop_at_eos=False) == out[0, 30:].tolist()
+
+
 def test_teacher_through_the_kv_cache_equals_one_pass(any_bundle, exact_profile):
     """The teacher pass reads X into the KV cache and then Y (hidden_states_after): Y's states equal those of
     one pass over X.Y, to float rounding."""

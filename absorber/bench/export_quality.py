@@ -52,6 +52,11 @@ def _bundle(path: Path):
     return open_bundle(path, verify_hashes=False)
 
 
+def _decoder_adapters(packed: dict, adapters: dict) -> dict:
+    from absorber.runtime.packing import decoder_adapters
+    return decoder_adapters(packed, adapters)
+
+
 def _session(path: Path, graph: str):
     """A plain session (no weight sharing) on one graph of the bundle, with the manifest's session config."""
     import onnxruntime as ort
@@ -147,7 +152,8 @@ def evaluate(model_spec: str, out: Path, tokens: int, y_len: int, speech: str) -
         dec = _session(path, "decoder")
         past = {n: np.zeros((1, kv, 0, hd), np.float32) for n in F.past_names(L)}
         feeds = {F.INPUT_IDS: seq.numpy(), F.POSITION_IDS: np.arange(tokens)[None],
-                 F.LOGITS_TO_KEEP: np.array(0, np.int64), **past, **init}
+                 F.LOGITS_TO_KEEP: np.array(0, np.int64), **past,
+                 **_decoder_adapters(_bundle(path).packed_adapters, init)}
         dec.run([F.LOGITS], feeds)
         t0 = time.perf_counter()
         logits = dec.run([F.LOGITS], feeds)[0][0]

@@ -14,23 +14,16 @@ itself costs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from absorber.bench import decode_calls as D
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle")
-    ap.add_argument("--cached", default="8,256")
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    a = D.arguments(__doc__)
 
     import numpy as np
     import onnx
@@ -38,7 +31,6 @@ def main() -> None:
     from safetensors.numpy import load_file
 
     from absorber import bundle_format as F
-    from absorber.devices.machine import cpu_info
     from absorber.devices.profiles import default_profile
     from absorber.devices.session import session_kwargs
     from absorber.export.combined import combine, combine_branches
@@ -79,53 +71,21 @@ def main() -> None:
             sessions[name] = ort.InferenceSession(model, **kw)
         out_names = [o["name"] for o in src.graph_io("decoder", "outputs")]
         rng = np.random.default_rng(0)
-        kv, hd = src.num_kv_heads, src.head_dim
         lines = []
         for cached in (int(x) for x in a.cached.split(",")):
-            past = {f"past_{w}.{i}": rng.standard_normal((1, kv, cached, hd)).astype(np.float32)
-                    for i in range(src.num_layers) for w in ("key", "value")}
-            feeds = {}
-            for name, s in sessions.items():
-                f = {}
-                for i in s.get_inputs():
-                    if i.name in past:
-                        f[i.name] = past[i.name]
-                    elif i.name in adapters:
-                        f[i.name] = adapters[i.name]
-                    elif i.name == F.COMBINED_SELECTOR_BRANCHES:
-                        f[i.name] = np.asarray(True)
-                    elif i.name == F.COMBINED_SELECTOR:
-                        f[i.name] = np.asarray(False)
-                    else:
-                        shape = [d if isinstance(d, int) else 0 for d in i.shape]
-                        f[i.name] = np.zeros(shape, {"tensor(float)": np.float32, "tensor(int64)": np.int64}[i.type])
-                f[F.INPUT_IDS] = np.array([[42]], np.int64)
-                f[F.POSITION_IDS] = np.array([[cached]], np.int64)
-                f[F.LOGITS_TO_KEEP] = np.asarray(1, np.int64)
-                feeds[name] = f
+            # the branches layout's selector is True for the decoder, the main layout's False
+            pool = {**D.random_past(src, cached, rng), **adapters, F.COMBINED_SELECTOR_BRANCHES: np.asarray(True),
+                    F.COMBINED_SELECTOR: np.asarray(False)}
+            feeds = {name: D.one_token_feeds(s, pool, cached) for name, s in sessions.items()}
             ref = sessions["decoder"].run([F.LOGITS], feeds["decoder"])[0]
-            times = {n: [] for n in sessions}
             for name, s in sessions.items():
                 got = s.run([F.LOGITS], feeds[name])[0]
                 if not np.array_equal(got, ref):
                     raise SystemExit(f"{name}: logits differ from decoder.onnx's by {np.abs(got - ref).max()}")
-            for _ in range(a.reps):
-                for name, s in sessions.items():
-                    calls = []
-                    for _ in range(20):
-                        t = time.perf_counter()
-                        s.run(out_names, feeds[name])
-                        calls.append(time.perf_counter() - t)
-                    times[name].append(statistics.median(calls))
-            for name in sessions:
-                lines.append({"bundle": a.bundle, "layout": name, "cached": cached,
-                              "tok_s": round(1 / statistics.median(times[name]), 1),
-                              "reps": [round(1 / t, 1) for t in times[name]]})
-        isa = cpu_info()["isa"]
-        with open(a.out, "a") as f:
-            for ln in lines:
-                f.write(json.dumps({**ln, "isa": isa}) + "\n")
-                print(json.dumps(ln))
+            times = D.alternate(sessions, feeds, a.reps, {n: out_names for n in sessions})
+            lines += [{"bundle": a.bundle, "layout": name, "cached": cached, **D.rates(times[name])}
+                      for name in sessions]
+        D.append_lines(a.out, lines)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

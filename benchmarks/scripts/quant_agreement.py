@@ -33,7 +33,7 @@ def logits_of(stream: Stream, ids: list[int]) -> np.ndarray:
     m = stream.model
     feeds = {F.INPUT_IDS: np.asarray([ids], np.int64), F.POSITION_IDS: np.arange(len(ids), dtype=np.int64)[None],
              F.LOGITS_TO_KEEP: np.array(0, np.int64), **{n: m.empty_past for n in m.past_names},
-             **stream.param_views}
+             **m.decoder_adapters(stream.param_views)}
     return m.decoder.run([F.LOGITS], feeds)[0][0]
 
 
