@@ -5,15 +5,35 @@ decoy lift: absorber/retention.py); those since 2026-12-04 also the in-context r
 held-out tokens after the method's window, base model).
 
     python benchmarks/scripts/retention_report.py benchmarks/retention_screen.json
+    python benchmarks/scripts/retention_report.py --rounds A.json B.json …    (held-out PPL change per round)
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
+
+
+def by_round(paths: list[str]) -> int:
+    """One row per round, one column per method of each file: the held-out perplexity change under the adapters
+    against the frozen model (exp of the mean NLL difference, minus 1)."""
+    cols, rows = [], {}
+    for path in paths:
+        for label, v in json.load(open(path))["methods"].items():
+            cols.append(f"{label} ({path.rsplit('/', 1)[-1]})")
+            for r in v.get("damage_records") or []:
+                rows.setdefault(r["round"], {})[cols[-1]] = math.exp((r["nll_method"] - r["nll_base"]) / r["count"]) - 1
+    print("| round | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for k in sorted(rows):
+        print(f"| {k} | " + " | ".join(f"{rows[k][c]:+.1%}" if c in rows[k] else "–" for c in cols) + " |")
+    return 0
 
 
 def main(argv=None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
+    if argv and argv[0] == "--rounds":
+        return by_round(argv[1:])
     d = json.load(open(argv[0]))
     ds = d["settings"]["distances"]
     print(f"Texts: {', '.join(d['texts'])}; {d['settings']['facts']} facts per text in the first "
