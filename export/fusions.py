@@ -15,7 +15,7 @@ from __future__ import annotations
 from onnx import helper, numpy_helper
 
 
-def _index(graph) -> tuple[dict, dict, dict, set]:
+def index_graph(graph) -> tuple[dict, dict, dict, set]:
     """constants (initializers and Constant nodes) by name, each value's producer, its consumers, graph outputs."""
     consts = {t.name: t for t in graph.initializer}
     consts.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute
@@ -34,7 +34,8 @@ def _made_by(producer: dict, name: str, op: str):
     return nd if nd is not None and nd.op_type == op and nd.domain in ("", "ai.onnx") else None
 
 
-def _scalar(consts: dict, name: str) -> float | None:
+def scalar(consts: dict, name: str) -> float | None:
+    """The value of a one-element constant (index_graph's consts), else None."""
     t = consts.get(name)
     if t is None:
         return None
@@ -45,7 +46,7 @@ def _scalar(consts: dict, name: str) -> float | None:
 def rms_norms_as_division(graph) -> int:
     """x * Reciprocal(Sqrt(mean(x^2) + eps)) -> x / Sqrt(mean(x^2) + eps) in every RMS norm of `graph` (in
     place); returns how many. Only where the Reciprocal and the Mul have no other consumer."""
-    consts, producer, consumers, outputs = _index(graph)
+    consts, producer, consumers, outputs = index_graph(graph)
 
     def made_by(name: str, op: str):
         return _made_by(producer, name, op)
@@ -65,7 +66,7 @@ def rms_norms_as_division(graph) -> int:
         mean = next((made_by(i, "ReduceMean") for i in add.input if made_by(i, "ReduceMean")), None)
         eps = [i for i in add.input if mean is None or i != mean.output[0]]
         pw = mean and made_by(mean.input[0], "Pow")
-        if pw is None or len(eps) != 1 or _scalar(consts, eps[0]) is None or _scalar(consts, pw.input[1]) != 2.0:
+        if pw is None or len(eps) != 1 or scalar(consts, eps[0]) is None or scalar(consts, pw.input[1]) != 2.0:
             continue
         x = pw.input[0]
         if sorted(mul.input) != sorted([x, rc.output[0]]):
@@ -145,7 +146,7 @@ def _tables(graph, cos: str, sin: str, positions: int, position_ids: str, produc
 def rotary_as_kernel(graph, positions: int, position_ids: str = "position_ids") -> int:
     """Rewrite each traced rotary embedding of `graph` as one com.microsoft.RotaryEmbedding (in place); returns
     how many. Nothing changes when the tables would exceed TABLE_BYTES or the pattern is not the plain one."""
-    consts, producer, consumers, outputs = _index(graph)
+    consts, producer, consumers, outputs = index_graph(graph)
 
     def made_by(name: str, op: str):
         return _made_by(producer, name, op)

@@ -14,9 +14,10 @@ how (graphs.decoder.packed_adapters).
 """
 from __future__ import annotations
 
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from absorber.errors import AbsorberError
+from absorber.export.fusions import index_graph, scalar
 
 PACKED = "packed"
 
@@ -28,14 +29,14 @@ def _chain(add, producer: dict, consts: dict, adapters: dict):
         if mul is None or mul.op_type != "Mul":
             continue
         b_mm = producer.get(mul.input[0])
-        s = consts.get(mul.input[1])
-        if b_mm is None or b_mm.op_type != "MatMul" or b_mm.input[1] not in adapters or s is None or s.size != 1:
+        s = scalar(consts, mul.input[1])
+        if b_mm is None or b_mm.op_type != "MatMul" or b_mm.input[1] not in adapters or s is None:
             continue
         a_mm = producer.get(b_mm.input[0])
         if a_mm is None or a_mm.op_type != "MatMul" or a_mm.input[1] not in adapters:
             continue
         return {"base": add.input[1 - side], "x": a_mm.input[0], "A": a_mm.input[1], "B": b_mm.input[1],
-                "scale": float(s.reshape(-1)[0]), "nodes": [a_mm, b_mm, mul, add]}
+                "scale": s, "nodes": [a_mm, b_mm, mul, add]}
     return None
 
 
@@ -43,15 +44,7 @@ def pack_lora_paths(graph, adapters: dict[str, tuple[int, ...]]) -> dict:
     """Rewrite the decoder `graph` in place (see the module doc); adapters: {name: shape}. Returns the manifest's
     graphs.decoder.packed_adapters: {input name: {"kind": "columns" | "block_diagonal", "parts": [[adapter,
     scale], ...], "shape": [rows, cols]}}."""
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) <= 1 and
-              (not t.dims or t.dims[0] == 1)}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consts, producer, consumers, _ = index_graph(graph)
     packed: dict[str, dict] = {}
     drop: set[int] = set()
     put: dict[int, list] = {}

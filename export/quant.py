@@ -353,6 +353,7 @@ def _fusion_plan(graph, qweights: dict[str, QWeight], fused: dict[str, Fused]) -
     """{index of a group's first linear node: (Fused, input, [member outputs])} and the indices of the other
     members' nodes, for every input that feeds ALL members of a group (each once) as x @ W^T."""
     member_of = {m: f for f in fused.values() for m in f.members}
+    by_name = {f.qw.name: f for f in fused.values()}
     uses: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
     for i, nd in enumerate(graph.node):
         ws = [x for x in nd.input if x in qweights]
@@ -361,7 +362,7 @@ def _fusion_plan(graph, qweights: dict[str, QWeight], fused: dict[str, Fused]) -
             uses.setdefault((x, member_of[ws[0]].qw.name), []).append((i, ws[0], nd.output[0]))
     emit, skip = {}, set()
     for (x, fname), us in uses.items():
-        f = next(f for f in fused.values() if f.qw.name == fname)
+        f = by_name[fname]
         got = {w: (i, out) for i, w, out in us}
         if len(got) != len(us) or set(got) != set(f.members):
             continue

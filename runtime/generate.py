@@ -43,6 +43,7 @@ def hidden_states_after(model, context: list[int], ids: list[int], adapters: dic
     pass's memory: a second decoder call instead of one over X.Y)."""
     if not context:
         return hidden_states(model, ids, adapters, run_options)
+    adapters = model.decoder_adapters(adapters)        # packed once for both calls
     past = dict(zip(model.past_names,
                     model.decoder.run(model.present_names, prefill_feeds(model, context, adapters, 1),
                                       run_options)))
@@ -79,6 +80,7 @@ def next_token_loss(model, ids: list[int], adapters: dict, run_options=None, row
     piece after the ones before it through the KV cache, so that no [T, V] logits exist at once (the same
     values up to float rounding)."""
     rows = rows or max(1, LOGITS_BYTES // (4 * model.bundle.vocab))
+    adapters = model.decoder_adapters(adapters)        # packed once for every piece
     total, past = 0.0, None
     for a in range(0, len(ids) - 1, rows):       # logits at a..b-1 score ids[a+1..b]
         b = min(len(ids) - 1, a + rows)

@@ -22,6 +22,8 @@ def decoder_adapters(packed: dict, adapters: dict) -> dict:
     members = {a for p in packed.values() for a, _ in p["parts"]}
     out = {n: v for n, v in adapters.items() if n not in members}
     todo = [n for n in packed if n not in out]
+    if not todo:
+        return out
     flat = np.empty(sum(int(np.prod(packed[n]["shape"])) for n in todo), np.float32)
     at = 0
     for name in todo:

@@ -314,14 +314,15 @@ class Stream:
         next-token term on X when the bundle's train step has one."""
         k = self.loss_skip
         ro = self.model.round_run_options
-        d = G.hidden_states(self.model, y, self.param_views, ro)[:, k:] - teacher[:, k:]
+        feeds = self.model.decoder_adapters(self.param_views)     # packed once for both passes
+        d = G.hidden_states(self.model, y, feeds, ro)[:, k:] - teacher[:, k:]
         if self.loss_kind == "l1":
             np.abs(d, out=d)
         else:
             np.multiply(d, d, out=d)
         loss = float(d.mean(dtype=np.float32))
         if self.ntp_weight > 0:
-            loss += self.ntp_weight * G.next_token_loss(self.model, x, self.param_views, ro)
+            loss += self.ntp_weight * G.next_token_loss(self.model, x, feeds, ro)
         return loss
 
     def _before_round(self) -> None:
@@ -443,9 +444,8 @@ class Stream:
                      seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
         """Token ids continuing `prefix` with this stream's adapters (greedy by default)."""
         with ort_errors("an answer"):
-            values = self._param_ov
-            if self.model.packed_adapters:      # the decoder's packed inputs, built from the current adapters
-                values = {n: self._param_ov.get(n, v) for n, v in self.model.decoder_adapters(self.param_views).items()}
+            # a bundle with packed decoder inputs: built from the current adapters (the Generator wraps them)
+            values = self.model.decoder_adapters(self.param_views) if self.model.packed_adapters else self._param_ov
             return G.generate(self.model, values, prefix, max_new, temperature, top_p, seed, stop_at_eos,
                               on_token)
 
