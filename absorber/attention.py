@@ -25,6 +25,8 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     key/value [B, Hkv, L, D]; returns ([B, T, Hq, D], probabilities [B, Hq, T, L])."""
     import torch
     from torch import nn
+    from absorber.prefix_kv import prepend
+    key, value, attention_mask = prepend(module, key, value, attention_mask)   # LoraConfig.prefix_kv (reference)
     B, Hq, T, D = query.shape
     Hkv, L = key.shape[1], key.shape[2]
     g = Hq // Hkv

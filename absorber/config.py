@@ -52,6 +52,11 @@ class LoraConfig:
                                               # null-space constraint of AlphaEdit, arXiv 2410.02355;
                                               # absorber/protect.py). Reference only. 0: off
     protect_tokens: int = 2048                # background tokens sampled for `protect`
+    prefix_kv: int = 0                        # > 0: instead of LoRA, a trained KV prefix of this many slots in
+                                              # every layer's attention (Cartridges, arXiv 2506.06266): keys and
+                                              # values every query may attend to, started from the frozen model's
+                                              # KV of its own sample text, the first slot (its BOS) frozen as the
+                                              # sink (absorber/prefix_kv.py). Reference only. 0: LoRA
 
     @property
     def scaling(self) -> float:
@@ -194,6 +199,10 @@ class AbsorberConfig:
             raise AbsorberError(f"LoRA rank must be >= 1 (got {self.lora.rank})")
         if self.lora.sparse < 0:
             raise AbsorberError(f"LoRA sparse must be >= 0 neurons per layer (got {self.lora.sparse})")
+        if self.lora.prefix_kv < 0 or self.lora.prefix_kv == 1:
+            raise AbsorberError(f"LoRA prefix_kv must be 0 (off) or >= 2 slots (got {self.lora.prefix_kv})")
+        if self.lora.prefix_kv and (self.lora.sparse or self.lora.protect):
+            raise AbsorberError("LoRA prefix_kv replaces the LoRA slice: it does not combine with sparse or protect")
         if not 0.0 <= self.lora.protect < 1.0 or self.lora.protect_tokens < 2:
             raise AbsorberError(f"LoRA protect must be in [0, 1) and protect_tokens >= 2 (got "
                                 f"{self.lora.protect}, {self.lora.protect_tokens})")
@@ -201,11 +210,13 @@ class AbsorberConfig:
 
 # ------------------------------------------------------------------------------------------------ flags -> config
 LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "layers", "seed": "seed",
-             "sparse": "sparse", "protect": "protect", "protect_tokens": "protect_tokens", "lora.rank": "rank",
+             "sparse": "sparse", "protect": "protect", "protect_tokens": "protect_tokens", "prefix_kv": "prefix_kv",
+             "lora.prefix_kv": "prefix_kv", "lora.rank": "rank",
              "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers", "lora.seed": "seed",
              "lora.sparse": "sparse", "lora.protect": "protect", "lora.protect_tokens": "protect_tokens"}
 _INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "anchor_sampled", "probes", "probe_gen",
-             "ttt_context", "ntp_context", "calibrate", "lora.rank", "lora.seed", "lora.sparse", "lora.protect_tokens")
+             "ttt_context", "ntp_context", "calibrate", "lora.rank", "lora.seed", "lora.sparse", "lora.protect_tokens",
+             "lora.prefix_kv")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 
@@ -247,7 +258,7 @@ def parse_value(key: str, text: str):
     import re
     key = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets", "layers": "lora.layers",
            "seed": "lora.seed", "sparse": "lora.sparse", "protect": "lora.protect",
-           "protect_tokens": "lora.protect_tokens"}.get(key, key)
+           "protect_tokens": "lora.protect_tokens", "prefix_kv": "lora.prefix_kv"}.get(key, key)
     v = text.strip()
     if key in _TUPLE_KEYS:
         if v in ("all", "none", ""):

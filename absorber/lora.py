@@ -120,7 +120,8 @@ def tfidf_select(tf: torch.Tensor, access: torch.Tensor, background_tokens: int,
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model: every adapter is switched off inside the block."""
-    mods = [m for m in model.modules() if isinstance(m, (LoraLinear, SparseValues))]
+    from absorber.prefix_kv import PrefixKV
+    mods = [m for m in model.modules() if isinstance(m, (LoraLinear, SparseValues, PrefixKV))]
     for m in mods:
         m.enabled = False
     try:
@@ -139,10 +140,15 @@ def inject(model: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
     """Wrap the target linear layers of `model` in place; return the adapters {name: parameter}.
 
     Everything else stays frozen. Raises AbsorberError when a target or layer matches nothing. With
-    cfg.sparse > 0 the slice is SparseValues on the `down_proj` of the selected layers instead (reference only).
+    cfg.sparse > 0 the slice is SparseValues on the `down_proj` of the selected layers instead, with cfg.prefix_kv > 0
+    a trained KV prefix in every attention layer (absorber/prefix_kv.py; both reference only).
     """
     if cfg.sparse > 0:
         return _inject_sparse(model, cfg)
+    if cfg.prefix_kv > 0:
+        from absorber import prefix_kv
+        prefix_kv.inject(model, cfg.prefix_kv)
+        return adapters(model)
     cfg_layers = set(cfg.layers) if cfg.layers is not None else None
     g = torch.Generator().manual_seed(cfg.seed)
     found: list[tuple[str, nn.Module]] = []
@@ -190,7 +196,7 @@ def adapters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter parameters of a model, by name, in a stable order (with LoraConfig.sparse: each layer's
     trainable values and its frozen committed delta)."""
     return {n: p for n, p in model.named_parameters()
-            if n.endswith((".lora_A", ".lora_B", ".sparse_V", ".sparse_delta"))}
+            if n.endswith((".lora_A", ".lora_B", ".sparse_V", ".sparse_delta", ".prefix_key", ".prefix_value"))}
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -212,6 +218,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         m.committed = bool(m.sparse_delta.any())
         if not m.committed and not bool(m.sparse_V.any()):
             m.reset()
+    from absorber.prefix_kv import mark_filled
+    mark_filled(model)
 
 
 def describe(model: nn.Module, cfg: LoraConfig) -> list[dict]:

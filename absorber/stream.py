@@ -18,6 +18,7 @@ from torch import nn
 from absorber import lora
 from absorber.absorb import Absorption, RoundResult
 from absorber.config import AbsorberConfig
+from absorber.errors import AbsorberError
 
 METHODS = ("absorber", "ttt", "window", "sink", "full")
 CALIBRATION_ROW = 128      # tokens per background sample of cfg.calibrate
@@ -65,6 +66,11 @@ class StreamingAbsorber:
                 from absorber.protect import background_rows
                 self.calibration = Calibration(model, background_rows(
                     model, tokenizer, self.cfg.calibrate, self.cfg.lora.seed, anchor=False, row=CALIBRATION_ROW))
+            if self.cfg.lora.prefix_kv > 0:
+                if tokenizer is None:
+                    raise AbsorberError("prefix_kv needs the tokenizer (its slots start from the model's own sample)")
+                from absorber.prefix_kv import fill_from_samples
+                fill_from_samples(model, tokenizer, self.cfg.lora.seed)
             if tokenizer is not None and self.cfg.lora.sparse > 0:
                 from absorber.config import anchor_text
                 self.absorption.background_ids = tokenizer.encode(anchor_text(), add_special_tokens=False)

@@ -241,6 +241,9 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if lora_cfg.sparse > 0:
         raise AbsorberError("LoRA sparse > 0 (trained MLP values) is not supported by the exporter: its slice "
                             "is LoRA A/B pairs; sparse is a reference option")
+    if lora_cfg.prefix_kv > 0:
+        raise AbsorberError("LoRA prefix_kv > 0 (a trained KV prefix) is not supported by the exporter: its slice "
+                            "is LoRA A/B pairs; prefix_kv is a reference option")
     if lora_cfg.protect > 0:
         raise AbsorberError("LoRA protect > 0 (a protected input subspace per layer) is not supported by the "
                             "exporter; it is a reference option")

@@ -139,7 +139,8 @@ def frontier_plot(rows: dict, data: dict, dist: int, context: str | None, out: s
         ci = c["specific_ci95"] or (c["specific"],) * 2
         x = sum(dm) / len(dm)
         ax.errorbar([x], [c["specific"]], yerr=[[c["specific"] - ci[0]], [ci[1] - c["specific"]]],
-                    xerr=[[x - min(dm)], [max(dm) - x]], marker="s" if "sparse" in label else "o", capsize=3,
+                    xerr=[[x - min(dm)], [max(dm) - x]], capsize=3,
+                    marker="s" if "sparse" in label else "^" if "prefix" in label else "o",
                     color=colors[i % len(colors)], label=label)
     ax.set_xscale("symlog", linthresh=10)
     ax.set_xlim(-10, 400)
