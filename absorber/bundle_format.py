@@ -79,8 +79,9 @@ def grad_name(adapter: str) -> str:
 
 def quant_names(name: str, bits: int) -> dict[str, str]:
     """Stored tensors of a quantized frozen weight (absorber/export/quant.py): q = MatMulNBits' packed blocks,
-    view = the same bytes as [N, K] for DequantizeLinear, scale, zero (MatMulNBits' zero points), zero8 (the
-    8-bit zero points for DequantizeLinear), min (the 4-bit per-block minimum)."""
+    view = the same bytes as uint8 [N, K * bits / 8] for the backward's GatherBlockQuantized (bundles before
+    2026-12-05: [N, K] uint4 / uint8 for DequantizeLinear), scale, zero (MatMulNBits' zero points), zero8 (the
+    8-bit zero points of that dequantization), min (the 4-bit per-block minimum)."""
     return {"q": f"{name}.q{bits}", "view": f"{name}.q{bits}.view", "scale": f"{name}.scale",
             "zero": f"{name}.zp", "zero8": f"{name}.zp8", "min": f"{name}.min"}
 

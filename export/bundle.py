@@ -21,7 +21,7 @@ from absorber.attention import use_grouped_attention
 from absorber.errors import AbsorberError
 from absorber.export import architectures, quant as Q
 from absorber.export.combined import BRANCH_OF, combine
-from absorber.export.fusions import rms_norms_as_division, rotary_as_kernel
+from absorber.export.fusions import powers_as_products, rms_norms_as_division, rotary_as_kernel
 from absorber.export.lora_packing import pack_lora_paths
 from absorber.export.recompute import recompute_layers
 from absorber import bundle_format as F
@@ -412,6 +412,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
         # between stages that pinning costs more than it saves. Without the shapes ORT also no longer fuses
         # MatMul+Add into Gemm, which moves the losses by float rounding.
         del train.graph.value_info[:]
+    # the train step's small integer powers as products (export/fusions.py: ORT's Pow is std::pow per element)
+    powers_as_products(train.graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -21,11 +21,14 @@ How each USE of W is executed (a graph rewrite after tracing, `apply`):
         -> gather the quantized ROWS (B, scale, minimum / zero point) and dequantize only those: the fp32 table
            is never materialized (exact). For tied embeddings this is the same B as the lm_head's MatMulNBits.
   anything else (the backward's dX = dY @ W, which needs W in the other orientation)
-        -> its own DequantizeLinear(view of the same bytes) [+ minimum] right before that node: one layer's fp32
-           weight exists while its gradient node runs and is freed after (exact: the forward's values).
+        -> its own dequantization of a view of the same bytes [+ minimum] right before that node: one layer's
+           fp32 weight exists while its gradient node runs and is freed after (exact: the forward's values). The
+           dequantization is com.microsoft.GatherBlockQuantized over all rows of a uint8 view (MatMulNBits'
+           layout): the same values as DequantizeLinear over a uint4 / uint8 view, which ONNX Runtime runs 2.5x
+           slower (SmolLM2-135M int4: 470 per train step, 14 % of its time; benchmarks/bench.md).
   p @ W with W larger than ROWS_BYTES in fp32 (the next-token term's softmax @ W_head, [V, H]: 113 MB for
   SmolLM2, 671 MB for Gemma-3-270M)
-        -> in row pieces: sum over pieces of p[:, rows] @ DequantizeLinear(those rows), each piece's quantized
+        -> in row pieces: sum over pieces of p[:, rows] @ dequantized(those rows), each piece's quantized
            rows an alias of the stored bytes (`rows_name`, `row_aliases`): one piece of the fp32 table exists
            at a time instead of the whole (the same products, summed in a different order: fp32 rounding).
 The integer kernels need ONNX Runtime's pre-packing (without it MatMulNBits dequantizes on every call), so the
@@ -248,20 +251,25 @@ class _Rewriter:
         return nodes
 
     def dequantize(self, qw: QWeight, out: str, rows: tuple[int, int] | None = None) -> list:
-        """out = W (float32 [N, K]) for one consumer: DequantizeLinear over a view of the same bytes (rows
-        (start, stop): only those rows, from their row-piece aliases)."""
+        """out = W (float32 [N, K]) for one consumer: GatherBlockQuantized of every row of a uint8 view of the
+        same bytes (rows (start, stop): only those rows, from their row-piece aliases). Its 4-bit zero points
+        are explicit zeros (without them the op subtracts MatMulNBits' default 8), the 8-bit ones MatMulNBits'
+        own (128); the minimum is added after, as in the forward: q * scale + minimum."""
         n, (N, K) = self._rows_of(qw, rows), qw.shape
         if rows is not None:
             N = rows[1] - rows[0]
         nb = K // qw.block
+        every_row = self._const(f"q.rows.{N}", np.arange(N, dtype=np.int64))
         if qw.bits == 8:
             self._use(n["view"], n["scale"], n["zero8"])
-            return [helper.make_node("DequantizeLinear", [n["view"], n["scale"], n["zero8"]], [out], axis=1,
-                                     block_size=qw.block, name=self._tmp(qw.name))]
+            return [helper.make_node("GatherBlockQuantized", [n["view"], every_row, n["scale"], n["zero8"]], [out],
+                                     domain=MS, gather_axis=0, quantize_axis=1, block_size=qw.block, bits=8,
+                                     name=self._tmp(qw.name))]
         self._use(n["view"], n["scale"], n["min"])
+        zero = self._const(f"q.zero4.{N}x{(nb + 1) // 2}", np.zeros((N, (nb + 1) // 2), np.uint8))
         d, d3, w3, m3 = self._tmp(out), self._tmp(out), self._tmp(out), self._tmp(out)
-        return [helper.make_node("DequantizeLinear", [n["view"], n["scale"]], [d], axis=1, block_size=qw.block,
-                                 name=self._tmp(qw.name)),
+        return [helper.make_node("GatherBlockQuantized", [n["view"], every_row, n["scale"], zero], [d], domain=MS,
+                                 gather_axis=0, quantize_axis=1, block_size=qw.block, bits=4, name=self._tmp(qw.name)),
                 helper.make_node("Reshape", [d, self._const(f"q.shape.{N}x{nb}x{qw.block}",
                                                             np.array([N, nb, qw.block], np.int64))], [d3]),
                 helper.make_node("Unsqueeze", [n["min"], self._const("q.axis_last", np.array([-1], np.int64))], [m3]),
@@ -270,15 +278,9 @@ class _Rewriter:
 
 
 def _view_proto(name: str, packed: np.ndarray, qw: QWeight) -> TensorProto:
-    """Packed rows [rows, K/block, blob] of qw as the [rows, K] tensor DequantizeLinear reads (uint4 or uint8)."""
-    rows, K = packed.shape[0], qw.shape[1]
-    if qw.bits == 8:
-        return numpy_helper.from_array(packed.reshape(rows, K), name)
-    t = TensorProto()
-    t.name, t.data_type = name, TensorProto.UINT4
-    t.dims.extend([rows, K])
-    t.raw_data = packed.tobytes()
-    return t
+    """Packed rows [rows, K/block, blob] of qw as the uint8 [rows, K * bits / 8] tensor GatherBlockQuantized
+    reads (the same bytes)."""
+    return numpy_helper.from_array(packed.reshape(packed.shape[0], -1), name)
 
 
 def _attrs(nd) -> dict:
@@ -490,7 +492,7 @@ def kernel_tensors(qweights: dict[str, QWeight]) -> set[str]:
 
 
 def aliases(qweights: dict[str, QWeight]) -> dict[str, str]:
-    """view name -> the packed tensor whose bytes it reinterprets ([N, K] uint4/uint8 over [N, K/32, blob])."""
+    """view name -> the packed tensor whose bytes it reinterprets (uint8 [N, K * bits / 8] over [N, K/32, blob])."""
     return {qw.names["view"]: qw.names["q"] for qw in qweights.values()}
 
 

@@ -116,3 +116,31 @@ def test_norm_rewrite_keeps_the_values():
                            numpy_helper.from_array(np.array([-1], np.int64), "axl")])
     assert fusions.rms_norms_as_division(g) == 1 and "Reciprocal" not in [nd.op_type for nd in g.node]
     np.testing.assert_allclose(_run(g, {"x": x})[0], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_small_powers_become_products_with_the_same_bits():
+    """Pow(x, 1 / 2) -> Identity / Mul: bit for bit what ONNX Runtime's Pow gives, on the [T, H] and [T, 1] shapes
+    of the train step; other exponents and non-constant ones stay."""
+    n = helper.make_node
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    for shape in ((1, 64, 1), (1, 96, 576)):
+        x = np.abs(np.random.default_rng(2).standard_normal(shape) * 3).astype(np.float32)
+        outs = ["y1", "y2", "y3", "yh", "yx"]
+        nodes = [n("Pow", ["x", "one"], ["y1"]), n("Pow", ["x", "two"], ["y2"]), n("Pow", ["x", "three"], ["y3"]),
+                 n("Pow", ["x", "half"], ["yh"]), n("Pow", ["x", "x"], ["yx"])]
+        g = helper.make_graph(nodes, "powers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                              [c("one", 1.0), c("two", [2.0]), c("three", 3.0), c("half", 0.5)])
+        before = _run(g, {"x": x})
+        assert fusions.powers_as_products(g) == 2
+        assert [nd.op_type for nd in g.node] == ["Identity", "Mul", "Pow", "Pow", "Pow"]
+        after = _run(g, {"x": x})
+        for a, b in zip(before, after):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_the_train_step_has_no_small_powers(tiny_bundles, quant):
+    ts = onnx.load(str(tiny_bundles[quant] / "train_step.onnx"), load_external_data=False)
+    consts, _, _, _ = fusions.index_graph(ts.graph)
+    assert not [nd for nd in ts.graph.node if nd.op_type == "Pow" and fusions.scalar(consts, nd.input[1]) in (1, 2)]

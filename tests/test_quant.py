@@ -65,6 +65,23 @@ def test_each_use_computes_with_the_dequantized_weight(scheme, use):
     assert np.abs(got - ref).max() <= 2e-6 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("bits,block", [(4, 32), (8, 32), (8, 16)])
+def test_the_backward_dequantizes_exactly(bits, block):
+    """Any use but x @ W^T and the gather reads W through GatherBlockQuantized over a uint8 view of the packed
+    bytes: q * scale + minimum (4 bits), (q - 128) * scale (8 bits; Q6_K's blocks of 16 too), bit for bit."""
+    N, K = 48, 64
+    q = RNG.integers(0, 16 if bits == 4 else 256, (N, K)).astype(np.uint8)
+    d = RNG.random((N, K // block)).astype(np.float32)
+    m = RNG.standard_normal((N, K // block)).astype(np.float32) if bits == 4 else None
+    qw = Q.QWeight("w", bits, block, q, d, m)
+    nodes = [helper.make_node("Identity", ["w"], ["Y"])]
+    got, counts, g = _run(nodes, [], [N, K], qw.dequantized(), qw, {})
+    assert counts["dequantize"] == 1 and sum(counts.values()) == 1
+    assert [nd.op_type for nd in g.node if nd.domain == Q.MS] == ["GatherBlockQuantized"]
+    assert "DequantizeLinear" not in [nd.op_type for nd in g.node]
+    np.testing.assert_array_equal(got, qw.dequantized())
+
+
 def test_int8_activations_are_an_approximation():
     """accuracy_level 4 (int8 activations) is not the float product: the setting really reaches the kernel."""
     N, K = 64, 64
@@ -198,8 +215,9 @@ def test_every_graph_passes_the_onnx_checker(tiny_bundles, quant):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant):
     """No quantized weight exists as a float tensor in any graph: the only 2-D float initializers are the
-    per-block scales and minima (32x smaller) and the block-sum selectors; the decoder has no DequantizeLinear;
-    every linear layer and the lm_head run MatMulNBits; only the backward dequantizes, one node at a time."""
+    per-block scales and minima (32x smaller) and the block-sum selectors; the decoder dequantizes no matrix;
+    every linear layer and the lm_head run MatMulNBits; only the backward dequantizes, one node at a time
+    (GatherBlockQuantized over all rows, never DequantizeLinear, which ONNX Runtime runs 2.5x slower)."""
     from absorber.bundle_format import read_manifest
     b = read_manifest(tiny_bundles[quant])
     man = b.manifest["quant"]
@@ -223,7 +241,7 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
         ops = [nd.op_type for nd in g.node]
         layers = sum(1 for n in quantized if "embed" not in n and "lm_head" not in n)
         if gname == "decoder":                        # + the lm_head (the embedding's table when tied)
-            assert "DequantizeLinear" not in ops
+            assert not {"DequantizeLinear", "GatherBlockQuantized"} & set(ops)
             assert ops.count("MatMulNBits") == layers - saved + 1
         else:
             # the student on Y (the sync loss) and on X (the next-token term, with the lm_head): every linear
@@ -237,7 +255,14 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
             assert ops.count("MatMulNBits") - clones == 2 * (layers - saved) + HEAD_CHUNKS
             # dX of the backward, and softmax @ W of each piece of X (the head in the other orientation), the
             # head in its 3 row pieces (test_large_contractions_dequantize_in_row_pieces)
-            assert 0 < ops.count("DequantizeLinear") <= 2 * layers + 3 * HEAD_CHUNKS
+            assert "DequantizeLinear" not in ops
+            assert 0 < ops.count("GatherBlockQuantized") <= 2 * layers + 3 * HEAD_CHUNKS
+            every_row = {t.name: numpy_helper.to_array(t) for t in g.initializer if t.name.startswith("q.rows.")}
+            for nd in g.node:
+                if nd.op_type == "GatherBlockQuantized":      # all rows of a uint8 view of the packed bytes
+                    view = next(t for t in b.stored_tensors if t.name == nd.input[0])
+                    assert view.dtype == "uint8" and view.alias_of
+                    assert np.array_equal(every_row[nd.input[1]], np.arange(view.shape[0]))
     kinds = {t.name: t for t in b.stored_tensors}
     members = {m for ms in stacks.values() for m in ms}
     for n in (quantized - members) | set(stacks):
@@ -254,7 +279,7 @@ def test_quantized_graphs_hold_no_float_copy_of_the_weights(tiny_bundles, quant)
             assert v.alias_of.rsplit(".q", 1)[0] in stacks
         else:
             assert whole.offset == v.offset
-    # a member's own scale (and minimum) feed the backward's DequantizeLinear only: the runtime shares them
+    # a member's own scale (and minimum) feed the backward's dequantization only: the runtime shares them
     assert all(not t.kernel for t in b.stored_tensors if t.alias_of and t.name.endswith(".scale"))
 
 
@@ -312,7 +337,7 @@ def test_large_contractions_dequantize_in_row_pieces(tiny_bundles, quant):
     """softmax @ W_head (the next-token term's gradient at h, contracted over the head's rows) dequantizes the
     head one row piece at a time (quant.ROWS_BYTES; the tiny bundles are exported with 48 KB pieces, so the
     128 KB head takes 3): each piece's tensors alias a span of the stored bytes, the spans tile the whole, no
-    DequantizeLinear reads the whole head, and weights.bin holds no second copy. The parity tests of the
+    dequantization reads the whole head, and weights.bin holds no second copy. The parity tests of the
     quantized bundles (test_runtime: rounds and the next-token term against torch) run through these pieces."""
     from absorber.bundle_format import read_manifest
     b = read_manifest(tiny_bundles[quant])
@@ -335,7 +360,7 @@ def test_large_contractions_dequantize_in_row_pieces(tiny_bundles, quant):
         assert spans[-1][0] + spans[-1][1] == whole.offset + whole.length
     g = _graphs(tiny_bundles[quant])["train_step"].graph
     whole_view = f"{head}.q{bits}.view"
-    dq = [nd for nd in g.node if nd.op_type == "DequantizeLinear" and nd.input[0].startswith(head)]
+    dq = [nd for nd in g.node if nd.op_type == "GatherBlockQuantized" and nd.input[0].startswith(head)]
     assert len(dq) == 3 * man["loss"]["head_chunks"] and not any(nd.input[0] == whole_view for nd in dq)
 
 

@@ -77,7 +77,7 @@ def test_the_backward_reads_only_layer_boundaries_after_the_rewrite(pairs, quant
     def head_products(mp):     # nodes that multiply by the head (its dequantized view counts as the head)
         derived = set(head)
         for n in mp.graph.node:
-            if n.op_type == "DequantizeLinear" and n.input[0] in derived:
+            if n.op_type in ("DequantizeLinear", "GatherBlockQuantized") and n.input[0] in derived:
                 derived.update(n.output)
         return sum(n.op_type in ("MatMul", "MatMulNBits", "Gemm", "FusedMatMul") and any(x in derived for x in n.input)
                    for n in mp.graph.node)
