@@ -40,6 +40,12 @@ class StreamingAbsorber:
         if method in ("absorber", "ttt"):
             if not lora.adapters(model):
                 lora.inject(model, self.cfg.lora)
+            if self.cfg.lora.prefix_kv > 0:
+                if tokenizer is None:
+                    raise AbsorberError("prefix_kv needs the tokenizer (its slots start from the model's own sample)")
+                from absorber.prefix_kv import fill_from_samples
+                fill_from_samples(model, tokenizer, self.cfg.lora.seed)
+            # (filled before the Absorption exists: reset="adapters" restores the values it finds)
             self.absorption: Absorption | None = Absorption(model, self.cfg, method)
             if tokenizer is not None and self.cfg.probes:
                 from absorber.config import PROBE_PREFIX
@@ -66,11 +72,6 @@ class StreamingAbsorber:
                 from absorber.protect import background_rows
                 self.calibration = Calibration(model, background_rows(
                     model, tokenizer, self.cfg.calibrate, self.cfg.lora.seed, anchor=False, row=CALIBRATION_ROW))
-            if self.cfg.lora.prefix_kv > 0:
-                if tokenizer is None:
-                    raise AbsorberError("prefix_kv needs the tokenizer (its slots start from the model's own sample)")
-                from absorber.prefix_kv import fill_from_samples
-                fill_from_samples(model, tokenizer, self.cfg.lora.seed)
             if tokenizer is not None and self.cfg.lora.sparse > 0:
                 from absorber.config import anchor_text
                 self.absorption.background_ids = tokenizer.encode(anchor_text(), add_special_tokens=False)

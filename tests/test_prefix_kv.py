@@ -68,6 +68,9 @@ def test_only_the_prefix_trains_and_the_sink_slot_stays(tiny_tok, rng_ids):
     StreamingAbsorber(model, tiny_tok, cfg)
     assert all(pk.filled for pk in pks)
     assert all(torch.equal(p, start[n]) for n, p in lora.adapters(model).items())   # the same sample (seed)
+    # reset="adapters" goes back to the filled slots, not to the zeros before filling
+    sa = StreamingAbsorber(model, tiny_tok, override(cfg, reset="adapters"))
+    assert all(torch.equal(v, start[n]) for n, v in zip(lora.adapters(model), sa.absorption.initial))
 
 
 def test_prefix_kv_settings_and_refusals(tiny_tok):
