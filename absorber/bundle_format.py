@@ -210,6 +210,7 @@ MANIFEST_SCHEMA: dict = {
                   "properties": {"scheme": {"enum": list(QUANT_SCHEMES)},
                                  "block_size": _int,
                                  "quantized": {"type": "array", "items": _str},
+                                 "onnxruntime": _str,
                                  "session_config": {"type": "object"}}},
         "session_config": {"type": "object", "additionalProperties": _str},
         "defaults": {"type": "object", "required": ["n", "m", "k", "lr", "lora"]},

@@ -55,6 +55,9 @@ ACCURACY = {"decoder": 1, "train_step": 1}
 # the most fp32 bytes of a weight dequantized at once where a product contracts over its rows (p @ W): larger
 # weights are dequantized in row pieces of at most this size (SmolLM2's head, 113 MB: 7 pieces of 7022 rows)
 ROWS_BYTES = 16 << 20
+# the oldest onnxruntime that runs a quantized bundle: GatherBlockQuantized over uint8 data with `bits` (the
+# backward's dequantization) is rejected by 1.20.1, 1.21.1 and 1.22.1 ("Unrecognized attribute: bits")
+ONNXRUNTIME = "1.23"
 SESSION_CONFIG: dict[str, str] = {}
 
 
@@ -511,7 +514,8 @@ def describe(scheme: str, qweights: dict[str, QWeight], counts: dict | None = No
         "weights": "blocks of 32 along K in MatMulNBits layout; 4 bits: scale*q + minimum (float scale and "
                    "minimum per block); 8 bits: (q - 128)*scale",
         "op": "com.microsoft.MatMulNBits for x @ W^T, a gather of quantized rows for the embedding, "
-              "DequantizeLinear per use elsewhere (the backward)",
+              "com.microsoft.GatherBlockQuantized of every row per use elsewhere (the backward)",
+        "onnxruntime": ONNXRUNTIME,                      # the oldest release that runs these graphs
         "quantized": sorted(qweights),
         "bits": {n: qw.bits for n, qw in sorted(qweights.items())},
         "sources": sources,

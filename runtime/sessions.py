@@ -15,6 +15,7 @@ are resident once, not once per graph; `Branch` presents each graph of it as a s
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,12 +313,27 @@ def _with_accuracy(bundle: Bundle, graph: str, profile, so) -> str | bytes:
     return bytes(buf)
 
 
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def check_onnxruntime(bundle: Bundle, installed: str | None = None) -> None:
+    """One line instead of ONNX Runtime's graph error when the bundle needs a newer release than the installed
+    one (manifest quant.onnxruntime: int8/int4 bundles since 2026-12-05 need 1.23)."""
+    need = bundle.manifest["quant"].get("onnxruntime")
+    have = installed or ort.__version__
+    if need and _release(have) < _release(need):
+        raise AbsorberError(f"bundle {bundle.path} needs onnxruntime >= {need} (installed: {have}); "
+                            "upgrade it: pip install -U onnxruntime")
+
+
 def open_sessions(bundle: Bundle, device: str = "cpu", profile=None, share_weights: bool = True,
                   combined: bool = True) -> Sessions:
     """Both sessions of a verified bundle (open_bundle), on `device` with the profile's session options: one
     combined session when the bundle has combined.onnx (combined=False: the two sessions of bundles without it;
     share_weights=False: two sessions, each with its own copy of the weights)."""
     profile = resolve_profile(profile)
+    check_onnxruntime(bundle)
     maps: list[np.memmap] = []
     shared: dict[str, ort.OrtValue] = {}
     if combined and share_weights and bundle.combined_file is not None:

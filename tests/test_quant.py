@@ -411,3 +411,18 @@ def test_accuracy_per_weight_bits(tiny_bundle_int4, exact_profile):
     with pytest.raises(AbsorberError, match="matmul_accuracy"):
         Profile("p", matmul_accuracy={"decoder:2": 4})
 
+
+
+def test_a_quantized_bundle_says_which_onnxruntime_it_needs(tiny_bundle_int4, tiny_bundle):
+    """int4/int8 bundles record the oldest onnxruntime that runs their graphs (GatherBlockQuantized with `bits`:
+    1.23); an older one gets a one-line error before ONNX Runtime's graph error."""
+    from absorber.errors import AbsorberError
+    from absorber.runtime.bundle import open_bundle
+    from absorber.runtime.sessions import check_onnxruntime
+    b = open_bundle(tiny_bundle_int4)
+    assert b.manifest["quant"]["onnxruntime"] == Q.ONNXRUNTIME == "1.23"
+    check_onnxruntime(b)                                   # the installed one
+    check_onnxruntime(b, installed="1.23.0")
+    with pytest.raises(AbsorberError, match=r"needs onnxruntime >= 1\.23 \(installed: 1\.22\.1\)"):
+        check_onnxruntime(b, installed="1.22.1")
+    check_onnxruntime(open_bundle(tiny_bundle), installed="1.20.0")   # fp32: no requirement recorded
