@@ -1,8 +1,9 @@
 """Graph rewrites that let ONNX Runtime's own fusions and fast kernels find the traced graph's patterns.
 
 At one token per call a decoder's time is mostly per-node overhead (~2.5 us a node on the 2-core EPYC of
-benchmarks/decode.md), so fewer nodes is faster decoding. Only the decoder is rewritten: the train step's
-backward was traced through the forward as it is and reads its intermediate values.
+benchmarks/decode.md), so fewer nodes is faster decoding. The norm and rotary rewrites touch only the decoder:
+the train step's backward was traced through the forward as it is and reads its intermediate values. The powers
+rewrite (below) is for the train step, and changes no value.
 
 RMS norm. transformers' RMSNorm traces to Pow(x, 2) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Reciprocal ->
 Mul(x, .) -> Mul(weight, .): seven nodes, which ORT's SimplifiedLayerNormFusion does not match: it looks for

@@ -280,12 +280,6 @@ class _Rewriter:
                 helper.make_node("Reshape", [w3, self._const(f"q.shape.{N}x{K}", np.array([N, K], np.int64))], [out])]
 
 
-def _view_proto(name: str, packed: np.ndarray, qw: QWeight) -> TensorProto:
-    """Packed rows [rows, K/block, blob] of qw as the uint8 [rows, K * bits / 8] tensor GatherBlockQuantized
-    reads (the same bytes)."""
-    return numpy_helper.from_array(packed.reshape(packed.shape[0], -1), name)
-
-
 def _attrs(nd) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in nd.attribute}
 
@@ -473,8 +467,9 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
         if alias or hq is not qw:
             per_row = arr.nbytes // hq.shape[0]
             row_aliases[name] = (parent, a * per_row, (b - a) * per_row)
-        graph.initializer.append(_view_proto(name, piece, hq) if kind == "view"
-                                 else numpy_helper.from_array(piece, name))
+        # a view: the packed rows [rows, K/block, blob] as the uint8 [rows, K * bits / 8] GatherBlockQuantized reads
+        graph.initializer.append(numpy_helper.from_array(piece.reshape(len(piece), -1) if kind == "view" else piece,
+                                                         name))
 
     for qw in list(qweights.values()) + [f.qw for f in fused.values()]:
         for kind, name in qw.names.items():
