@@ -373,7 +373,7 @@ class StoredTensor:
     length: int
     graphs: tuple[str, ...]
     file: str
-    kernel: bool = False            # ONNX Runtime loads and pre-packs it itself (an input of MatMulNBits)
+    kernel: bool = False            # ONNX Runtime pre-packs it (an input of MatMulNBits)
     alias_of: str | None = None     # the same bytes as another stored tensor, reinterpreted
 
 
@@ -581,7 +581,7 @@ class Bundle:
 
     @property
     def kernel_tensors(self) -> set[str]:
-        """Stored tensors that ONNX Runtime must load and pre-pack itself (MatMulNBits' inputs)."""
+        """Stored tensors that ONNX Runtime pre-packs (MatMulNBits' inputs): sessions that read them keep pre-packing on."""
         return {t.name for t in self.stored_tensors if t.kernel}
 
     @property

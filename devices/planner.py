@@ -9,9 +9,10 @@ Terms (resident at the peak; coefficients in COEFFS, calibrated in benchmarks/pl
   weights     frozen weights as stored (the manifest's external-data table; else counted from the model facts:
               fp32 4 B/param, int8 1 B + a fp32 scale per row, int4 0.5 B + a fp32 scale per 32-block; the
               vocabulary table once when tied). The runtime maps weights.bin once and shares it between both
-              sessions (`weight_copies` = 1), except the MatMulNBits inputs of int8/int4 bundles (`kernel` in the
-              tensor table): each session loads and pre-packs its own (`kernel_copies` x their bytes, per graph);
-              a bundle with combined.onnx (one session for both graphs): `kernel_copies_combined` x their bytes once
+              sessions (`weight_copies` = 1); the MatMulNBits inputs of int8/int4 bundles (`kernel` in the tensor
+              table) are mapped once too, and each session pre-packs its own copy of those it uses (`kernel_copies`
+              x their bytes per graph, the map included); a bundle with combined.onnx (one session for both
+              graphs): `kernel_copies_combined` x their bytes once
   adapters    LoRA A/B, gradients, AdamW m and v, the rollback backup and the update's numpy temporaries
               (`adapter_copies` x the adapters' fp32 bytes)
   kv_cache    2 * L * kv * hd * T * 4: the present K/V the teacher pass over X.Y produces
@@ -64,10 +65,13 @@ COEFFS: dict[str, float] = {
     "c_dq_int4_train": 0.21,          # ... in the train step (measured at a 32x16 window, benchmarks/planner.md)
     "c_noarena_int4": 0.35,           # int4 without the arena: heap slack, x the linear layers' fp32 size
     "kernel_copies": 2.0,             # resident bytes per session per stored byte of a MatMulNBits input: the loaded
-                                      # initializer and its pre-packed copy (fitted, benchmarks/planner.md section 3)
-    "kernel_copies_combined": 3.0,    # the same for ONE session over both graphs (combined.onnx), per stored byte
-                                      # counted once (fitted on int4/int8 at 512x256: 3.34 / 2.64; planner.md
-                                      # section 0000)
+                                      # initializer and its pre-packed copy (fitted, benchmarks/planner.md section 3,
+                                      # when each session loaded its own; bundles without combined.onnx only, now
+                                      # on the safe side: the map is shared)
+    "kernel_copies_combined": 2.7,    # the same for ONE session over both graphs (combined.onnx), per stored byte
+                                      # counted once: the map and the pre-packed copy (refitted when the kernel
+                                      # tensors came into the runtime's one map: SmolLM2 int4/int8 and Gemma-3-270M
+                                      # int4 at three windows within -1.2..+10.7 %; planner.md section 0000000000)
     "c_rc_keep": 1.0,                 # recomputing bundles: kept per layer per token, in H floats (the residual;
                                       # bundles before 2026-12-05 also kept the normed input: fitted terms absorb it)
     "c_rc_layers": 1.0,               # ... layers' activations live at once in the backward
@@ -250,8 +254,8 @@ class Prediction:
 
 
 def kernel_bytes(bundle: Bundle) -> dict[str, float]:
-    """Bytes of the stored tensors ONNX Runtime loads and pre-packs itself (MatMulNBits' inputs, `kernel` in the
-    manifest), per graph: each session holds its own pre-packed copy of what it uses."""
+    """Bytes of the stored tensors ONNX Runtime pre-packs (MatMulNBits' inputs, `kernel` in the manifest), per
+    graph: each session holds its own pre-packed copy of what it uses."""
     out = {"decoder": 0.0, "train_step": 0.0}
     for t in bundle.stored_tensors:
         if t.kernel:

@@ -71,7 +71,7 @@ def _externalize(graphs: dict[str, onnx.ModelProto], weight_names: set[str], fol
     the same offset for every graph that uses it). Values come from `store` (name -> array) when there, else from
     the initializer itself. aliases: {name: other}: name reinterprets other's bytes (same offset and length, no
     second copy); {name: (other, first byte, bytes)}: a span of them (a row piece, export/quant.py). kernel:
-    tensors marked for ONNX Runtime to load and pre-pack itself (MatMulNBits' inputs).
+    tensors that ONNX Runtime pre-packs (MatMulNBits' inputs).
     Returns the tensor table of the manifest."""
     aliases = aliases or {}
     kernel = kernel or set()

@@ -31,9 +31,9 @@ How each USE of W is executed (a graph rewrite after tracing, `apply`):
         -> in row pieces: sum over pieces of p[:, rows] @ dequantized(those rows), each piece's quantized
            rows an alias of the stored bytes (`rows_name`, `row_aliases`): one piece of the fp32 table exists
            at a time instead of the whole (the same products, summed in a different order: fp32 rounding).
-The integer kernels need ONNX Runtime's pre-packing (without it MatMulNBits dequantizes on every call), so the
-tensors that feed MatMulNBits are loaded by ONNX Runtime itself (`kernel_tensors`; the manifest's tensor table
-marks them `kernel`), not shared by the runtime.
+The integer kernels need ONNX Runtime's pre-packing (without it MatMulNBits dequantizes on every call): the
+tensors that feed MatMulNBits (`kernel_tensors`; the manifest's tensor table marks them `kernel`) keep it on in
+every session that reads them; the runtime hands them over from its one map of weights.bin like the rest.
 Norm weights and other 1-D tensors stay float32. `QWeight.dequantized()` is what the reference model must hold
 to reproduce the graphs.
 """
@@ -485,7 +485,7 @@ def apply(graph, qweights: dict[str, QWeight], accuracy_level: int,
 
 
 def kernel_tensors(qweights: dict[str, QWeight]) -> set[str]:
-    """Stored tensors that MatMulNBits reads: ONNX Runtime loads and pre-packs these itself."""
+    """Stored tensors that MatMulNBits reads: ONNX Runtime pre-packs these into its kernel layout."""
     return {qw.names[k] for qw in qweights.values() for k in ("q", "scale", "zero")}
 
 

@@ -1,12 +1,14 @@
 """The two ONNX Runtime sessions of a bundle over ONE memory map of its frozen weights.
 
 Both graphs (decoder.onnx, train_step.onnx) name the same frozen tensors in weights.bin. Left alone, each
-InferenceSession would load (and pre-pack) its own copy. Instead the file is mapped once, read-only, every tensor
-numpy can view becomes one OrtValue over the map, and both sessions get those OrtValues through
-`SessionOptions.add_initializer` with pre-packing off: the weights are resident once, shared by the sessions
-and by every Stream of a Model. int4 / bfloat16 tensors (no numpy view) are left to ONNX Runtime, and so are the
-inputs of the integer kernels (MatMulNBits, `Bundle.kernel_tensors`): ONNX Runtime pre-packs those into its own
-layout per session (without it the kernel dequantizes on every call) and releases what it loaded.
+InferenceSession would load its own copy. Instead the file is mapped once, read-only, every tensor numpy can view
+becomes one OrtValue over the map, and both sessions get those OrtValues through `SessionOptions.add_initializer`:
+the stored weights are resident once, shared by the sessions and by every Stream of a Model. int4 / bfloat16
+tensors (no numpy view) are left to ONNX Runtime. The inputs of the integer kernels (MatMulNBits,
+`Bundle.kernel_tensors`) are shared the same way and ONNX Runtime still pre-packs them into its kernel layout
+(without pre-packing the kernel dequantizes its whole matrix on every call); the backward's dequantizations read
+the same stored bytes through the map, so nothing is mapped twice. Pre-packing reads every kernel tensor once at
+open; those pages are then dropped from the process (`_drop_pages`) until the train step reads them.
 With the CPU arena on, both sessions allocate their activations from one process-wide arena (`_use_shared_arena`).
 A bundle with integer kernels also holds both graphs in one model (`combined.onnx`, export/combined.py: the
 decoder as the main graph, the train step inside an If): then ONE session serves both, so those pre-packed weights
@@ -15,6 +17,7 @@ are resident once, not once per graph; `Branch` presents each graph of it as a s
 from __future__ import annotations
 
 import contextlib
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +157,7 @@ class Sessions:
     decoder: ort.InferenceSession | Branch
     train_step: ort.InferenceSession | Branch
     providers: list[str]
-    maps: list[np.memmap] = field(default_factory=list)
+    maps: list[FileMap] = field(default_factory=list)
     shared: dict[str, ort.OrtValue] = field(default_factory=dict)
     combined: ort.InferenceSession | None = None
 
@@ -164,25 +167,55 @@ class Sessions:
         self.maps.clear()
 
 
-def _shared_initializers(bundle: Bundle, graph: str, maps: list[np.memmap],
+@dataclass
+class FileMap:
+    """One read-only map of a bundle's external data file: `data` is a uint8 array over the whole of it."""
+    name: str
+    map: mmap.mmap
+    data: np.ndarray
+
+    @classmethod
+    def open(cls, path: Path) -> "FileMap":
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return cls(path.name, mm, np.frombuffer(mm, dtype=np.uint8))
+
+    def drop_pages(self) -> None:
+        """Take the map's pages out of this process's resident set (Linux MADV_DONTNEED on a read-only file map:
+        nothing is lost, the next read pages them in again from the page cache). A no-op where the platform has
+        no madvise."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is not None and hasattr(self.map, "madvise"):
+            self.map.madvise(advice)
+
+
+def _drop_pages(maps: list[FileMap]) -> None:
+    """After the sessions are open: ONNX Runtime's pre-packing has read every kernel tensor through the map, and
+    from then on the decoder reads its packed copy, so those pages would stay resident for nothing until the train
+    step's backward reads the stored bytes (SmolLM2-135M int4: 102 MB resident after open, 20 MB without it)."""
+    for m in maps:
+        m.drop_pages()
+
+
+def _shared_initializers(bundle: Bundle, graph: str, maps: list[FileMap],
                          shared: dict[str, ort.OrtValue]) -> dict[str, ort.OrtValue]:
     """OrtValues over ONE read-only memory map per external file, the same objects for both sessions."""
     out = {}
-    kernel = bundle.kernel_tensors
     for t in bundle.graph_info[graph].external:
         dt = NP_OF.get(t.dtype)
         if dt is None:     # int4/bfloat16...: numpy cannot view them; ORT loads (and maps) those itself
             continue
-        if t.name in kernel:   # MatMulNBits' inputs: ORT pre-packs them into its kernel layout itself
-            continue
+        # MatMulNBits' inputs too: ONNX Runtime pre-packs an added initializer as it does one it loaded. Left to
+        # it, it kept its own maps of them beside this one (the backward reads the same bytes here): SmolLM2-135M
+        # int4, n=512 m=256, peak 958.6 -> 915.4 MiB, the same losses (benchmarks/planner.md)
         key = f"{t.location}:{t.offset}:{t.name}"
         if key not in shared:
-            mm = next((m for m in maps if m.filename and Path(m.filename).name == t.location), None)
-            if mm is None:
-                mm = np.memmap(bundle.path / t.location, dtype=np.uint8, mode="r")
-                maps.append(mm)
+            fm = next((m for m in maps if m.name == t.location), None)
+            if fm is None:
+                fm = FileMap.open(bundle.path / t.location)
+                maps.append(fm)
             count = int(np.prod(t.dims)) if t.dims else 1
-            arr = np.frombuffer(mm, dtype=dt, count=count, offset=t.offset).reshape(t.dims)
+            arr = np.frombuffer(fm.data, dtype=dt, count=count, offset=t.offset).reshape(t.dims)
             shared[key] = ort.OrtValue.ortvalue_from_numpy(arr)
         out[t.name] = shared[key]
     return out
@@ -334,14 +367,16 @@ def open_sessions(bundle: Bundle, device: str = "cpu", profile=None, share_weigh
     share_weights=False: two sessions, each with its own copy of the weights)."""
     profile = resolve_profile(profile)
     check_onnxruntime(bundle)
-    maps: list[np.memmap] = []
+    maps: list[FileMap] = []
     shared: dict[str, ort.OrtValue] = {}
     if combined and share_weights and bundle.combined_file is not None:
         sess, providers = _session(bundle, F.COMBINED, profile, device, True, maps, shared)
         dec, train = Branch(sess, bundle, "decoder"), Branch(sess, bundle, "train_step")
         check_session_io(bundle, "decoder", dec)
         check_session_io(bundle, "train_step", train)
+        _drop_pages(maps)
         return Sessions(dec, train, providers, maps, shared, combined=sess)
     dec, providers = _session(bundle, "decoder", profile, device, share_weights, maps, shared)
     train, _ = _session(bundle, "train_step", profile, device, share_weights, maps, shared)
+    _drop_pages(maps)
     return Sessions(dec, train, providers, maps, shared)

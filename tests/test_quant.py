@@ -3,6 +3,7 @@ GGUF carry-over, what the bundles' graphs hold, the ONNX checker, and the runtim
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -364,13 +365,44 @@ def test_large_contractions_dequantize_in_row_pieces(tiny_bundles, quant):
     assert len(dq) == 3 * man["loss"]["head_chunks"] and not any(nd.input[0] == whole_view for nd in dq)
 
 
-def test_runtime_leaves_kernel_tensors_to_onnxruntime_and_shares_the_rest(tiny_bundle_int4):
-    from absorber.runtime import Model
+def test_runtime_shares_kernel_tensors_and_onnxruntime_still_prepacks_them(tiny_bundle_int4):
+    """MatMulNBits' inputs come from the runtime's one map of weights.bin like every other stored tensor (the
+    backward's dequantizations read the same bytes), with pre-packing on: the logits and a round's losses are
+    those of sessions that load every tensor themselves, bit for bit, and the map's pages are out of the resident
+    set after open (pre-packing read them; the decoder reads its packed copy)."""
+    from absorber.runtime import Model, Stream
     m = Model.open(tiny_bundle_int4)
     kernel = m.bundle.kernel_tensors
     shared = {k.rsplit(":", 1)[-1] for k in m.sessions.shared}
-    assert kernel and not kernel & shared
+    assert kernel and kernel <= shared
     assert any(n.endswith(".min") for n in shared)
+    with pytest.raises(RuntimeError, match="disable_prepacking"):
+        m.sessions.combined.get_session_options().get_session_config_entry("session.disable_prepacking")
+    if Path("/proc/self/smaps").exists():
+        weights = str(Path(tiny_bundle_int4).resolve() / "weights.bin")
+        assert _resident_kb(weights) == 0
+    own = Model.open(tiny_bundle_int4, share_weights=False)
+    assert not own.sessions.shared
+    ids = list(range(3, 40))
+    a, b = Stream(m), Stream(own)
+    np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+    cfg = {"n": 32, "m": 16, "k": 3}
+    ra = Stream(m, config_overrides=cfg).feed_tokens(list(range(3, 83)))
+    rb = Stream(own, config_overrides=cfg).feed_tokens(list(range(3, 83)))
+    assert ra and [(r.loss_first, r.loss_last) for r in ra] == [(r.loss_first, r.loss_last) for r in rb]
+
+
+def _resident_kb(path: str) -> int:
+    """Resident kB of this process's maps of `path` (Linux /proc/self/smaps)."""
+    total, mine = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                mine = line.rstrip().endswith(path)
+            elif mine and head[0] == "Rss:":
+                total += int(head[1])
+    return total
 
 
 def test_profile_sets_the_accuracy_level(tiny_bundle_int8, exact_profile):
