@@ -292,6 +292,23 @@ def test_planner_next_token_term_in_pieces():
     assert predict(rc, n=1, m=2, k=3, coeffs=co).detail["train_step.next_token_on_x"] == 0
 
 
+def test_planner_names_a_second_tied_table_only_when_the_excess_is_one():
+    """The note on a stored size that differs from the model facts guesses "a tied table stored twice?" only when
+    the excess is about one table; a larger one (a GGUF's own block formats) is said to be that."""
+    from absorber.devices.planner import as_bundle, model_facts, weight_bytes
+    man = dict(TINY, quant={"scheme": "int8"})
+    wb = weight_bytes(model_facts(as_bundle(man)))
+    facts = sum(wb.values())
+
+    def note(total: float) -> str:
+        tab = [{"name": "w", "dtype": "int8", "shape": [int(total)], "graphs": ["decoder"], "length": int(total),
+                "offset": 0}]
+        p = predict(dict(man, external_data=[{"file": "weights.bin", "tensors": tab}]), 4, 2, coeffs=UNIT)
+        return next(n for n in p.notes if n.startswith("weights from"))
+    assert "stored twice" in note(facts + wb["embedding"])
+    assert "block formats differ" in note(facts + 3 * wb["embedding"]) and "twice" not in note(facts * 3)
+
+
 def test_planner_dequantized_tables_from_external_table():
     # an int8 bundle that stores the tied table twice (lm_head for both graphs, embedding for the decoder)
     tab = [{"name": "lm_head.weight.q8", "dtype": "int8", "shape": [32, 8], "graphs": ["decoder", "train_step"],
