@@ -128,6 +128,11 @@ class AbsorberConfig:
     ntp_top: float = 1.0         # with ntp_weight: the next-token term scores only this fraction of X's tokens,
                                  # those the frozen model (no context) finds most surprising (invented names,
                                  # numbers: where facts are), not the predictable ones that carry the register
+    read_scale: float = 1.0      # answers (and every scoring of the method: the forgetting curve, next-text, the
+                                 # damage check) read the LoRA paths at this scale; training, the teacher and the
+                                 # round's own losses use them whole (lora.read_scaled; runtime: the decoder's B
+                                 # inputs scaled when answering). Adapters written at lr 1e-3 and read at 0.25
+                                 # kept 0.43 of the facts at +1.6 % damage (benchmarks/retention.md). 1: as trained
     calibrate: int = 0           # > 0: after every round, measure the adapters' context-free shift of the next-token
                                  # log-probabilities on this many tokens of the frozen model's own samples (rows of
                                  # 128) and subtract it from the logits wherever the adapted model predicts
@@ -190,6 +195,8 @@ class AbsorberConfig:
             raise AbsorberError(f"ntp_top must be in (0, 1] (got {self.ntp_top})")
         if not (self.ntp_weight >= 0 and math.isfinite(self.ntp_weight)):
             raise AbsorberError(f"ntp_weight must be a finite number >= 0 (got {self.ntp_weight})")
+        if not (self.read_scale >= 0 and math.isfinite(self.read_scale)):
+            raise AbsorberError(f"read_scale must be a finite number >= 0 (got {self.read_scale})")
         if self.calibrate < 0:
             raise AbsorberError(f"calibrate must be >= 0 background tokens (got {self.calibrate})")
         if self.ttt_context < 0 or self.ntp_context < 0:

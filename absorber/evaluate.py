@@ -178,12 +178,14 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     records: list[dict] = []
     for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
-        nll, cnt = score_nll(sa.model, ctx, ids[pos:pos + s], max_len)
+        with sa.reading():
+            nll, cnt = score_nll(sa.model, ctx, ids[pos:pos + s], max_len)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
         if settings.recall_len:
             start = pos - m - n            # the X that has just left the window
             probe = ids[start:start + min(settings.recall_len, n)]
-            rec["recall_nll"], rec["recall_count"] = score_nll(sa.model, ctx, probe, max_len)
+            with sa.reading():
+                rec["recall_nll"], rec["recall_count"] = score_nll(sa.model, ctx, probe, max_len)
         res = done[-1] if done else None
         if method in TRAINED and res is not None:
             rec.update(loss_first=res.loss_first, loss_last=res.loss_last, steps=res.steps,

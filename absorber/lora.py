@@ -131,6 +131,21 @@ def disabled(model: nn.Module) -> Iterator[None]:
             m.enabled = True
 
 
+@contextlib.contextmanager
+def read_scaled(model: nn.Module, scale: float) -> Iterator[None]:
+    """Answer with every LoRA path's contribution times `scale` inside the block (the adapters as trained, read
+    weaker or stronger: a scoring option of the retention study, absorber.retention; the weights are untouched)."""
+    mods = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    was = [m.scaling for m in mods]
+    for m in mods:
+        m.scaling = m.scaling * scale
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, was):
+            m.scaling = s
+
+
 def _layer_index(name: str) -> int | None:
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None

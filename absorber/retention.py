@@ -50,6 +50,10 @@ class RetentionSettings:
     heldout_tokens: int = 256           # tokens of the held-out speech scored for damage (0: off)
     bootstrap: int = 2000
     seed: int = 0
+    # each fact and the held-out text also scored with the LoRA paths read at these scales (lora.read_scaled;
+    # absolute, not on top of AbsorberConfig.read_scale), on the same adapters: one trained stream gives a point
+    # per scale (pooled as "<label> (read xS)")
+    read_scales: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,12 +166,17 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             for i, key in enumerate(todo):
                 baselines[key] = (win[i], full[i], win_dec[i])
         asked, asked_dec = [fs[j] for j, _ in due[r]], [dec[j] for j, _ in due[r]]
-        mine, mine_dec = (None, None) if method == "window" else answer_and_decoy_nlls(
-            sa.model, tok, ctx, asked, asked_dec)
+        with sa.reading():
+            mine, mine_dec = (None, None) if method == "window" else answer_and_decoy_nlls(
+                sa.model, tok, ctx, asked, asked_dec)
         raw = raw_dec = None
         if sa.calibration is not None:       # the same adapters without the correction: a paired control
             with sa.calibration.off():
                 raw, raw_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
+        scaled = {}
+        for sc in rs.read_scales if method != "window" else ():
+            with lora.read_scaled(sa.model, sc):
+                scaled[sc] = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
         for i, (j, d) in enumerate(due[r]):
             w, f_, wd = baselines[(j, d)]
             mth = w if mine is None else mine[i]
@@ -176,12 +185,15 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                             "nll_method": mth, "nll_full": f_, "nll_window_decoy": wd, "nll_method_decoy": md})
             if raw is not None:
                 records[-1].update(nll_method_uncalibrated=raw[i], nll_method_decoy_uncalibrated=raw_dec[i])
+            for sc, (a_, ad_) in scaled.items():
+                records[-1].update({f"nll_method_read{sc:g}": a_[i], f"nll_method_decoy_read{sc:g}": ad_[i]})
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
             if "heldout" not in baselines:
                 baselines["heldout"] = score_nll(base_model, [], h, max_len)
             bn, bc = baselines["heldout"]
-            hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, [], h, max_len)
+            with sa.reading():
+                hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, [], h, max_len)
             if ("heldout_context", r) not in baselines:   # the reference: the stream in context, not in weights
                 baselines[("heldout_context", r)] = score_nll(base_model, ctx + h[:1], h[1:], max_len)   # same tokens
             cn, cc = baselines[("heldout_context", r)]
@@ -190,6 +202,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             if sa.calibration is not None:
                 with sa.calibration.off():
                     damage[-1]["nll_method_uncalibrated"] = score_nll(sa.model, [], h, max_len)[0]
+            for sc in scaled:
+                with lora.read_scaled(sa.model, sc):
+                    damage[-1][f"nll_method_read{sc:g}"] = score_nll(sa.model, [], h, max_len)[0]
         if log:
             done_d = sorted({d for _, d in due[r]})
             sub = [x for x in records if x["round"] == r]
@@ -277,6 +292,14 @@ def damage_summary(damage: list[dict]) -> dict:
     return out
 
 
+def read_at(out: dict, scale: float) -> dict:
+    """A stream's result as scored with the LoRA paths read at `scale` (RetentionSettings.read_scales)."""
+    suf = f"_read{scale:g}"
+    swap = lambda x, keys: {**x, **{k: x[k + suf] for k in keys if k + suf in x}}  # noqa: E731
+    return {**out, "records": [swap(r, ("nll_method", "nll_method_decoy")) for r in out["records"]],
+            "damage": [swap(d, ("nll_method",)) for d in out["damage"]]}
+
+
 def pooled_run(method: str, config: dict, outs: Sequence[tuple[str, dict]], rs: RetentionSettings) -> dict:
     """One run's result pooled over texts: `outs` is (text name, stream_facts' result) per text; every record
     is tagged with its text, the curve and the damage are computed over all of them."""
@@ -311,6 +334,9 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
         per[label] = pooled_run(mth, cfg.to_dict(), outs, rs)
         if cfg.calibrate > 0:
             per[label + " (uncalibrated)"] = pooled_run(mth, cfg.to_dict(), [(n, uncalibrated(o)) for n, o in outs], rs)
+        for sc in rs.read_scales if mth != "window" else ():
+            per[f"{label} (read x{sc:g})"] = pooled_run(mth, dict(cfg.to_dict(), read_scale=sc),
+                                                        [(n, read_at(o, sc)) for n, o in outs], rs)
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

@@ -158,13 +158,23 @@ class StreamingAbsorber:
         return res
 
     # ---------------------------------------------------------------- answering
+    def reading(self):
+        """The block in which the model answers for the method: its LoRA paths read at cfg.read_scale
+        (lora.read_scaled; a no-op at 1). Generation here and every scoring of the method (absorber.evaluate,
+        absorber.retention) run inside it; training does not."""
+        if self.cfg.read_scale == 1.0:
+            return contextlib.nullcontext()
+        from absorber import lora
+        return lora.read_scaled(self.model, self.cfg.read_scale)
+
     @torch.no_grad()
     def _greedy(self, prefix: list[int], max_new: int, eos: int | None = None) -> list[int]:
         ids = torch.tensor([prefix[-self.max_positions + max_new:]], device=self.device) if prefix else None
         if ids is None:
             return []
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                  do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+        with self.reading():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                      do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
         return out[0, ids.shape[1]:].tolist()
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64) -> list[int]:

@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--probes", type=int, help="recall probes per round, synchronized before Y (default: bundle, 0)")
     p.add_argument("--reset", choices=("none", "moments", "adapters"), help="reset before each round (default: bundle)")
     p.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
+    p.add_argument("--read-scale", type=float, help="answers read the adapters' LoRA paths at this scale; training "
+                                                    "uses them whole (default: bundle, 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -74,7 +76,8 @@ def main(args) -> int:
     from absorber.runtime.stream import Stream, rss_mb
     from absorber.runtime.inputs import Reader
 
-    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay",
+                                               "read_scale") if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")
     out = sys.stdout

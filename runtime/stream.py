@@ -444,9 +444,7 @@ class Stream:
                      seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
         """Token ids continuing `prefix` with this stream's adapters (greedy by default)."""
         with ort_errors("an answer"):
-            # a bundle with packed decoder inputs: built from the current adapters (the Generator wraps them)
-            values = self.model.decoder_adapters(self.param_views) if self.model.packed_adapters else self._param_ov
-            return G.generate(self.model, values, prefix, max_new, temperature, top_p, seed, stop_at_eos,
+            return G.generate(self.model, self._answer_adapters(), prefix, max_new, temperature, top_p, seed, stop_at_eos,
                               on_token)
 
     def ask(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -462,8 +460,25 @@ class Stream:
         return self.model.decode(out)
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        """All-position logits [T, V] of ids at positions 0..T-1 with the current adapters (for checks)."""
-        return G.all_logits(self.model, ids, self.param_views)
+        """All-position logits [T, V] of ids at positions 0..T-1 with the current adapters, read as answers read
+        them (cfg.read_scale)."""
+        return G.all_logits(self.model, ids, self._scaled_views())
+
+    def _scaled_views(self) -> dict[str, np.ndarray]:
+        """The adapters as answers read them: every B times cfg.read_scale (a transient copy of the Bs; the
+        stream's own adapters as they are at 1), as absorber.lora.read_scaled in the reference."""
+        s = float(self.cfg.read_scale)
+        if s == 1.0:
+            return self.param_views
+        return {n: (v * np.float32(s) if n.endswith(".lora_B") else v) for n, v in self.param_views.items()}
+
+    def _answer_adapters(self) -> dict:
+        """The decoder's adapter inputs for an answer: packed from the (read-scaled) adapters for bundles with
+        packed inputs, else OrtValues (the stream's own, bound without a copy, at read_scale 1)."""
+        views = self._scaled_views()
+        if self.model.packed_adapters:
+            return self.model.decoder_adapters(views)
+        return self._param_ov if views is self.param_views else views
 
     # ------------------------------------------------------------------ reporting
     def adapters(self) -> dict[str, np.ndarray]:

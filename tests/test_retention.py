@@ -270,6 +270,28 @@ def test_a_calibrated_run_records_its_uncalibrated_twin_on_the_same_adapters(tin
     assert cal["damage"]["ppl_change_at_end"] != raw["damage"]["ppl_change_at_end"]
 
 
+def test_read_scales_score_the_same_adapters_weaker(tiny_model, tiny_tok):
+    """read_scales: every method NLL and the held-out text are also scored with the LoRA paths read at each scale
+    (the same adapters, the same round); scale 1 reproduces the run, scale 0 the window (the base model on the
+    same context), and each scale gets its own entry "<label> (read xS)"."""
+    text = tiny_tok.encode("The council met on a cold morning. Everyone spoke at length. " * 60,
+                           add_special_tokens=False)
+    held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
+    cfg = AbsorberConfig(n=64, m=32, k=2, lr=1e-2)
+    rs = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=64, bootstrap=50,
+                              read_scales=(1.0, 0.5, 0.0))
+    res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("hy", "absorber", cfg)], rs)
+    run, one, half, zero = (res["methods"][k] for k in ("hy", "hy (read x1)", "hy (read x0.5)", "hy (read x0)"))
+    assert len(run["records"]) == len(half["records"]) == 6
+    assert [r["nll_method"] for r in one["records"]] == [r["nll_method"] for r in run["records"]]
+    for z, r in zip(zero["records"], run["records"]):
+        assert abs(z["nll_method"] - r["nll_window"]) < 1e-3 * max(1.0, abs(r["nll_window"]))
+    assert any(h["nll_method"] != r["nll_method"] for h, r in zip(half["records"], run["records"]))
+    assert [d["nll_method"] for d in one["damage_records"]] == [d["nll_method"] for d in run["damage_records"]]
+    assert all(abs(d["nll_method"] - d["nll_base"]) < 1e-3 * abs(d["nll_base"]) for d in zero["damage_records"])
+    assert half["config"]["read_scale"] == 0.5
+
+
 def test_too_short_text_is_one_line_error(tiny_model, tiny_tok):
     from absorber.errors import AbsorberError
     text = tiny_tok.encode("Short. " * 30, add_special_tokens=False)

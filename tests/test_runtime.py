@@ -296,6 +296,42 @@ def test_rounds_match_reference(any_bundle, rounds, exact_profile):
     assert s.stats()["optimizer_step"] == rounds * cfg.k
 
 
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_read_scale_answers_as_the_reference(tiny_bundles, exact_profile, quant):
+    """read_scale: after the same rounds, the runtime's logits and greedy answer read the adapters at the scale as
+    the reference does (absorber.lora.read_scaled in StreamingAbsorber.reading), training is untouched (the same
+    losses), and 0 reads the base model."""
+    import dataclasses
+
+    from absorber import lora
+    from absorber.runtime import Stream
+    from absorber.stream import StreamingAbsorber
+    bundle = tiny_bundles[quant]
+    model, cfg = _ref_model(bundle)
+    cfg = dataclasses.replace(cfg, read_scale=0.5, lr=1e-2)
+    ids = _ids(cfg.n * 2 + cfg.m + 5, seed=0)
+    ref = StreamingAbsorber(model, None, cfg)
+    rr = ref.feed_tokens(ids)
+    s = Stream.open(bundle, profile=exact_profile, config_overrides={"read_scale": 0.5, "lr": 1e-2})
+    ro = s.feed_tokens(ids)
+    assert [r.loss_last for r in ro] == pytest.approx([r.loss_last for r in rr], rel=1e-4)
+    # the reading is what is compared: the reference holds the runtime's adapters (training parity: above)
+    lora.load_state(model, {n: torch.from_numpy(v) for n, v in s.adapters().items()})
+    q = _ids(20, seed=4)
+    with torch.no_grad(), ref.reading():
+        want = model(input_ids=torch.tensor([q]), use_cache=False).logits[0].numpy()
+    with torch.no_grad():
+        whole = model(input_ids=torch.tensor([q]), use_cache=False).logits[0].numpy()
+    got = s.logits(q)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(got - whole).max() > 1e-3 * max(1.0, np.abs(whole).max())    # the scale matters here
+    assert s.generate_ids(q, 6, stop_at_eos=False) == ref._greedy(q, 6)
+    s.cfg.read_scale = 0.0
+    with torch.no_grad(), lora.disabled(model):
+        base = model(input_ids=torch.tensor([q]), use_cache=False).logits[0].numpy()
+    assert np.abs(s.logits(q) - base).max() < 1e-4 * max(1.0, np.abs(base).max())
+
+
 @pytest.mark.parametrize("over", [{"teacher": "current"}, {"reset": "moments", "decay": 0.2}, {"reset": "adapters"}])
 def test_anti_drift_options_match_reference(bundle, over):
     """teacher, reset and decay are run-time options: the runtime applies them as absorber.absorb does.

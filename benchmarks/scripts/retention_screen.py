@@ -69,6 +69,8 @@ def main(argv=None) -> int:
                    help="seed of the first text's facts (text i gets seed + 1000 i): --skip S --fact-seed 1000S "
                         "plants the same facts in a speech as a run of all the speeches from the first")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--read-scales", default="", help="also score every fact and the held-out text with the LoRA "
+                   "paths read at these scales (comma-separated; one row per scale, the same trained adapters)")
     p.add_argument("--json", dest="json_out", required=True)
     a = p.parse_args(argv)
     import torch
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
     base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr if a.lr is not None else 1e-3, ntp_weight=0.0)
     runs = [(v, *variant(v, base)) for v in a.variants.split(",")]
     rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds, seed=a.fact_seed,
-                              distances=tuple(int(x) for x in a.distances.split(",")))
+                              distances=tuple(int(x) for x in a.distances.split(",")),
+                              read_scales=tuple(float(x) for x in a.read_scales.split(",") if x))
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
 
