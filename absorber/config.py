@@ -131,8 +131,9 @@ class AbsorberConfig:
     read_scale: float = 1.0      # answers (and every scoring of the method: the forgetting curve, next-text, the
                                  # damage check) read the LoRA paths at this scale; training, the teacher and the
                                  # round's own losses use them whole (lora.read_scaled; runtime: the decoder's B
-                                 # inputs scaled when answering). Adapters written at lr 1e-3 and read at 0.25
-                                 # kept 0.43 of the facts at +1.6 % damage (benchmarks/retention.md). 1: as trained
+                                 # inputs scaled when answering). Written at lr 1e-3 and read at 0.25 they kept
+                                 # 0.37 of the facts at +4.9 % damage (screening window, 3 speeches), ~0.1 above
+                                 # the lr frontier; at the shipped window less (benchmarks/retention.md). 1: as trained
     calibrate: int = 0           # > 0: after every round, measure the adapters' context-free shift of the next-token
                                  # log-probabilities on this many tokens of the frozen model's own samples (rows of
                                  # 128) and subtract it from the logits wherever the adapted model predicts
