@@ -76,8 +76,8 @@ def main(args) -> int:
     from absorber.runtime.stream import Stream, rss_mb
     from absorber.runtime.inputs import Reader
 
-    overrides = {k: getattr(args, k) for k in ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay",
-                                               "read_scale") if getattr(args, k) is not None}
+    settings = ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay", "read_scale")
+    overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")
     out = sys.stdout

@@ -192,7 +192,8 @@ class FileMap:
 def _drop_pages(maps: list[FileMap]) -> None:
     """After the sessions are open: ONNX Runtime's pre-packing has read every kernel tensor through the map, and
     from then on the decoder reads its packed copy, so those pages would stay resident for nothing until the train
-    step's backward reads the stored bytes (SmolLM2-135M int4: 102 MB resident after open, 20 MB without it)."""
+    step's backward reads the stored bytes (SmolLM2-135M int4: 102 MB of the map resident after open without this,
+    none with it; benchmarks/planner.md section 0000000000)."""
     for m in maps:
         m.drop_pages()
 
@@ -207,7 +208,8 @@ def _shared_initializers(bundle: Bundle, graph: str, maps: list[FileMap],
             continue
         # MatMulNBits' inputs too: ONNX Runtime pre-packs an added initializer as it does one it loaded. Left to
         # it, it kept its own maps of them beside this one (the backward reads the same bytes here): SmolLM2-135M
-        # int4, n=512 m=256, peak 958.6 -> 915.4 MiB, the same losses (benchmarks/planner.md)
+        # int4 at n=512 m=256, peak RSS 958 -> 910 MiB with the same losses, mostly file pages RSS counted twice
+        # (PSS -5 MiB); after open -52 MiB in RSS and PSS (benchmarks/planner.md section 0000000000)
         key = f"{t.location}:{t.offset}:{t.name}"
         if key not in shared:
             fm = next((m for m in maps if m.name == t.location), None)

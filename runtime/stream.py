@@ -444,8 +444,8 @@ class Stream:
                      seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
         """Token ids continuing `prefix` with this stream's adapters (greedy by default)."""
         with ort_errors("an answer"):
-            return G.generate(self.model, self._answer_adapters(), prefix, max_new, temperature, top_p, seed, stop_at_eos,
-                              on_token)
+            return G.generate(self.model, self._answer_adapters(), prefix, max_new, temperature, top_p, seed,
+                              stop_at_eos, on_token)
 
     def ask(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, on_token=None) -> str:
