@@ -215,12 +215,17 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             "damage": damage, "rounds": rounds, "baselines": baselines}
 
 
+def _scored_as(out: dict, suffix: str) -> dict:
+    """A stream's result with every method NLL replaced by the twin recorded beside it under `suffix`."""
+    swap = lambda x, keys: {**x, **{k: x[k + suffix] for k in keys if k + suffix in x}}  # noqa: E731
+    return {**out, "records": [swap(r, ("nll_method", "nll_method_decoy")) for r in out["records"]],
+            "damage": [swap(d, ("nll_method",)) for d in out["damage"]]}
+
+
 def uncalibrated(out: dict) -> dict:
     """A calibrated stream's result (AbsorberConfig.calibrate) as scored without the correction: the paired
     control recorded beside every method NLL."""
-    swap = lambda x, keys: {**x, **{k: x[k + "_uncalibrated"] for k in keys if k + "_uncalibrated" in x}}  # noqa: E731
-    return {**out, "records": [swap(r, ("nll_method", "nll_method_decoy")) for r in out["records"]],
-            "damage": [swap(d, ("nll_method",)) for d in out["damage"]]}
+    return _scored_as(out, "_uncalibrated")
 
 
 def retention(records: list[dict]) -> float:
@@ -294,10 +299,7 @@ def damage_summary(damage: list[dict]) -> dict:
 
 def read_at(out: dict, scale: float) -> dict:
     """A stream's result as scored with the LoRA paths read at `scale` (RetentionSettings.read_scales)."""
-    suf = f"_read{scale:g}"
-    swap = lambda x, keys: {**x, **{k: x[k + suf] for k in keys if k + suf in x}}  # noqa: E731
-    return {**out, "records": [swap(r, ("nll_method", "nll_method_decoy")) for r in out["records"]],
-            "damage": [swap(d, ("nll_method",)) for d in out["damage"]]}
+    return _scored_as(out, f"_read{scale:g}")
 
 
 def pooled_run(method: str, config: dict, outs: Sequence[tuple[str, dict]], rs: RetentionSettings) -> dict:

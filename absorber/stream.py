@@ -164,7 +164,6 @@ class StreamingAbsorber:
         absorber.retention) run inside it; training does not."""
         if self.cfg.read_scale == 1.0:
             return contextlib.nullcontext()
-        from absorber import lora
         return lora.read_scaled(self.model, self.cfg.read_scale)
 
     @torch.no_grad()

@@ -4,19 +4,21 @@ tokens of the default speech, median of 6 after one warm-up (benchmarks/planner.
 
     python benchmarks/scripts/kernel_map_decode_ab.py BUNDLE
 """
-import sys, time, statistics
-import absorber.runtime.sessions as S
-from absorber.runtime.model import Model
-from absorber.runtime.generate import Generator
-from absorber.data import DEFAULT_SPEECH, speech
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_map_rss import old_way  # noqa: E402
+
+from absorber.data import DEFAULT_SPEECH, speech  # noqa: E402
+from absorber.runtime.generate import Generator  # noqa: E402
+from absorber.runtime.model import Model  # noqa: E402
+
 bundle = sys.argv[1]
-orig, odrop = S._shared_initializers, S._drop_pages
-def patched(b, graph, maps, shared):
-    out = orig(b, graph, maps, shared); k = b.kernel_tensors
-    return {n: v for n, v in out.items() if n not in k}
-S._shared_initializers, S._drop_pages = patched, (lambda maps: None)
-models = {"OLD": Model.open(bundle)}
-S._shared_initializers, S._drop_pages = orig, odrop
+with old_way():
+    models = {"OLD": Model.open(bundle)}
 models["NEW"] = Model.open(bundle)
 ids = models["NEW"].encode(speech(DEFAULT_SPEECH).text())[:256]
 res = {n: [] for n in models}; toks = {}

@@ -10,20 +10,26 @@ of the default speech, then VmRSS / VmHWM (/proc/self/status) and Rss / Pss (/pr
 RSS counts a file page once per mapping, PSS once.
 """
 import argparse
+import contextlib
 import json
 import time
 
 import absorber.runtime.sessions as S
 
 
-def old_way() -> None:
-    orig = S._shared_initializers
+@contextlib.contextmanager
+def old_way():
+    """Sessions opened inside the block leave the kernel tensors to ONNX Runtime and keep the map's pages."""
+    orig, drop = S._shared_initializers, S._drop_pages
 
     def without_kernel_tensors(bundle, graph, maps, shared):
         out = orig(bundle, graph, maps, shared)
         return {n: v for n, v in out.items() if n not in bundle.kernel_tensors}
-    S._shared_initializers = without_kernel_tensors
-    S._drop_pages = lambda maps: None
+    S._shared_initializers, S._drop_pages = without_kernel_tensors, (lambda maps: None)
+    try:
+        yield
+    finally:
+        S._shared_initializers, S._drop_pages = orig, drop
 
 
 def status() -> dict:
@@ -41,11 +47,10 @@ def main() -> None:
     p.add_argument("--old", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
-    if a.old:
-        old_way()
     from absorber.data import DEFAULT_SPEECH, speech
     from absorber.runtime import Stream
-    s = Stream.open(a.bundle)
+    with old_way() if a.old else contextlib.nullcontext():
+        s = Stream.open(a.bundle)
     opened = status()
     ids = s.model.encode(speech(DEFAULT_SPEECH).text())[: s.cfg.n + s.cfg.m]
     t = time.perf_counter()
