@@ -14,7 +14,11 @@ fresh adapters (and a fresh optimizer) per text. The loop for one text, with r =
 
 Summary per method: NLL summed over all segments of all texts before dividing (per-segment ratios are noise),
 PPL = exp(mean NLL), recovered fraction R = (PPL_window - PPL_method) / (PPL_window - PPL_full), and a
-percentile bootstrap interval over segments (paired: the same resampled segments for every method).
+percentile bootstrap interval over segments (paired: the same resampled segments for every method), and the
+same R on the *key tokens* alone (LongPPL, arXiv 2410.23771: the tokens of the next segment where the full
+context lowers the NLL by more than EvalSettings.key_gain nats against the window and predicts them well; plain
+perplexity averages the long-range effect away over the tokens that need no context). With
+EvalSettings.read_scales, each trained method also gets a row per scale, scored on the same adapters read weaker.
 
 Passkey: "The pass key is 48213. Remember it." planted at a depth of a real text, the question asked at the end
 after the whole haystack has been streamed; greedy decoding, exact digits.
@@ -61,6 +65,16 @@ class EvalSettings:
     passkey_trials: int = 1               # keys per (length, depth); trial j uses text j (mod the texts) as haystack
     bootstrap: int = 2000                 # bootstrap resamples for the intervals
     seed: int = 0
+    # key tokens (LongPPL, arXiv 2410.23771): the next segment's tokens where long context matters, i.e. the full
+    # context lowers their NLL by more than key_gain nats against the window (LongPPL's LSD > 2) and predicts
+    # them with NLL below key_full_nll (its LCL > -2). R is also reported on them alone. None: off (the records
+    # then carry no per-token NLLs).
+    key_gain: float | None = 2.0
+    key_full_nll: float = 2.0
+    # the trained methods also scored with their LoRA paths read at these scales (lora.read_scaled; absolute,
+    # not on top of AbsorberConfig.read_scale), on the same adapters: one trained stream gives a row per scale,
+    # reported as the method "absorber (read x0.25)" and so on
+    read_scales: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,9 +86,9 @@ def model_max_positions(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
-              max_len: int | None = None) -> tuple[float, int]:
-    """Summed NLL (nats) of `target` given `context`, and the number of tokens scored.
+def token_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
+              max_len: int | None = None) -> torch.Tensor:
+    """Per-token NLL (nats, float32, one per scored token) of `target` given `context`.
 
     One forward over context+target at positions 0..T-1 (the window's positions); the context is cut from the
     left to fit max_len. Without context the first target token has no prediction and is not scored."""
@@ -89,8 +103,20 @@ def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
                 attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=keep)
     logits = out.logits[0, :-1].float()             # predictions for the next `keep - 1` tokens
     tgt = ids[0, ids.shape[1] - logits.shape[0]:]
-    nll = F.cross_entropy(logits, tgt, reduction="sum")
-    return float(nll), int(tgt.numel())
+    return F.cross_entropy(logits, tgt, reduction="none").cpu()
+
+
+def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
+              max_len: int | None = None) -> tuple[float, int]:
+    """Summed NLL (nats) of `target` given `context`, and the number of tokens scored (token_nll)."""
+    t = token_nll(model, context, target, max_len)
+    return float(t.sum()), int(t.numel())
+
+
+def _scored(model, context, target, max_len, tokens: bool) -> tuple[float, int, list[float] | None]:
+    """score_nll, and with `tokens` the per-token NLLs too (rounded to 1e-5: the key-token summary's input)."""
+    t = token_nll(model, context, target, max_len)
+    return float(t.sum()), int(t.numel()), ([round(float(v), 5) for v in t] if tokens else None)
 
 
 def ppl(nll: float, count: int) -> float:
@@ -178,14 +204,24 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     records: list[dict] = []
     for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
+        keys = settings.key_gain is not None
         with sa.reading():
-            nll, cnt = score_nll(sa.model, ctx, ids[pos:pos + s], max_len)
+            nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
+        if keys:
+            rec["token_nll"] = toks
+        start = pos - m - n                # the X that has just left the window
+        probe = ids[start:start + min(settings.recall_len, n)]
         if settings.recall_len:
-            start = pos - m - n            # the X that has just left the window
-            probe = ids[start:start + min(settings.recall_len, n)]
             with sa.reading():
                 rec["recall_nll"], rec["recall_count"] = score_nll(sa.model, ctx, probe, max_len)
+        for sc in settings.read_scales if method in TRAINED else ():
+            with lora.read_scaled(sa.model, sc):
+                rec[f"nll{_read(sc)}"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
+                if keys:
+                    rec[f"token_nll{_read(sc)}"] = t
+                if settings.recall_len:
+                    rec[f"recall_nll{_read(sc)}"], _ = score_nll(sa.model, ctx, probe, max_len)
         res = done[-1] if done else None
         if method in TRAINED and res is not None:
             rec.update(loss_first=res.loss_first, loss_last=res.loss_last, steps=res.steps,
@@ -267,6 +303,26 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def key_tokens(segments: dict[str, list[dict]], settings: EvalSettings) -> dict[str, list[dict]] | None:
+    """Per method and segment, the NLL summed over the segment's key tokens and their count ({"nll", "count"}
+    records aligned with the segments). Key tokens come from the window's and full context's per-token NLLs
+    (EvalSettings.key_gain, key_full_nll); None without both baselines or per-token NLLs."""
+    if settings.key_gain is None or "window" not in segments or "full" not in segments:
+        return None
+    win, full = segments["window"], segments["full"]
+    if not win or any("token_nll" not in r for r in win + full):
+        return None
+    masks = [[w - f > settings.key_gain and f < settings.key_full_nll for w, f in zip(a["token_nll"], b["token_nll"])]
+             for a, b in zip(win, full)]
+    out = {}
+    for mth, recs in segments.items():
+        if len(recs) != len(masks) or any("token_nll" not in r for r in recs):
+            continue
+        out[mth] = [{"nll": sum(v for v, k in zip(r["token_nll"], mk) if k), "count": sum(mk)}
+                    for r, mk in zip(recs, masks)]
+    return out
+
+
 def summarize(segments: dict[str, list[dict]], passkey: dict[str, list[dict]], settings: EvalSettings) -> dict:
     """Per-method summary from the per-segment records (records aligned across methods, same order)."""
     out: dict[str, dict] = {}
@@ -280,10 +336,11 @@ def summarize(segments: dict[str, list[dict]], passkey: dict[str, list[dict]], s
         if recs and "recall_nll" in recs[0]:
             rn, rc = _pooled(recs, "recall_nll", "recall_count")
             d["recall_ppl"] = ppl(rn, rc)
-        if mth in TRAINED:
+        trained = mth.split(" (read x")[0]     # a read-scale row reports its method's training
+        if trained in TRAINED:
             firsts = [r.get("loss_first") for r in recs]
             lasts = [r.get("loss_last") for r in recs]
-            pre = "sync_loss" if mth == "absorber" else "train_loss"
+            pre = "sync_loss" if trained == "absorber" else "train_loss"
             d[f"{pre}_first"], d[f"{pre}_last"] = _mean(firsts), _mean(lasts)
             d["round_seconds"] = _mean([r.get("seconds") for r in recs])
             d["rollbacks"] = sum(bool(r.get("rolled_back")) for r in recs)
@@ -301,6 +358,18 @@ def summarize(segments: dict[str, list[dict]], passkey: dict[str, list[dict]], s
                 d["recall_recovered_fraction_ci95"] = bootstrap(
                     sub, trio("window", mth, "full"), "recall_nll", "recall_count", settings.bootstrap,
                     settings.seed)
+        keyed = key_tokens(segments, settings)
+        for mth, d in out.items() if keyed else ():
+            if mth not in keyed:
+                continue
+            nll, cnt = _pooled(keyed[mth])
+            d["key_tokens"], d["key_ppl"] = cnt, ppl(nll, cnt) if cnt else None
+            if cnt:
+                d["key_recovered_fraction"] = recovered_fraction(ppl(*_pooled(keyed["window"])), d["key_ppl"],
+                                                                 ppl(*_pooled(keyed["full"])))
+                d["key_recovered_fraction_ci95"] = bootstrap(
+                    {k: keyed[k] for k in {"window", "full", mth}}, trio("window", mth, "full"), "nll", "count",
+                    settings.bootstrap, settings.seed)
     for mth, trials in passkey.items():
         if trials:
             out.setdefault(mth, {})["passkey_accuracy"] = sum(t["correct"] for t in trials) / len(trials)
@@ -309,7 +378,7 @@ def summarize(segments: dict[str, list[dict]], passkey: dict[str, list[dict]], s
                                                     if evicted else None)
     for d in out.values():   # the documented keys are always present
         for k in ("ppl", "recovered_fraction", "recall_ppl", "passkey_accuracy", "sync_loss_first",
-                  "sync_loss_last"):
+                  "sync_loss_last", "key_recovered_fraction"):
             d.setdefault(k, None)
     return out
 
@@ -368,8 +437,33 @@ def evaluate(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[int]]], c
     return _result(usable, per_text, passkey, cfg, settings, t0, list(settings.methods))
 
 
+def _read(scale: float) -> str:
+    """The record-key suffix of a scoring at read scale `scale` (EvalSettings.read_scales)."""
+    return f"_read{scale:g}"
+
+
+def read_label(method: str, scale: float) -> str:
+    """The summary's name for `method` scored with its LoRA paths read at `scale`."""
+    return f"{method} (read x{scale:g})"
+
+
+def _read_at(records: list[dict], scale: float) -> list[dict]:
+    """The records as scored at read scale `scale`: its NLLs in place of the method's own (same counts)."""
+    out = []
+    for r in records:
+        d = dict(r)
+        for key in ("nll", "recall_nll", "token_nll"):
+            if f"{key}{_read(scale)}" in r:
+                d[key] = r[f"{key}{_read(scale)}"]
+        out.append(d)
+    return out
+
+
 def _result(usable, per_text, passkey, cfg, settings, t0, methods_done) -> dict:
     segments = {m: [r for name, _ in usable for r in per_text[m].get(name, [])] for m in methods_done}
+    for mth in [m for m in methods_done if m in TRAINED]:
+        for sc in settings.read_scales:
+            segments[read_label(mth, sc)] = _read_at(segments[mth], sc)
     methods = summarize(segments, {m: passkey[m] for m in methods_done}, settings)
     return {
         "methods": methods,
@@ -397,7 +491,7 @@ def sweep(base: nn.Module, tok, texts, cfg: AbsorberConfig, settings: EvalSettin
         cached = cache.get(base_key, {})
         res = evaluate(base, tok, texts, c, settings, pool=pool, cached=cached, log=log)
         cache[base_key] = {m: {"segments": res["segments"][m], "passkey": res["passkey"][m]}
-                           for m in res["methods"] if m not in TRAINED}
+                           for m in res["segments"] if m not in TRAINED}
         points.append({"point": {k: (list(v) if isinstance(v, tuple) else v) for k, v in point.items()},
                        "methods": res["methods"], "settings": res["settings"], "segments": res["segments"]})
         if on_point:
@@ -414,10 +508,10 @@ def format_table(methods: dict[str, dict]) -> str:
 
     def ci(x):
         return "" if not x else f" [{x[0]:.2f}, {x[1]:.2f}]"
-    rows = ["| method | PPL next segment | R (recovered) [95% CI] | recall PPL | recall R | passkey acc "
-            "| loss first → last |",
-            "|---|---|---|---|---|---|---|"]
-    for mth in [m for m in METHODS if m in methods]:
+    rows = ["| method | PPL next segment | R (recovered) [95% CI] | key-token R [95% CI] | recall PPL | recall R "
+            "| passkey acc | loss first → last |",
+            "|---|---|---|---|---|---|---|---|"]
+    for mth in [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]:
         d = methods[mth]
         lf = d.get("sync_loss_first", d.get("train_loss_first"))
         ll = d.get("sync_loss_last", d.get("train_loss_last"))
@@ -425,7 +519,8 @@ def format_table(methods: dict[str, dict]) -> str:
             lf, ll = d.get("train_loss_first"), d.get("train_loss_last")
         loss = f"{f(lf, '{:.4f}')} → {f(ll, '{:.4f}')}" if lf is not None else "–"
         rows.append(f"| {mth} | {f(d.get('ppl'))}{ci(d.get('ppl_ci95'))} | {f(d.get('recovered_fraction'), '{:.2f}')}"
-                    f"{ci(d.get('recovered_fraction_ci95'))} | {f(d.get('recall_ppl'))} | "
+                    f"{ci(d.get('recovered_fraction_ci95'))} | {f(d.get('key_recovered_fraction'), '{:.2f}')}"
+                    f"{ci(d.get('key_recovered_fraction_ci95'))} | {f(d.get('recall_ppl'))} | "
                     f"{f(d.get('recall_recovered_fraction'), '{:.2f}')}{ci(d.get('recall_recovered_fraction_ci95'))}"
                     f" | {f(d.get('passkey_accuracy'), '{:.2f}')} | {loss} |")
     return "\n".join(rows)

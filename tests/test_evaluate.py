@@ -130,10 +130,12 @@ def test_sweep_reuses_baselines(tiny_model, tiny_tok, rng_ids):
     texts = [("a", rng_ids(32 + 16 + 2 * 32, seed=7))]
     grid = parse_sweep(["lr=1e-3,2e-3", "loss_layers=all|2,4", "rank=2"])
     assert grid == {"lr": [1e-3, 2e-3], "loss_layers": [None, (2, 4)], "lora.rank": [2]}
-    out = E.sweep(tiny_model, tiny_tok, texts, small_cfg(), quick(methods=("window", "full", "absorber")), grid)
+    out = E.sweep(tiny_model, tiny_tok, texts, small_cfg(),
+                  quick(methods=("window", "full", "absorber"), read_scales=(0.5,)), grid)
     assert len(out["sweep"]) == 4
     w = [p["methods"]["window"]["ppl"] for p in out["sweep"]]
     assert len(set(w)) == 1
+    assert all("absorber (read x0.5)" in p["methods"] for p in out["sweep"])
     assert out["sweep"][0]["settings"]["absorber"]["lora"]["rank"] == 2
     assert out["sweep"][0]["settings"]["absorber"]["lora"]["alpha"] == pytest.approx(4.0)
 
@@ -176,3 +178,62 @@ def test_sweep_over_the_anti_drift_options(tiny_model, tiny_tok, rng_ids):
     assert len(ppls) == 4 and all(math.isfinite(v) for v in ppls.values())
     assert ppls[("current", "none")] != ppls[("base", "none")]      # round 2+ teachers differ
     assert out["sweep"][1]["settings"]["absorber"]["teacher"] == "current"
+
+
+def test_read_scales_add_a_row_per_scale_on_the_same_adapters(tiny_model, tiny_tok, rng_ids):
+    """EvalSettings.read_scales: the trained method's next segment and recall probe also scored with its LoRA
+    paths read at each scale. Scale 1 reproduces the method's own row, scale 0 the window's (the base model on the
+    same context), and a scale in between differs; the row reports the same training."""
+    texts = [("a", rng_ids(32 + 16 + 3 * 32, seed=11))]
+    res = E.evaluate(tiny_model, tiny_tok, texts, small_cfg(lr=1e-2),
+                     quick(methods=("window", "full", "absorber"), read_scales=(1.0, 0.5, 0.0)))
+    ms = res["methods"]
+    run, one, half, zero = (ms[k] for k in ("absorber", "absorber (read x1)", "absorber (read x0.5)",
+                                            "absorber (read x0)"))
+    assert one["ppl"] == run["ppl"] and one["recall_ppl"] == run["recall_ppl"]
+    assert one["recovered_fraction"] == run["recovered_fraction"]
+    assert zero["ppl"] == pytest.approx(ms["window"]["ppl"], rel=1e-5)
+    assert zero["recall_ppl"] == pytest.approx(ms["window"]["recall_ppl"], rel=1e-5)
+    assert half["ppl"] != run["ppl"] and half["recall_ppl"] != run["recall_ppl"]
+    assert half["sync_loss_first"] == run["sync_loss_first"] and half["segments"] == run["segments"] == 3
+    assert "absorber (read x0.5)" in E.format_table(ms)
+    assert "window (read x0.5)" not in ms        # the baselines have no adapters to read
+
+
+def test_cli_rejects_a_negative_read_scale(tmp_path, capsys):
+    from absorber.cli import main
+    f = tmp_path / "t.txt"
+    f.write_text("Words of a speech. " * 50)
+    assert main(["eval", "--model", "tiny", "--text", str(f), "--read-scales", "0.5,-1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--read-scales" in err[0]
+
+
+def test_key_tokens_are_where_full_context_helps():
+    """LongPPL's key tokens: full context lowers the NLL by more than key_gain and predicts the token with NLL below
+    key_full_nll; each method's NLL is summed over those tokens only, per segment."""
+    segs = {"window": [{"token_nll": [5.0, 5.0, 1.0, 6.0]}, {"token_nll": [4.0]}],
+            "full": [{"token_nll": [1.0, 4.5, 0.5, 3.0]}, {"token_nll": [1.5]}],
+            "absorber": [{"token_nll": [3.0, 0.0, 0.0, 9.0]}, {"token_nll": [2.0]}]}
+    keyed = E.key_tokens(segs, E.EvalSettings(key_gain=2.0, key_full_nll=2.0))
+    # segment 0: token 0 only (token 1 gains 0.5, token 2 gains 0.5, token 3 is predicted at 3.0 by full)
+    assert keyed["absorber"] == [{"nll": 3.0, "count": 1}, {"nll": 2.0, "count": 1}]
+    assert keyed["window"] == [{"nll": 5.0, "count": 1}, {"nll": 4.0, "count": 1}]
+    assert E.key_tokens(segs, E.EvalSettings(key_gain=None)) is None
+    assert E.key_tokens({"window": segs["window"]}, E.EvalSettings()) is None
+
+
+def test_key_token_r_in_the_summary(tiny_model, tiny_tok, rng_ids):
+    """With a gain threshold of 0, the tokens full context helps at all: the window's key-token R is 0 and full's 1,
+    a read-scale row has one too, and the per-token NLLs sum to the segment's NLL."""
+    texts = [("a", rng_ids(32 + 16 + 3 * 32, seed=12))]
+    res = E.evaluate(tiny_model, tiny_tok, texts, small_cfg(lr=1e-2),
+                     quick(methods=("window", "full", "absorber"), key_gain=0.0, key_full_nll=100.0,
+                           read_scales=(0.5,)))
+    ms = res["methods"]
+    assert ms["window"]["key_recovered_fraction"] == 0 and ms["full"]["key_recovered_fraction"] == 1
+    assert 0 < ms["absorber"]["key_tokens"] < ms["absorber"]["tokens_scored"]
+    assert math.isfinite(ms["absorber (read x0.5)"]["key_recovered_fraction"])
+    for rec in res["segments"]["absorber"]["a"]:
+        assert sum(rec["token_nll"]) == pytest.approx(rec["nll"], rel=1e-4)
+        assert len(rec["token_nll"]) == rec["count"]

@@ -17,6 +17,7 @@ examples:
   absorber eval --sotu 4 --segments 8 --json out.json --plot out.png
   absorber eval --text talk.txt --methods window,absorber,full --k 16 --lr 1e-3
   absorber eval --sotu 4 --segments 6 --methods window,full,absorber --sweep lr=5e-4,1e-3 k=8,16
+  absorber eval --sotu 2 --segments 6 --methods window,full,absorber --lr 1e-3 --read-scales 0.5,0.25
 """
 
 
@@ -38,6 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--passkey-depths", default="0.1,0.3", help="needle depths, fractions of the haystack")
     ev.add_argument("--passkey-trials", type=int, default=1,
                     help="keys per (length, depth); trial j uses text j as haystack (default %(default)s)")
+    ev.add_argument("--key-gain", type=float, default=2.0,
+                    help="key tokens (LongPPL): full context lowers their NLL by more than this many nats against "
+                         "the window (default %(default)s; with --key-full-nll, R on them alone; <0: off)")
+    ev.add_argument("--key-full-nll", type=float, default=2.0,
+                    help="key tokens: the full context's NLL on them is below this (default %(default)s)")
+    ev.add_argument("--read-scales", default="", metavar="S1,S2",
+                    help="also score the trained methods with their LoRA paths read at these scales, on the same "
+                         "adapters: one row per scale, e.g. 'absorber (read x0.25)' (default: none)")
     ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: no intervals)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -60,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--gamma", type=float, help="teacher=compose: weight of the adapters' contribution")
     mt.add_argument("--ntp-weight", type=float, help="weight of the next-token loss on X beside the sync loss "
                                                      "(default 1; 0: the sync loss alone)")
+    mt.add_argument("--read-scale", type=float, help="answer and score with the LoRA paths read at this scale "
+                                                      "(default 1; training uses them whole)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     fc = p.add_argument_group("forgetting curve of planted facts (absorber/retention.py)")
@@ -103,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight")},
+        "ntp_weight", "read_scale")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:
@@ -112,9 +123,13 @@ def main(args: argparse.Namespace) -> int:
                                   passkey_lengths=tuple(int(x) for x in _floats(args.passkey_lengths)),
                                   passkey_depths=_floats(args.passkey_depths),
                                   passkey_trials=args.passkey_trials, bootstrap=args.bootstrap,
-                                  seed=args.seed)
+                                  seed=args.seed, read_scales=_floats(args.read_scales),
+                                  key_gain=None if args.key_gain < 0 else args.key_gain,
+                                  key_full_nll=args.key_full_nll)
     except ValueError as e:
         raise AbsorberError(f"bad number: {e}") from None
+    if any(not (x >= 0 and x < float("inf")) for x in settings.read_scales):
+        raise AbsorberError(f"--read-scales must be finite numbers >= 0 (got {args.read_scales!r})")
     grid = parse_sweep(args.sweep) if args.sweep else None
 
     from absorber.models import load
@@ -156,7 +171,8 @@ def main(args: argparse.Namespace) -> int:
             raise AbsorberError("--facts needs at least one of the methods window, ttt, absorber")
         rs = RT.RetentionSettings(facts=args.facts, plant_rounds=args.plant_rounds,
                                   distances=tuple(int(x) for x in _floats(args.distances)),
-                                  bootstrap=args.bootstrap, seed=args.seed)
+                                  bootstrap=args.bootstrap, seed=args.seed,
+                                  read_scales=settings.read_scales)
         held = next((x for x in data.speeches(None) if x.fileid.startswith(args.heldout)), None)
         if held is None:
             raise AbsorberError(f"no speech starts with {args.heldout!r} (--heldout)")
@@ -165,18 +181,22 @@ def main(args: argparse.Namespace) -> int:
         print(RT.format_curve(result))
     elif grid:
         result = E.sweep(model, tok, texts, cfg, settings, grid, log=log, on_point=checkpoint)
-        print("| point | " + " | ".join(f"{m} PPL" for m in methods) + " | R absorber [95% CI] | R ttt |")
-        print("|---|" + "---|" * (len(methods) + 2))
+        print("| point | " + " | ".join(f"{m} PPL" for m in methods) + " | R absorber [95% CI] | key-token R absorber "
+              "| R ttt |")
+        print("|---|" + "---|" * (len(methods) + 3))
         for p in result["sweep"]:
             ms = p["methods"]
-            def r(m):
+            def r(m, key="recovered_fraction"):
                 d = ms.get(m)
-                if not d or d.get("recovered_fraction") is None:
+                if not d or d.get(key) is None:
                     return "–"
-                ci = d.get("recovered_fraction_ci95")
-                return f"{d['recovered_fraction']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                ci = d.get(f"{key}_ci95")
+                return f"{d[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
             print(f"| {p['point']} | " + " | ".join(f"{ms[m]['ppl']:.3f}" for m in methods)
-                  + f" | {r('absorber')} | {r('ttt')} |")
+                  + f" | {r('absorber')} | {r('absorber', 'key_recovered_fraction')} | {r('ttt')} |")
+            for extra in [m for m in ms if m not in methods]:     # --read-scales rows
+                print(f"| {p['point']} {extra} | " + " | ".join("" for _ in methods)
+                      + f" | {r(extra)} | {r(extra, 'key_recovered_fraction')} | |")
     else:
         result = E.evaluate(model, tok, texts, cfg, settings, log=log, on_method=checkpoint)
         print(E.format_table(result["methods"]))
