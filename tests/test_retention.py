@@ -323,6 +323,12 @@ def test_eval_cli_forgetting_curve(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res["methods"]) == {"window", "absorber sparse=4 lr=0.001", "absorber sparse=4 lr=0.002"}
+    # --read-scales with --facts: the same adapters scored weaker, a curve per scale
+    rc = main(["eval", "--model", "tiny", "--text", str(f), "--facts", "2", "--plant-rounds", "1", "--distances",
+               "1", "--methods", "window,absorber", "--n", "64", "--m", "32", "--k", "1", "--bootstrap", "20",
+               "--quiet", "--json", str(out), "--read-scales", "0.5"])
+    assert rc == 0
+    assert set(json.loads(out.read_text())["methods"]) == {"window", "absorber", "absorber (read x0.5)"}
     assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lora"]["sparse"] == 4
     assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lr"] == 0.002
 
