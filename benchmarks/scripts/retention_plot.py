@@ -8,6 +8,9 @@ over the raw records of one or more screens (benchmarks/retention.md), with 95 %
 Each argument is LABEL=FILE::VARIANT; arguments with the same LABEL are pooled (their per-fact records put
 together, so a label can span speeches run in separate screens). Prints the pooled table (markdown) too:
 specific and raw retention per distance, the number of facts, and the held-out damage per speech at the end.
+With `--damage-last N`, also the damage averaged over the last N records per speech (each record's change as the
+screen's "end" would report it, had the stream stopped there) and the mean over speeches: a stream's damage
+swings by several points from one round to the next.
 
 With `--frontier D` the plot is the retention-damage frontier instead: each label's specific retention at D
 rounds after eviction (95 % CI over facts) against its held-out damage at the end (mean over speeches, the bar
@@ -30,7 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from absorber.retention import RetentionSettings, curve, damage_summary  # noqa: E402
 
 
-def pooled(specs: list[str]) -> dict[str, dict]:
+def mean_of_last(records: list[dict], last: int) -> float | None:
+    """The held-out damage averaged over the last `last` records (damage_summary of each prefix: the change at
+    that record against the base model)."""
+    ends = [damage_summary(records[:i]).get("ppl_change_at_end") for i in range(max(1, len(records) - last + 1),
+                                                                                len(records) + 1)]
+    ends = [x for x in ends if x is not None]
+    return sum(ends) / len(ends) if ends else None
+
+
+def pooled(specs: list[str], damage_last: int = 0) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for spec in specs:
         head, _, variant = spec.partition("::")
@@ -54,6 +66,8 @@ def pooled(specs: list[str]) -> dict[str, dict]:
             by_text.setdefault(r.get("text", texts[0]), []).append(r)
         for t, dr in by_text.items():
             e["damage"].append((t, damage_summary(dr).get("ppl_change_at_end")))
+            if damage_last:
+                e.setdefault("damage_mean", []).append((t, mean_of_last(dr, damage_last)))
         e.setdefault("bootstrap", s.get("bootstrap", 2000))
     return out
 
@@ -64,16 +78,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="PNG to write (matplotlib); without it only the table is printed")
     ap.add_argument("--frontier", type=int, metavar="D", help="plot specific retention at distance D against damage")
     ap.add_argument("--context", help="with --frontier: context_damage.py's JSON (the in-context reference)")
+    ap.add_argument("--damage-last", type=int, default=0, metavar="N",
+                    help="also the damage averaged over each speech's last N records, and its mean over speeches")
     a = ap.parse_args(argv)
-    data = pooled(a.specs)
+    data = pooled(a.specs, a.damage_last)
     rows = {}
     for label, e in data.items():
         rs = RetentionSettings(distances=tuple(sorted(e["distances"])), bootstrap=e["bootstrap"])
         rows[label] = curve(e["records"], rs)
     ds = sorted({c["distance"] for cs in rows.values() for c in cs})
+    extra = f" damage, mean of the last {a.damage_last} records, per speech (mean) |" if a.damage_last else ""
     print("| variant | speeches | window n/m/K | " + " | ".join(f"specific d={d} [95% CI]" for d in ds)
-          + " | raw at the last d | facts | held-out damage at the end, per speech |")
-    print("|---|---|---|" + "---|" * len(ds) + "---|---|---|")
+          + " | raw at the last d | facts | held-out damage at the end, per speech |" + extra)
+    print("|---|---|---|" + "---|" * len(ds) + "---|---|---|" + ("---|" if extra else ""))
     for label, cs in rows.items():
         e = data[label]
         by_d = {c["distance"]: c for c in cs}
@@ -88,8 +105,13 @@ def main(argv=None) -> int:
         last = max((c for c in cs if c["facts"]), key=lambda c: c["distance"])
         n, m, k = e["window"]
         dmg = ", ".join(f"{t} {x:+.1%}" for t, x in e["damage"] if x is not None) or "–"
+        tail = ""
+        if a.damage_last:
+            ms = [x for _, x in e.get("damage_mean", []) if x is not None]
+            tail = " " + ", ".join(f"{t} {x:+.1%}" for t, x in e.get("damage_mean", []) if x is not None) \
+                + (f" ({sum(ms) / len(ms):+.1%})" if ms else "") + " |"
         print(f"| {label} | {len(set(e['texts']))} | {n}/{m}/{k} | " + " | ".join(cells)
-              + f" | {last['retention']:.2f} | {last['facts']} | {dmg} |")
+              + f" | {last['retention']:.2f} | {last['facts']} | {dmg} |" + tail)
     if a.out and a.frontier:
         frontier_plot(rows, data, a.frontier, a.context, a.out)
     elif a.out:
