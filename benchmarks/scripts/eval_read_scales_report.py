@@ -1,6 +1,7 @@
 """Next-text R, key-token R and recall R per learning rate and read scale, from one `absorber eval --sweep` record.
 
     python benchmarks/scripts/eval_read_scales_report.py [benchmarks/eval_shipped_read_scales.json]
+    python benchmarks/scripts/eval_read_scales_report.py benchmarks/eval_shipped_read_strong.json
         [--thresholds 2/2,1/3,0.5/100]
 
 The record: `absorber eval --methods window,full,absorber --read-scales ... --sweep lr=...` (the command is in
@@ -8,7 +9,7 @@ it). Every number is the eval's own summary (absorber.evaluate.summarize): R = (
 (PPL_window - PPL_full) pooled over the scored segments, a bootstrap interval over segments; key-token R the same
 on LongPPL's key tokens (full context gains > 2 nats on them and predicts them with NLL < 2); recall R on the
 just-evicted passage repeated. Prints a markdown table, then key-token R at other thresholds (GAIN/FULL_NLL pairs,
-recomputed from the records' per-token NLLs by absorber.evaluate.key_tokens) for the rows read at 1, 0.5, 0.25.
+recomputed from the records' per-token NLLs by absorber.evaluate.key_tokens) for the run's read scales.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def thresholds(rec: dict, pairs: list[tuple[float, float]], scales=(0.5, 0.25)) 
             for sc, name in zip(scales, names[1:]):
                 segs[name] = E._read_at(segs["absorber"], sc)
             ms = E.summarize(segs, {}, st)
-            label = ", ".join(f"{k}={v}" for k, v in p["point"].items())
+            label = ", ".join(f"{k}={v}" for k, v in p["point"].items()) or "the run"
             print(f"| G={gain:g}, F={full:g} | {ms['window']['key_tokens']} | {label} | "
                   + " | ".join(_r(ms[n], "key_recovered_fraction") for n in names) + " |")
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thresholds", default="2/2,1/3,0.5/100", help="GAIN/FULL_NLL pairs for key tokens")
     a = ap.parse_args(argv)
     rec = json.loads(Path(a.record).read_text())
+    if "sweep" not in rec:      # one run without --sweep: one point
+        rec["sweep"] = [{"point": {}, "methods": rec["methods"], "settings": rec["settings"],
+                         "segments": rec["segments"]}]
     pts = rec["sweep"]
     s = pts[0]["settings"]
     texts = ", ".join(t["name"] for t in s["texts"])
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("window", "full"):
         print(f"| {name} | {ms0[name]['ppl']:.3f} | – | – | – | – |")
     for p in pts:
-        label = ", ".join(f"{k}={v}" for k, v in p["point"].items())
+        label = ", ".join(f"{k}={v}" for k, v in p["point"].items()) or f"lr={p['settings']['absorber']['lr']:g}"
         for mth, d in p["methods"].items():
             if not mth.startswith("absorber"):
                 continue
@@ -73,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {mth}, {label} | {d['ppl']:.3f} | {_r(d, 'recovered_fraction')} | "
                   f"{_r(d, 'key_recovered_fraction')} | {_r(d, 'recall_recovered_fraction')} | "
                   + (f"{sec:.0f} |" if sec else "– |"))
-    thresholds(rec, [tuple(float(x) for x in t.split("/")) for t in a.thresholds.split(",")])
+    ms = pts[0]["methods"]
+    scales = tuple(float(m.split("(read x")[1].rstrip(")")) for m in ms if "(read x" in m)
+    thresholds(rec, [tuple(float(x) for x in t.split("/")) for t in a.thresholds.split(",")],
+               tuple(sc for sc in scales if sc != 1) or (0.5, 0.25))
     return 0
 
 
