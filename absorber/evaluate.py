@@ -336,7 +336,7 @@ def summarize(segments: dict[str, list[dict]], passkey: dict[str, list[dict]], s
         if recs and "recall_nll" in recs[0]:
             rn, rc = _pooled(recs, "recall_nll", "recall_count")
             d["recall_ppl"] = ppl(rn, rc)
-        trained = mth.split(" (read x")[0]     # a read-scale row reports its method's training
+        trained = read_method(mth)             # a read-scale row reports its method's training
         if trained in TRAINED:
             firsts = [r.get("loss_first") for r in recs]
             lasts = [r.get("loss_last") for r in recs]
@@ -445,6 +445,11 @@ def _read(scale: float) -> str:
 def read_label(method: str, scale: float) -> str:
     """The summary's name for `method` scored with its LoRA paths read at `scale`."""
     return f"{method} (read x{scale:g})"
+
+
+def read_method(label: str) -> str:
+    """The method a summary row belongs to: `method` for read_label(method, scale), the label itself otherwise."""
+    return label.split(" (read x")[0]
 
 
 def _read_at(records: list[dict], scale: float) -> list[dict]:
