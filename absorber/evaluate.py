@@ -202,9 +202,9 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     sa = make_streamer(pool, tok, cfg, method, settings)
     max_len = sa.max_positions if method == "full" else model_max_positions(sa.model)
     records: list[dict] = []
+    keys = settings.key_gain is not None       # per-token NLLs for the key-token summary
     for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
-        keys = settings.key_gain is not None
         with sa.reading():
             nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
