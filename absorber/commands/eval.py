@@ -10,7 +10,8 @@ DESCRIPTION = """\
 Stream each text through each method with the same n, m, K and optimizer (fresh adapters per text). After
 every round, the next segment of the stream is scored conditioned on the method's context; the summary pools
 NLL over all segments of all texts, and reports PPL, the recovered fraction
-R = (PPL_window - PPL_method) / (PPL_window - PPL_full) with a bootstrap interval over segments, the PPL of a
+R = (PPL_window - PPL_method) / (PPL_window - PPL_full) with a bootstrap interval over segments, the same R on
+the key tokens alone (LongPPL: the tokens where full context helps by more than --key-gain nats), the PPL of a
 just-evicted passage repeated (recall), passkey accuracy, and the sync loss before/after each round.
 
 examples:
