@@ -452,7 +452,7 @@ def read_method(label: str) -> str:
     return label.split(" (read x")[0]
 
 
-def _read_at(records: list[dict], scale: float) -> list[dict]:
+def read_at(records: list[dict], scale: float) -> list[dict]:
     """The records as scored at read scale `scale`: its NLLs in place of the method's own (same counts)."""
     out = []
     for r in records:
@@ -468,7 +468,7 @@ def _result(usable, per_text, passkey, cfg, settings, t0, methods_done) -> dict:
     segments = {m: [r for name, _ in usable for r in per_text[m].get(name, [])] for m in methods_done}
     for mth in [m for m in methods_done if m in TRAINED]:
         for sc in settings.read_scales:
-            segments[read_label(mth, sc)] = _read_at(segments[mth], sc)
+            segments[read_label(mth, sc)] = read_at(segments[mth], sc)
     methods = summarize(segments, {m: passkey[m] for m in methods_done}, settings)
     return {
         "methods": methods,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
                                   key_full_nll=args.key_full_nll)
     except ValueError as e:
         raise AbsorberError(f"bad number: {e}") from None
-    if any(not (x >= 0 and x < float("inf")) for x in settings.read_scales):
+    if any(not (x >= 0 and math.isfinite(x)) for x in settings.read_scales):
         raise AbsorberError(f"--read-scales must be finite numbers >= 0 (got {args.read_scales!r})")
     grid = parse_sweep(args.sweep) if args.sweep else None
 

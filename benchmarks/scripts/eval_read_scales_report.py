@@ -40,7 +40,7 @@ def thresholds(rec: dict, pairs: list[tuple[float, float]], scales=(0.5, 0.25)) 
             segs = {m: [r for t in v.values() for r in t] for m, v in p["segments"].items()}
             names = ["absorber"] + [E.read_label("absorber", sc) for sc in scales]
             for sc, name in zip(scales, names[1:]):
-                segs[name] = E._read_at(segs["absorber"], sc)
+                segs[name] = E.read_at(segs["absorber"], sc)
             ms = E.summarize(segs, {}, st)
             label = ", ".join(f"{k}={v}" for k, v in p["point"].items()) or "the run"
             print(f"| G={gain:g}, F={full:g} | {ms['window']['key_tokens']} | {label} | "
