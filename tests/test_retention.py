@@ -333,6 +333,46 @@ def test_eval_cli_forgetting_curve(tmp_path, capsys):
     assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lr"] == 0.002
 
 
+def test_heldout_text_is_a_file_or_a_speech(tmp_path):
+    from absorber import data
+    from absorber.errors import AbsorberError
+    f = tmp_path / "manual.txt"
+    f.write_text("Turn the valve a quarter turn before you start the pump.", encoding="utf-8")
+    assert data.heldout_text(str(f)) == ("manual.txt", f.read_text(encoding="utf-8"))
+    label, text = data.heldout_text("1961-Kennedy")
+    assert label.startswith("1961-Kennedy") and text == data.speech(label).text()
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(AbsorberError, match="not UTF-8"):
+        data.heldout_text(str(bad))
+    with pytest.raises(AbsorberError, match="no such file"):
+        data.heldout_text(str(tmp_path / "missing.txt"))
+
+
+def test_eval_cli_heldout_file_measures_damage_on_it(tmp_path, tiny_tok):
+    import json
+
+    from absorber.cli import main
+    f = tmp_path / "t.txt"
+    f.write_text("The council met on a cold morning. Everyone spoke at length about roads. " * 30)
+    manual = tmp_path / "manual.txt"
+    manual.write_text("Turn the valve a quarter turn, then check the gauge and start the pump. " * 150)
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", "tiny", "--text", str(f), "--facts", "2", "--plant-rounds", "1", "--distances", "1",
+            "--methods", "absorber", "--n", "64", "--m", "32", "--k", "1", "--bootstrap", "0", "--quiet",
+            "--json", str(out)]
+    assert main(args + ["--heldout", str(manual)]) == 0
+    on_manual = json.loads(out.read_text())["methods"]["absorber"]["damage_records"]
+    assert main(args) == 0     # the default held-out speech
+    on_speech = json.loads(out.read_text())["methods"]["absorber"]["damage_records"]
+    assert on_manual and on_speech and on_manual[0]["nll_base"] != on_speech[0]["nll_base"]
+    # the manual's base NLL is its own 256 tokens after the first 1000, scored by the base model
+    assert len(tiny_tok.encode(manual.read_text(), add_special_tokens=False)) > 1256
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to score.")
+    assert main(args + ["--heldout", str(short)]) == 2
+
+
 # ------------------------------------------------------------------ the retention levers in the reference
 def test_l1n_divides_each_layer_by_the_teacher_scale():
     import torch

@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fc.add_argument("--plant-rounds", type=int, default=2, help="X chunks the facts are spread over (default 2)")
     fc.add_argument("--distances", default="1,2,4,8,16,32", help="rounds since eviction scored")
     fc.add_argument("--heldout", default="1961-Kennedy",
-                    help="speech (fileid prefix) whose perplexity measures damage (default %(default)s)")
+                    help="text whose perplexity measures damage: a speech's fileid prefix or a text file (its tokens "
+                         "after the first 1000 are scored; default %(default)s)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the full result as JSON")
     out.add_argument("--plot", metavar="PNG", help="plot PPL vs stream position per method (not with --sweep)")
@@ -175,10 +176,10 @@ def main(args: argparse.Namespace) -> int:
                                   distances=tuple(int(x) for x in _floats(args.distances)),
                                   bootstrap=args.bootstrap, seed=args.seed,
                                   read_scales=settings.read_scales)
-        held = next((x for x in data.speeches(None) if x.fileid.startswith(args.heldout)), None)
-        if held is None:
-            raise AbsorberError(f"no speech starts with {args.heldout!r} (--heldout)")
-        heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
+        heldout = tok.encode(data.heldout_text(args.heldout)[1], add_special_tokens=False)[1000:]
+        if len(heldout) < rs.heldout_tokens:
+            raise AbsorberError(f"--heldout {args.heldout}: {len(heldout) + 1000} tokens; the damage check scores "
+                                f"{rs.heldout_tokens} after the first 1000")
         result = RT.forgetting_curve(model, tok, texts, heldout, runs, rs, log=log, on_run=checkpoint)
         print(RT.format_curve(result))
     elif grid:

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--speeches", type=int, default=3, help="the N most recent spoken SOTU speeches")
     p.add_argument("--skip", type=int, default=0, help="skip the S most recent speeches first")
-    p.add_argument("--heldout", default="1961-Kennedy", help="speech fileid prefix for the damage check")
+    p.add_argument("--heldout", default="1961-Kennedy", help="the damage check's text: a speech fileid prefix or a text file")
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--plant-rounds", type=int, default=6)
     p.add_argument("--distances", default="1,2,4,8,16,32")
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     model, tok = load(a.model)
     spoken = data.speeches("spoken")
     texts = [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in spoken[::-1][a.skip:a.skip + a.speeches]]
-    held = next((s for s in data.speeches(None) if s.fileid.startswith(a.heldout)), spoken[0])
-    heldout = tok.encode(held.text(), add_special_tokens=False)[1000:]
+    held_label, held_text = data.heldout_text(a.heldout)
+    heldout = tok.encode(held_text, add_special_tokens=False)[1000:]
     # the tables' "base": the sync loss alone at lr 1e-3 (AbsorberConfig's defaults before 2026-12-03)
     base = override(AbsorberConfig(), n=a.n, m=a.m, k=a.k, lr=a.lr if a.lr is not None else 1e-3, ntp_weight=0.0)
     runs = [(v, *variant(v, base)) for v in a.variants.split(",")]
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     def save(res: dict) -> None:
         slim = {k: {kk: vv for kk, vv in v.items()} for k, v in res["methods"].items()}
-        Path(a.json_out).write_text(json.dumps({"command": cmd, "heldout": held.fileid, "seconds": time.perf_counter() - t0,
+        Path(a.json_out).write_text(json.dumps({"command": cmd, "heldout": held_label, "seconds": time.perf_counter() - t0,
                                                 "texts": [n for n, _ in texts], "settings": rs.to_dict(),
                                                 "partial": res.get("partial", False), "methods": slim},
                                                indent=1, default=str))
