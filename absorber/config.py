@@ -107,6 +107,11 @@ class AbsorberConfig:
                                  # teacher (prefix.X.Y), the student (prefix.Y) and the answering passes, at
                                  # positions 0..prefix-1: Y's first token is no longer the student's attention
                                  # sink (the StreamingLLM / Cartridges sink address). 0: off
+    bos: bool = False            # the model's BOS token stays at position 0 of every context: the window and the
+                                 # baselines' contexts, the teacher (BOS.prefix.X.Y), the student (BOS.prefix.Y),
+                                 # the next-token term on X (conditioned on it) and the answering passes. For models
+                                 # pretrained with a BOS in front of every text (Gemma: without it, 4x the
+                                 # perplexity, benchmarks/retention.md). Reference only. False: no BOS anywhere
     anchor: float = 0.0          # weight of an anchor term in every step: L1 of the student's hidden states on a
                                  # fixed replay text (absorber/anchor.txt, no context) against the base model's
                                  # on it: the adapters may not change ordinary text. 0: off
@@ -279,7 +284,7 @@ def parse_value(key: str, text: str):
             raise AbsorberError(f"bad value {text!r} for {key}") from None
     if key in ("loss", "reset", "teacher"):
         return v
-    if key == "fill":
+    if key in ("fill", "bos"):
         return v.lower() in ("1", "true", "yes", "on")
     try:
         x = float(v)

@@ -492,7 +492,7 @@ def sweep(base: nn.Module, tok, texts, cfg: AbsorberConfig, settings: EvalSettin
         c = override(copy.deepcopy(cfg), **point)
         if log:
             log(f"== sweep point {point}")
-        base_key = (c.n, c.m, c.sink)
+        base_key = (c.n, c.m, c.sink, c.bos)
         cached = cache.get(base_key, {})
         res = evaluate(base, tok, texts, c, settings, pool=pool, cached=cached, log=log)
         cache[base_key] = {m: {"segments": res["segments"][m], "passkey": res["passkey"][m]}

@@ -150,6 +150,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
         if r not in due:
             continue
         ctx = sa.context()
+        lead = list(sa.sink_tokens)
         res = done[-1] if done else None
         todo = [(j, d) for j, d in due[r] if (j, d) not in baselines]
         if todo:
@@ -161,7 +162,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             full = [0.0] * len(todo)
             for i_s in by_passage.values():
                 j0 = todo[i_s[0]][0]
-                for i, v in zip(i_s, answer_nlls(base_model, tok, passages[j0] + ctx, [fs[todo[i][0]] for i in i_s])):
+                full_ctx = lead + passages[j0] + ctx[len(lead):]    # the fixed tokens stay at position 0
+                for i, v in zip(i_s, answer_nlls(base_model, tok, full_ctx, [fs[todo[i][0]] for i in i_s])):
                     full[i] = v
             for i, key in enumerate(todo):
                 baselines[key] = (win[i], full[i], win_dec[i])
@@ -189,11 +191,12 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 records[-1].update({f"nll_method_read{sc:g}": a_[i], f"nll_method_decoy_read{sc:g}": ad_[i]})
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
+            bos = lead[:1] if cfg.bos else []       # no stream context, but the model's BOS (cfg.bos)
             if "heldout" not in baselines:
-                baselines["heldout"] = score_nll(base_model, [], h, max_len)
+                baselines["heldout"] = score_nll(base_model, bos, h, max_len)
             bn, bc = baselines["heldout"]
             with sa.reading():
-                hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, [], h, max_len)
+                hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, bos, h, max_len)
             if ("heldout_context", r) not in baselines:   # the reference: the stream in context, not in weights
                 baselines[("heldout_context", r)] = score_nll(base_model, ctx + h[:1], h[1:], max_len)   # same tokens
             cn, cc = baselines[("heldout_context", r)]
@@ -201,10 +204,10 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                            "nll_context": cn, "count_context": cc})
             if sa.calibration is not None:
                 with sa.calibration.off():
-                    damage[-1]["nll_method_uncalibrated"] = score_nll(sa.model, [], h, max_len)[0]
+                    damage[-1]["nll_method_uncalibrated"] = score_nll(sa.model, bos, h, max_len)[0]
             for sc in scaled:
                 with lora.read_scaled(sa.model, sc):
-                    damage[-1][f"nll_method_read{sc:g}"] = score_nll(sa.model, [], h, max_len)[0]
+                    damage[-1][f"nll_method_read{sc:g}"] = score_nll(sa.model, bos, h, max_len)[0]
         if log:
             done_d = sorted({d for _, d in due[r]})
             sub = [x for x in records if x["round"] == r]
@@ -332,7 +335,7 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
                 log(f"{label} ({mth}) on {name}: {rs.facts} facts in the first {rs.plant_rounds} rounds")
             outs.append((name, stream_facts(pool, tok, ids, heldout, cfg, mth, rs, seed=rs.seed + 1000 * ti,
                                             log=log, baselines=base_cache.setdefault((name, cfg.n, cfg.m,
-                                                                                      cfg.prefix), {}))))
+                                                                                      cfg.prefix, cfg.bos), {}))))
         per[label] = pooled_run(mth, cfg.to_dict(), outs, rs)
         if cfg.calibrate > 0:
             per[label + " (uncalibrated)"] = pooled_run(mth, cfg.to_dict(), [(n, uncalibrated(o)) for n, o in outs], rs)

@@ -78,7 +78,14 @@ class StreamingAbsorber:
         else:
             self.absorption = None
         self.window: list[int] = []
-        self.sink_tokens: list[int] = []
+        self.sink_tokens: list[int] = []   # the fixed tokens in front of the window: cfg.bos, then sink / prefix
+        if self.cfg.bos:
+            bos = getattr(tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise AbsorberError("bos=True needs a tokenizer with a BOS token")
+            self.sink_tokens.append(int(bos))
+            if self.absorption is not None:
+                self.absorption.prefix = list(self.sink_tokens)
         self.tokens_seen = 0
         self.tokens_absorbed = 0   # tokens that have left the window (absorbed, or dropped by the baselines)
         self.rounds: list[RoundResult] = []
@@ -107,7 +114,8 @@ class StreamingAbsorber:
         while i < len(ids):
             room = self.capacity - len(self.context())
             take = ids[i:i + max(room, 0)]
-            keep = self.cfg.sink if self.method == "sink" else (self.cfg.prefix if self.absorption else 0)
+            keep = int(self.cfg.bos) + (self.cfg.sink if self.method == "sink"
+                                        else (self.cfg.prefix if self.absorption else 0))
             if len(self.sink_tokens) < keep:
                 take = ids[i:i + keep - len(self.sink_tokens)]
                 self.sink_tokens.extend(take)

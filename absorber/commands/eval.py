@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "(default 1; training uses them whole)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
+    mt.add_argument("--bos", action="store_true", default=None,
+                    help="keep the model's BOS token at position 0 of every context, for every method (models "
+                         "pretrained with one, e.g. gemma3-270m; default off)")
     fc = p.add_argument_group("forgetting curve of planted facts (absorber/retention.py)")
     fc.add_argument("--facts", type=int, default=0, metavar="F",
                     help="plant F invented facts per text and report retention against rounds since eviction "
@@ -117,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight", "read_scale")},
+        "ntp_weight", "read_scale", "bos")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:
