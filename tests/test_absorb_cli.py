@@ -32,3 +32,13 @@ def test_absorb_reads_stdin_and_refuses_empty_input():
     assert r.returncode == 2 and "empty input" in r.stderr and "Traceback" not in r.stderr
     r = absorb("--input", "/nonexistent/file.txt")
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_absorb_bos_flag_sets_the_config():
+    import argparse
+
+    from absorber.commands import absorb as A
+    p = argparse.ArgumentParser()
+    A.add_arguments(p)
+    assert A.config_from_args(p.parse_args(["--input", "-", "--bos"])).bos is True
+    assert A.config_from_args(p.parse_args(["--input", "-"])).bos is False

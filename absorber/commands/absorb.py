@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0: the sync loss alone)")
     p.add_argument("--read-scale", type=float,
                    help="answers read the adapters' LoRA paths at this scale; training uses them whole (default 1)")
+    p.add_argument("--bos", action="store_true",
+                   help="keep the model's BOS token in front of every context (models pretrained with one, e.g. "
+                        "gemma3-270m; default off)")
     p.add_argument("--paper", action="store_true", help="the paper's settings: n=1024 m=2048 r=64 lr=5e-4")
     p.add_argument("--fill", action="store_true", help="at end of input, fill Y by greedy generation and absorb")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -62,7 +65,8 @@ def config_from_args(args) -> "AbsorberConfig":
     base = AbsorberConfig.paper() if args.paper else AbsorberConfig()
     return override(base, n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, rank=args.rank,
                     teacher=args.teacher, gamma=args.gamma, probes=args.probes, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
-                    ntp_weight=args.ntp_weight, read_scale=args.read_scale, fill=True if args.fill else None)
+                    ntp_weight=args.ntp_weight, read_scale=args.read_scale, fill=True if args.fill else None,
+                    bos=True if args.bos else None)
 
 
 def read_lines(path: str):
