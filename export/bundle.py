@@ -229,6 +229,9 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if ref_only:       # loss terms of the PyTorch reference that the traced train step does not carry
         raise AbsorberError(f"{ref_only[0]} > 0 is not supported by the exported train step (sync loss on Y and "
                             "the next-token term on X only; it is a reference option)")
+    if cfg.bos or cfg.prefix:
+        raise AbsorberError(f"{'bos' if cfg.bos else 'prefix'} is not supported by the exporter (the traced train "
+                            "step's student has no leading positions outside the loss; a reference option)")
     if cfg.calibrate > 0:
         raise AbsorberError(f"calibrate={cfg.calibrate} is not supported by the exporter (it raises the damage it "
                             "was meant to remove: benchmarks/retention.md; a reference option)")
