@@ -138,12 +138,11 @@ class Absorption:
                 loss = loss + cfg.anchor_kl * sync.kl_base_student(a_lp, a_logits)
         if cfg.ntp_weight > 0:   # write X itself into the adapters (TTT's term) beside the sync on Y
             ctx = self._ttt_context if cfg.ntp_context > 0 else None
-            if ctx is None and self.prefix:       # X after the fixed prefix (cfg.bos, cfg.prefix) as in the window;
-                ctx = self._prefix_tensor(x)      # the same tokens scored as without it: X[1:]
-            per_token = sync.next_token_loss(self.model, x, ctx if ctx is not None and ctx.shape[1] else None,
-                                             reduction="none")
-            if ctx is not None and ctx.shape[1] and cfg.ntp_context == 0:
-                per_token = per_token[1:]
+            ctx = ctx if ctx is not None and ctx.shape[1] else None
+            skip = 0
+            if ctx is None and self.prefix:       # X after the fixed prefix (cfg.bos, cfg.prefix) as in the window,
+                ctx, skip = self._prefix_tensor(x), 1   # scoring the same tokens as without it: X[1:]
+            per_token = sync.next_token_loss(self.model, x, ctx, reduction="none")[skip:]
             kept = per_token if self._ntp_keep is None else per_token[self._ntp_keep]
             loss = loss + cfg.ntp_weight * kept.mean()
         return loss

@@ -179,10 +179,11 @@ def main(args: argparse.Namespace) -> int:
                                   distances=tuple(int(x) for x in _floats(args.distances)),
                                   bootstrap=args.bootstrap, seed=args.seed,
                                   read_scales=settings.read_scales)
-        heldout = tok.encode(data.heldout_text(args.heldout)[1], add_special_tokens=False)[1000:]
-        if len(heldout) < rs.heldout_tokens:
-            raise AbsorberError(f"--heldout {args.heldout}: {len(heldout) + 1000} tokens; the damage check scores "
+        held_ids = tok.encode(data.heldout_text(args.heldout)[1], add_special_tokens=False)
+        if len(held_ids) < 1000 + rs.heldout_tokens:
+            raise AbsorberError(f"--heldout {args.heldout}: {len(held_ids)} tokens; the damage check scores "
                                 f"{rs.heldout_tokens} after the first 1000")
+        heldout = held_ids[1000:]
         result = RT.forgetting_curve(model, tok, texts, heldout, runs, rs, log=log, on_run=checkpoint)
         print(RT.format_curve(result))
     elif grid:

@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+
+def _ppl(model, context: list[int], target: list[int]) -> float:
+    from absorber.evaluate import score_nll
+    nll, count = score_nll(model, context, target)
+    return math.exp(nll / count)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from absorber import data
-    from absorber.evaluate import score_nll
     from absorber.models import load
     torch.set_num_threads(a.threads)
     rows = []
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in a.texts.split(","):
             label, text = data.heldout_text(spec)
             ids = tok.encode(text, add_special_tokens=False)[1000:1256]
-            ppl = lambda ctx, tgt: math.exp((lambda r: r[0] / r[1])(score_nll(model, ctx, tgt)))  # noqa: E731
+            ppl = lambda ctx, tgt: _ppl(model, ctx, tgt)  # noqa: E731
             row = {"model": name, "text": label, "bos_token": tok.bos_token, "bos_id": bos,
                    "ppl_no_context": ppl([], ids), "ppl_after_bos": ppl([bos], ids),
                    "ppl_last128": ppl(ids[:128], ids[128:]), "ppl_last128_bos": ppl([bos] + ids[:128], ids[128:])}
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} ({tok.bos_token}) | {label} | {row['ppl_no_context']:.2f} | {row['ppl_after_bos']:.2f} | "
                   f"{row['ppl_last128']:.2f} | {row['ppl_last128_bos']:.2f} |")
     if a.json_out:
-        cmd = "python benchmarks/scripts/bos_check.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        cmd = "python benchmarks/scripts/bos_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(a.json_out).write_text(json.dumps({"command": cmd, "rows": rows}, indent=1))
     return 0
 
