@@ -45,7 +45,7 @@ INT4_BLOCK = 32
 
 # config fields that the manifest's `loss` section records (compiled into train_step.onnx) and that
 # `defaults` therefore leaves out
-LOSS_FIELDS = ("loss", "loss_layers", "sync_skip", "ntp_weight")
+LOSS_FIELDS = ("loss", "loss_layers", "sync_skip", "ntp_weight", "bos")
 
 # ------------------------------------------------------------------------------------------------ graph I/O names
 INPUT_IDS = "input_ids"
@@ -205,7 +205,8 @@ MANIFEST_SCHEMA: dict = {
                                 "layers": {"type": "array", "items": _int, "minItems": 1},
                                 "skip": {"type": "integer", "minimum": 0},
                                 "ntp_weight": {"type": "number", "minimum": 0},
-                                "head_chunks": {"type": "integer", "minimum": 1}}},
+                                "head_chunks": {"type": "integer", "minimum": 1},
+                                "bos": {"type": "integer", "minimum": 0}}},
         "quant": {"type": "object", "required": ["scheme"],
                   "properties": {"scheme": {"enum": list(QUANT_SCHEMES)},
                                  "block_size": _int,
@@ -305,15 +306,20 @@ def defaults_entry(cfg: AbsorberConfig) -> dict:
     return d
 
 
-def loss_entry(cfg: AbsorberConfig, layers: list[int], head_chunks: int = 0) -> dict:
+def loss_entry(cfg: AbsorberConfig, layers: list[int], head_chunks: int = 0, bos_id: int | None = None) -> dict:
     """The manifest's `loss`: what train_step.onnx computes (kind, hidden_states indices, skipped positions, and
     the weight of the next-token term on X; 0 and absent in bundles without it; with it, head_chunks: the pieces
-    of X its head gradient is computed in, absent where the traced term is the plain cross-entropy)."""
+    of X its head gradient is computed in, absent where the traced term is the plain cross-entropy; with cfg.bos,
+    `bos`: the BOS token id that starts every context, whose position the train step leaves out of the loss)."""
     d = {"kind": cfg.loss, "layers": [int(i) for i in layers], "skip": int(cfg.sync_skip)}
     if cfg.ntp_weight > 0:
         d["ntp_weight"] = float(cfg.ntp_weight)
         if head_chunks:
             d["head_chunks"] = int(head_chunks)
+    if cfg.bos:
+        if bos_id is None:
+            raise AbsorberError("bos=True needs a tokenizer with a BOS token")
+        d["bos"] = int(bos_id)
     return d
 
 
@@ -481,6 +487,13 @@ class Bundle:
         return float(self.manifest["loss"].get("ntp_weight", 0.0))
 
     @property
+    def bos_id(self) -> int | None:
+        """The BOS token id at position 0 of every context (window, teacher, student, answers), outside the
+        train step's loss (AbsorberConfig.bos); None: bundles without (every bundle before 2026-12-06)."""
+        b = self.manifest["loss"].get("bos")
+        return None if b is None else int(b)
+
+    @property
     def loss_head_chunks(self) -> int:
         """The pieces of X in which the train step computes the next-token term's head gradient in its forward
         (absorber.sync.lean_next_token_loss); 0: bundles before it, which differentiate the head as a whole."""
@@ -520,6 +533,7 @@ class Bundle:
         d = dict(self.manifest["defaults"])
         d["loss"], d["loss_layers"], d["sync_skip"] = self.loss_kind, tuple(self.loss_layers), self.loss_skip
         d["ntp_weight"] = self.loss_ntp_weight
+        d["bos"] = self.bos_id is not None
         try:
             return AbsorberConfig.from_dict(d)
         except TypeError as e:

@@ -151,22 +151,27 @@ class SyncLoss(nn.Module):
     """The student side as one module: forward(Y ids, Y positions, teacher hidden[, X ids]) -> loss.
     This is what the exporter traces into the train-step graph, so runtime and reference share one definition.
     ntp_weight > 0 (AbsorberConfig.ntp_weight with ntp_top = 1): + ntp_weight x the next-token loss of the student
-    on X alone (positions 0..n-1), as absorber.absorb.Absorption._loss adds it."""
+    on X alone (positions 0..n-1), as absorber.absorb.Absorption._loss adds it.
+    prefix (AbsorberConfig.bos: 1): the ids start with that many fixed tokens (the BOS) outside the loss: the
+    student reads prefix.Y, teacher_hidden covers Y alone, and the next-token term reads prefix.X and scores
+    X[1:], each token with the prefix in context (as the reference's term with the prefix as its context)."""
 
     def __init__(self, model: nn.Module, layers: list[int], kind: str = "l1", skip: int = 0,
-                 ntp_weight: float = 0.0):
+                 ntp_weight: float = 0.0, prefix: int = 0):
         super().__init__()
         self.model, self.layers, self.kind, self.skip = model, list(layers), kind, skip
-        self.ntp_weight = float(ntp_weight)
+        self.ntp_weight, self.prefix = float(ntp_weight), int(prefix)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, teacher_hidden: torch.Tensor,
                 x_ids: torch.Tensor | None = None) -> torch.Tensor:
         hs, _ = forward_states(self.model, input_ids, self.layers, position_ids, stacked=False)
+        if self.prefix:
+            hs = [h[self.prefix:] for h in hs]
         loss = sync_loss_per_layer(hs, teacher_hidden, self.kind, self.skip)
         if self.ntp_weight > 0:
             if x_ids is None:
                 raise ValueError("SyncLoss with ntp_weight > 0 needs x_ids")
-            loss = loss + self.ntp_weight * lean_next_token_loss(self.model, x_ids)
+            loss = loss + self.ntp_weight * lean_next_token_loss(self.model, x_ids, skip=self.prefix)
         return loss
 
 
@@ -181,8 +186,10 @@ def head_in_pieces(model: nn.Module) -> bool:
                 or any(p.requires_grad for p in head.parameters()))
 
 
-def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD_CHUNKS) -> torch.Tensor:
-    """next_token_loss(model, ids) (mean over ids[1:]), written for a traced backward that holds no [T, V] tensor.
+def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD_CHUNKS,
+                         skip: int = 0) -> torch.Tensor:
+    """next_token_loss(model, ids)[skip:] (mean over ids[1 + skip:]; skip: the leading prefix's predictions left
+    out, SyncLoss.prefix), written for a traced backward that holds no [T, V] tensor.
 
     The head's gradient is computed in the forward, a piece of X's positions at a time, from the final hidden
     states h [T-1, H] with autograd off (h.detach()): per piece, logits = h W^T, lse = logsumexp(logits),
@@ -199,13 +206,13 @@ def lean_next_token_loss(model: nn.Module, ids: torch.Tensor, chunks: int = HEAD
     quantized graphs run on the packed rows). Heads this does not cover (a bias, logit soft-capping, a trainable
     head) take next_token_loss."""
     if not head_in_pieces(model):
-        return next_token_loss(model, ids)
+        return next_token_loss(model, ids, reduction="none")[skip:].mean() if skip else next_token_loss(model, ids)
     head = model.get_output_embeddings()
     out = model.model(input_ids=ids, position_ids=positions(ids.shape[1], device=ids.device),
                       attention_mask=torch.ones_like(ids), use_cache=False)
-    h = out.last_hidden_state[0, :-1]                       # [T-1, H]: position t predicts ids[t+1]
+    h = out.last_hidden_state[0, skip:-1]                   # [T-1-skip, H]: position t predicts ids[t+1]
     w = head.weight.detach()
-    rows = _f32(F.embedding(ids, w)[0, 1:])               # W[ids[t+1]]
+    rows = _f32(F.embedding(ids, w)[0, 1 + skip:])        # W[ids[t+1]]
     hd = _f32(h.detach())
     t1 = hd.shape[0]
     size = (t1 + chunks - 1) // chunks

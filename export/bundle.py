@@ -158,6 +158,16 @@ def _tokenizer_files(tokenizer, folder: Path) -> dict | None:
     return {"file": F.TOKENIZER_FILE, "config": F.TOKENIZER_CONFIG_FILE}
 
 
+def bos_id(tokenizer, facts: dict) -> int | None:
+    """The BOS token id (cfg.bos): the tokenizer's, as the reference takes it (absorber.stream), else the model
+    config's; None when neither has one."""
+    tid = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if tid is None:
+        tid = facts.get("bos_token_id")
+        tid = tid[0] if isinstance(tid, list) and tid else tid
+    return int(tid) if isinstance(tid, int) else None
+
+
 def _io_shapes_ok(mp: onnx.ModelProto) -> None:
     for v in list(mp.graph.input) + list(mp.graph.output):
         if not v.type.tensor_type.HasField("elem_type"):
@@ -229,9 +239,11 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if ref_only:       # loss terms of the PyTorch reference that the traced train step does not carry
         raise AbsorberError(f"{ref_only[0]} > 0 is not supported by the exported train step (sync loss on Y and "
                             "the next-token term on X only; it is a reference option)")
-    if cfg.bos or cfg.prefix:
-        raise AbsorberError(f"{'bos' if cfg.bos else 'prefix'} is not supported by the exporter (the traced train "
-                            "step's student has no leading positions outside the loss; a reference option)")
+    if cfg.prefix:
+        raise AbsorberError("prefix is not supported by the exporter (the stream's first tokens as a fixed prefix; "
+                            "a reference option; bos is exported)")
+    if cfg.bos and cfg.teacher == "compose":
+        raise AbsorberError("bos with teacher='compose' is not supported (the compositional teacher takes no prefix)")
     if cfg.calibrate > 0:
         raise AbsorberError(f"calibrate={cfg.calibrate} is not supported by the exporter (it raises the damage it "
                             "was meant to remove: benchmarks/retention.md; a reference option)")
@@ -453,7 +465,8 @@ def write(traced: Traced, tokenizer, out_dir, quant: str = "fp32", progress=None
             "model": traced.facts,
             "slice": traced.slice,
             "adapters_file": F.ADAPTERS_FILE,
-            "loss": F.loss_entry(traced.cfg, traced.layers, F.HEAD_CHUNKS if traced.head_pieces else 0),
+            "loss": F.loss_entry(traced.cfg, traced.layers, F.HEAD_CHUNKS if traced.head_pieces else 0,
+                                 bos_id(tokenizer, traced.facts)),
             "quant": Q.describe(quant, qweights, counts, accuracy, fused),
             "session_config": dict(Q.SESSION_CONFIG),
             "defaults": F.defaults_entry(traced.cfg),
@@ -524,6 +537,8 @@ def export_bundles(model, tokenizer, outs: dict, lora_cfg=None, cfg=None, opset:
     for q, d in outs.items():
         _check_args(q, opset)
         _check_out(Path(os.path.abspath(d)))
+    if cfg is not None and cfg.bos and bos_id(tokenizer, architectures.lookup(model.config).facts(model.config)) is None:
+        raise AbsorberError("bos=True needs a tokenizer (or model config) with a BOS token")
     traced = trace(model, lora_cfg=lora_cfg, cfg=cfg, opset=opset, max_len=max_len, progress=progress)
     return {q: write(traced, tokenizer, d, q, progress=progress, source=source, accuracy=accuracy,
                      recompute=recompute) for q, d in outs.items()}

@@ -42,6 +42,10 @@ def add_arguments(parser) -> None:
                              "sync loss on Y, compiled into train_step.onnx (default: AbsorberConfig's, 1: keeps "
                              "far more of what was said, at ~3x the time and memory of a round); 0: the sync "
                              "loss alone, for small memory budgets and large vocabularies")
+    parser.add_argument("--bos", choices=["auto", "on", "off"], default="auto",
+                        help="the model's BOS token at position 0 of every context (window, teacher, student, "
+                             "answers), outside the loss (default auto: on for models pretrained with one, "
+                             "gemma3; off for llama/SmolLM2)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
@@ -104,6 +108,12 @@ def main(args) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")
     model, tok = _load(args.model)
+    if args.bos != "off":
+        from absorber.export.architectures import lookup
+        bos = args.bos == "on" or lookup(model.config).bos
+        cfg = override(cfg, bos=bos)
+        if bos:
+            say("every context starts with the model's BOS token (--bos off: without)")
     source = None
     if any(q != "fp32" for q in quants) and args.model != "tiny":
         source = carried_source(args.model, model, say)

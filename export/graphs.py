@@ -239,8 +239,9 @@ def _quiet():
 def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen: set[str], opset: int,
                       max_len: int) -> onnx.ModelProto:
     """loss + gradient of every adapter: inputs input_ids, position_ids, teacher_hidden[, x_ids], adapters.
-    cfg (AbsorberConfig): its loss kind, sync_skip (leading Y positions left out of the loss) and ntp_weight (the
-    next-token term on X; > 0 adds the input x_ids [1, N]) are compiled into the graph; layers = the
+    cfg (AbsorberConfig): its loss kind, sync_skip (leading Y positions left out of the loss), ntp_weight (the
+    next-token term on X; > 0 adds the input x_ids [1, N]) and bos (input_ids and x_ids start with the BOS,
+    outside the loss; teacher_hidden covers Y alone) are compiled into the graph; layers = the
     hidden_states indices matched (absorber.sync.loss_layers of cfg.loss_layers)."""
     import torch
     import torch.utils._pytree as pytree
@@ -252,18 +253,20 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
 
     kind, skip, hidden = cfg.loss, cfg.sync_skip, int(model.config.hidden_size)
     ntp = cfg.ntp_weight > 0
-    mod = SyncLoss(model, layers, kind, skip, cfg.ntp_weight)
+    prefix = int(bool(cfg.bos))      # the BOS in front of Y (and of X), outside the loss (SyncLoss.prefix)
+    mod = SyncLoss(model, layers, kind, skip, cfg.ntp_weight, prefix)
     T, N = 8, 11
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, int(model.config.vocab_size), (1, T), generator=gen)
-    pos = torch.arange(T).unsqueeze(0)
+    ids = torch.randint(3, int(model.config.vocab_size), (1, prefix + T), generator=gen)
+    pos = torch.arange(prefix + T).unsqueeze(0)
     th = torch.zeros(len(layers), T, hidden)
-    Td = torch.export.Dim("T", min=skip + 2, max=max(max_len, T + 1))   # Y longer than the skipped part
-    args, dyn = (ids, pos, th), ({1: Td}, {1: Td}, {1: Td})
+    Md = torch.export.Dim("M", min=skip + 2, max=max(max_len, T + 1) - prefix)   # Y longer than the skipped part
+    Td = Md + prefix if prefix else Md                                            # the student's ids: prefix.Y
+    args, dyn = (ids, pos, th), ({1: Td}, {1: Td}, {1: Md})
     if ntp:       # X: pieces of >= 2 positions in the trace (absorber.sync.HEAD_CHUNKS; the graph runs any n >= 2)
-        N = max(N, HEAD_CHUNKS + 3)
+        N = max(N, HEAD_CHUNKS + 3 + prefix)
         args += (torch.randint(3, int(model.config.vocab_size), (1, N), generator=gen),)
-        dyn += ({1: torch.export.Dim("N", min=HEAD_CHUNKS + 2, max=max(max_len, N + 1))},)
+        dyn += ({1: torch.export.Dim("N", min=HEAD_CHUNKS + 2 + prefix, max=max(max_len, N + 1))},)
     with _quiet():
         ep = torch.export.export(mod, args, dynamic_shapes=dyn, strict=False)
         jep = _export_forward_backward(ep, joint_loss_index=0)
@@ -304,8 +307,8 @@ def export_train_step(model, cfg, layers: list[int], adapters: list[str], frozen
     for v in mp.graph.input:
         if v.name in (F.INPUT_IDS, F.POSITION_IDS):
             set_io_shape(v, [1, "T"])
-        elif v.name == F.TEACHER_HIDDEN:
-            set_io_shape(v, [len(layers), "T", hidden])
+        elif v.name == F.TEACHER_HIDDEN:      # Y's positions: T less the prefix
+            set_io_shape(v, [len(layers), "M" if prefix else "T", hidden])
         elif v.name == F.X_IDS:
             set_io_shape(v, [1, "N"])
     set_io_shape(mp.graph.output[0], [])

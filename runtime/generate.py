@@ -74,10 +74,12 @@ def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
 LOGITS_BYTES = 32 << 20
 
 
-def next_token_loss(model, ids: list[int], adapters: dict, run_options=None, rows: int | None = None) -> float:
+def next_token_loss(model, ids: list[int], adapters: dict, run_options=None, rows: int | None = None,
+                    skip: int = 0) -> float:
     """Mean next-token cross-entropy of ids alone (positions 0..T-1), as absorber.sync.next_token_loss: the
-    logits at t score ids[t+1]. The positions run in pieces of `rows` (default: LOGITS_BYTES of logits), each
-    piece after the ones before it through the KV cache, so that no [T, V] logits exist at once (the same
+    logits at t score ids[t+1]; the first `skip` predictions are left out (a leading BOS: X[0] is not scored, as
+    absorber.sync.lean_next_token_loss). The positions run in pieces of `rows` (default: LOGITS_BYTES of logits),
+    each piece after the ones before it through the KV cache, so that no [T, V] logits exist at once (the same
     values up to float rounding)."""
     rows = rows or max(1, LOGITS_BYTES // (4 * model.bundle.vocab))
     adapters = model.decoder_adapters(adapters)        # packed once for every piece
@@ -86,9 +88,10 @@ def next_token_loss(model, ids: list[int], adapters: dict, run_options=None, row
         b = min(len(ids) - 1, a + rows)
         outs = model.decoder.run([F.LOGITS] + model.present_names,
                                  prefill_feeds(model, ids[a:b], adapters, 0, past=past, start=a), run_options)
-        total += summed_nll(outs[0][0], ids[a + 1:b + 1])
+        s = max(0, skip - a)
+        total += summed_nll(outs[0][0][s:], ids[a + 1 + s:b + 1])
         past = dict(zip(model.past_names, outs[1:]))
-    return total / (len(ids) - 1)
+    return total / (len(ids) - 1 - skip)
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:

@@ -49,6 +49,8 @@ class Model:
         self.present_names = F.present_names(L)
         self.decoder_outputs = [F.LOGITS, F.HIDDEN_STATES] + self.present_names
         self.eos_ids = bundle.eos_ids
+        # the fixed tokens at position 0 of every context (bos bundles: the BOS), outside the train step's loss
+        self.sink_ids: list[int] = [bundle.bos_id] if bundle.bos_id is not None else []
         self.adapter_specs = bundle.adapters
         self.adapter_names = [s.name for s in self.adapter_specs]
         self.empty_past = np.zeros((1, bundle.num_kv_heads, 0, bundle.head_dim), np.float32)
@@ -155,6 +157,9 @@ class Model:
                                 f"(fixed at export: absorber export --ntp-weight)")
         cfg = override(cfg, **overrides)
         cfg.validate()
+        if cfg.bos and cfg.teacher == "compose":
+            raise AbsorberError("teacher='compose' is not supported on a bos bundle (the compositional teacher "
+                                "takes no prefix)")
         if cfg.kl_weight:
             raise AbsorberError("kl_weight > 0 is not supported by the runtime (hidden-state loss only)")
         if cfg.n + cfg.m > self.max_positions:

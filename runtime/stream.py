@@ -16,7 +16,8 @@ step; early stop under eps; rollback of the last step on a non-finite loss, end 
 gradient. The hot loop (K train steps) runs on one I/O binding made once per round over the stream's buffers:
 no allocation per step but ORT's own. Gradients, optimizer temporaries and the rollback backup live in the
 Model's one Scratch: rounds of a model's streams take turns (scratch.lock), and a stream keeps only its
-params and moments between rounds.
+params and moments between rounds. A bos bundle puts its BOS (`sink`) in front of every context, as the reference's
+cfg.bos: teacher BOS·X·Y, student BOS·Y (the BOS outside the loss), answers on BOS·window·prompt.
 """
 from __future__ import annotations
 
@@ -164,6 +165,12 @@ class Stream:
     def capacity(self) -> int:
         return self.cfg.n + self.cfg.m
 
+    @property
+    def sink(self) -> list[int]:
+        """The fixed tokens in front of the window in every context (a bos bundle: [BOS]; else none): answers
+        continue sink + window + prompt."""
+        return self.model.sink_ids
+
     # ------------------------------------------------------------------ state
     def _meta(self) -> dict:
         return {"manifest_sha256": self.bundle.manifest_sha256, "bundle": str(self.bundle.path),
@@ -284,7 +291,7 @@ class Stream:
         n, m = self.cfg.n, self.cfg.m
         if self.cfg.fill and len(self.window) > n:
             need = n + m - len(self.window)
-            self.window.extend(self.generate_ids(list(self.window), need, stop_at_eos=False))
+            self.window.extend(self.generate_ids(self.sink + self.window, need, stop_at_eos=False))
             with ort_errors("an absorption round"), self.model.scratch.lock:
                 res = self._round()
             done.append(res)
@@ -297,11 +304,12 @@ class Stream:
     # ------------------------------------------------------------------ one round
     def _train_binding(self, x: list[int], y: list[int], teacher: np.ndarray):
         io = self.train.io_binding()
-        io.bind_cpu_input(F.INPUT_IDS, np.asarray([y], np.int64))
-        io.bind_cpu_input(F.POSITION_IDS, np.arange(len(y), dtype=np.int64)[None])
+        yy = self.sink + y          # a bos bundle's student reads BOS.Y; the train step scores Y alone
+        io.bind_cpu_input(F.INPUT_IDS, np.asarray([yy], np.int64))
+        io.bind_cpu_input(F.POSITION_IDS, np.arange(len(yy), dtype=np.int64)[None])
         io.bind_cpu_input(F.TEACHER_HIDDEN, teacher)
         if self.ntp_weight > 0:
-            io.bind_cpu_input(F.X_IDS, np.asarray([x], np.int64))
+            io.bind_cpu_input(F.X_IDS, np.asarray([self.sink + x], np.int64))
         for n, ov in self._param_ov.items():
             io.bind_ortvalue_input(n, ov)
         io.bind_ortvalue_output(F.LOSS, self._loss_ov)
@@ -315,14 +323,15 @@ class Stream:
         k = self.loss_skip
         ro = self.model.round_run_options
         feeds = self.model.decoder_adapters(self.param_views)     # packed once for both passes
-        d = G.hidden_states(self.model, y, feeds, ro)[:, k:] - teacher[:, k:]
+        p = len(self.sink)
+        d = G.hidden_states(self.model, self.sink + y, feeds, ro)[:, p + k:] - teacher[:, k:]
         if self.loss_kind == "l1":
             np.abs(d, out=d)
         else:
             np.multiply(d, d, out=d)
         loss = float(d.mean(dtype=np.float32))
         if self.ntp_weight > 0:
-            loss += self.ntp_weight * G.next_token_loss(self.model, x, feeds, ro)
+            loss += self.ntp_weight * G.next_token_loss(self.model, self.sink + x, feeds, ro, skip=p)
         return loss
 
     def _before_round(self) -> None:
@@ -340,12 +349,12 @@ class Stream:
                 v *= np.float32(1.0 - cfg.decay)
 
     def _teacher(self, x: list[int], y: list[int]) -> np.ndarray:
-        """The target at y's positions, as absorber.sync.teacher: the base (or current) model on x·y, plus for
-        teacher="compose" gamma x (h_current(y) - h_base(y)) on y alone."""
+        """The target at y's positions, as absorber.sync.teacher: the base (or current) model on x·y (BOS.x·y on
+        a bos bundle), plus for teacher="compose" gamma x (h_current(y) - h_base(y)) on y alone."""
         cfg = self.cfg
         ro = self.model.round_run_options
         feeds = self.param_views if cfg.teacher == "current" else self._base_feeds
-        teacher = G.hidden_states_after(self.model, x, y, feeds, ro)
+        teacher = G.hidden_states_after(self.model, self.sink + x, y, feeds, ro)
         if cfg.teacher == "compose":
             own = G.hidden_states(self.model, y, self.param_views, ro)
             own -= G.hidden_states(self.model, y, self._base_feeds, ro)
@@ -454,7 +463,8 @@ class Stream:
         self._drain_pending()
         ids = self.model.encode(prompt)
         t0 = time.perf_counter()
-        out = self.generate_ids(self.window + ids, max_new_tokens, temperature, top_p, seed, on_token=on_token)
+        out = self.generate_ids(self.sink + self.window + ids, max_new_tokens, temperature, top_p, seed,
+                                on_token=on_token)
         self.last_answer_seconds = time.perf_counter() - t0
         self.last_answer_tokens = len(out)
         return self.model.decode(out)

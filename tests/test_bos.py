@@ -98,8 +98,3 @@ def test_eval_cli_bos(tmp_path):
     assert [r["context"] for r in segs["window"][next(iter(segs["window"]))]] == [33, 33]   # BOS + the m tokens left after each round
     assert res["settings"]["absorber"]["bos"] is True
 
-
-def test_the_exporter_refuses_bos(tiny_model, tiny_tok):
-    from absorber.export import export_bundle
-    with pytest.raises(AbsorberError, match="bos is not supported by the exporter"):
-        export_bundle(tiny_model, tiny_tok, "/nonexistent/never-written", cfg=AbsorberConfig(bos=True))

@@ -152,8 +152,8 @@ class LiveStream:
                     "pending": self.queued_tokens + len(self.stream.pending)}
 
     def context_ids(self) -> list[int]:
-        """What an answer continues: the window as the worker will have it once it feeds what is queued
-        (under the gate's read side)."""
+        """What an answer continues: the stream's sink (a bos bundle's BOS) and the window as the worker will
+        have it once it feeds what is queued (under the gate's read side)."""
         st = self.stream
         cap = st.capacity
         ctx = list(st.window[:cap])
@@ -164,7 +164,7 @@ class LiveStream:
                 if len(ctx) >= cap:
                     break
                 ctx += q.ids[:cap - len(ctx)]
-        return ctx
+        return st.sink + ctx
 
     # ------------------------------------------------------------------ the worker (under the gate's write side)
     def turn(self, on_round, compact_bytes: int):
