@@ -87,8 +87,10 @@ def task_torch(a: dict) -> dict:
     from absorber.stream import StreamingAbsorber
     if a.get("threads"):
         torch.set_num_threads(int(a["threads"]))
+    from absorber.export.architectures import lookup
     model, tok = models.load(a["model"])
-    cfg = AbsorberConfig(n=a["n"], m=a["m"], k=a["k"])
+    # the BOS in front of every context for models pretrained with one, as `absorber export --bos auto` writes them
+    cfg = AbsorberConfig(n=a["n"], m=a["m"], k=a["k"], bos=lookup(model.config).bos)
     ids = tok.encode(stream_text(a["tokens"]), add_special_tokens=False)[: a["tokens"]]
     s = StreamingAbsorber(model, tok, cfg)
     t0 = time.perf_counter()
