@@ -136,10 +136,14 @@ class Generator:
         self.tokens: list[int] = []
         self.done = self.max_new <= 0
 
-    def append(self, ids: list[int]) -> None:
-        """The prompt (or more context): consumed by the next step."""
-        limit = self.model.max_positions
-        ids = list(ids)[-max(limit - self.max_new, 1):]
+    def append(self, ids: list[int], keep: int = 0) -> None:
+        """The prompt (or more context): consumed by the next step. A prompt longer than the model's positions
+        (less max_new) loses its oldest tokens, except its first `keep` (a bos bundle's BOS)."""
+        room = max(self.model.max_positions - self.max_new, 1)
+        ids = list(ids)
+        if len(ids) > room:
+            keep = min(keep, room - 1)
+            ids = ids[:keep] + ids[len(ids) - (room - keep):]
         self._pending = np.asarray([ids], np.int64)
         if not ids:
             self.done = True
@@ -169,12 +173,14 @@ class Generator:
 
 
 def generate(model, adapter_values: dict, prefix: list[int], max_new: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
-    """Continue `prefix` by up to max_new tokens (greedy by default); on_token(tok) after each."""
+             top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, on_token=None,
+             keep: int = 0) -> list[int]:
+    """Continue `prefix` by up to max_new tokens (greedy by default); on_token(tok) after each. keep: leading
+    tokens of an over-long prefix that are never trimmed (Generator.append)."""
     if max_new <= 0 or not prefix:
         return []
     gen = Generator(model, adapter_values, max_new, temperature, top_p, seed, stop_at_eos)
-    gen.append(prefix)
+    gen.append(prefix, keep)
     while not gen.done:
         tok = gen.step()
         if on_token is not None:

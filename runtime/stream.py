@@ -451,10 +451,12 @@ class Stream:
     # ------------------------------------------------------------------ answering
     def generate_ids(self, prefix: list[int], max_new: int, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int | None = None, stop_at_eos: bool = True, on_token=None) -> list[int]:
-        """Token ids continuing `prefix` with this stream's adapters (greedy by default)."""
+        """Token ids continuing `prefix` with this stream's adapters (greedy by default). A prefix that starts
+        with the stream's sink keeps it when a prompt too long for the model is trimmed."""
+        keep = len(self.sink) if self.sink and prefix[:len(self.sink)] == self.sink else 0
         with ort_errors("an answer"):
             return G.generate(self.model, self._answer_adapters(), prefix, max_new, temperature, top_p, seed,
-                              stop_at_eos, on_token)
+                              stop_at_eos, on_token, keep)
 
     def ask(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, on_token=None) -> str:

@@ -134,3 +134,19 @@ def test_server_answers_read_the_bos(bos_bundles, tmp_path):
             assert a["context_tokens"] == seg_tokens(bos_bundles["fp32"])(text) + 1
     finally:
         srv.kill9()
+
+
+def test_a_trimmed_prompt_keeps_its_bos(bos_bundles):
+    """A prompt longer than the model's positions loses its oldest tokens but not the BOS in front."""
+    from absorber.runtime import Stream
+    from absorber.runtime import generate as G
+    s = Stream.open(bos_bundles["fp32"])
+    limit = s.model.max_positions
+    long = s.sink + _ids(limit + 10, seed=9)
+    gen = G.Generator(s.model, s.param_views, 4)
+    gen.append(long, keep=1)
+    fed = gen._pending[0].tolist()
+    assert len(fed) == limit - 4 and fed[0] == s.sink[0] and fed[1:] == long[len(long) - (limit - 5):]
+    gen.append(long)                           # without keep: the oldest tokens go, the BOS with them
+    assert gen._pending[0, 0] != s.sink[0] and len(gen._pending[0]) == limit - 4
+    assert len(s.generate_ids(long, 2, stop_at_eos=False)) == 2
