@@ -97,4 +97,3 @@ def test_eval_cli_bos(tmp_path):
     segs = res["segments"]
     assert [r["context"] for r in segs["window"][next(iter(segs["window"]))]] == [33, 33]   # BOS + the m tokens left after each round
     assert res["settings"]["absorber"]["bos"] is True
-

@@ -12,7 +12,7 @@ import torch
 
 from absorber.config import AbsorberConfig
 from absorber.errors import AbsorberError
-from test_runtime import _assert_same_rounds, _ref_model    # the runtime tests' reference helpers
+from test_runtime import _assert_same_rounds, _ids, _ref_model    # the runtime tests' helpers
 
 CFG = AbsorberConfig(n=32, m=16, k=4, bos=True)
 
@@ -28,15 +28,6 @@ def bos_bundles(tmp_path_factory) -> dict:
     return {q: Path(p) for q, p in outs.items()}
 
 
-def _ids(n: int, seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 259, (n,), generator=g).tolist()
-
-
-def _reference(bundle: Path):
-    return _ref_model(bundle)
-
-
 def test_manifest_and_graph_of_a_bos_bundle(bos_bundles, tiny_tok):
     import onnx
 
@@ -50,13 +41,13 @@ def test_manifest_and_graph_of_a_bos_bundle(bos_bundles, tiny_tok):
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
-def test_bos_rounds_match_reference(bos_bundles, tiny_tok, exact_profile, quant):
+def test_bos_rounds_match_ref_model(bos_bundles, tiny_tok, exact_profile, quant):
     """Teacher BOS.X.Y, student BOS.Y with the BOS outside the loss, the next-token term on BOS.X scoring X[1:]:
     the runtime's losses and adapters equal the reference's with cfg.bos (quantized: on the dequantized
     weights), and the context an answer continues is the reference's."""
     from absorber.runtime import Stream
     from absorber.stream import StreamingAbsorber
-    model, cfg = _reference(bos_bundles[quant])
+    model, cfg = _ref_model(bos_bundles[quant])
     assert cfg.bos and cfg.ntp_weight > 0 and cfg.sync_skip == 1
     ids = _ids(cfg.n * 2 + cfg.m + 3, seed=7)
     ref = StreamingAbsorber(model, tiny_tok, cfg)
@@ -68,7 +59,7 @@ def test_bos_rounds_match_reference(bos_bundles, tiny_tok, exact_profile, quant)
     assert s.sink == [tiny_tok.bos_token_id]
     assert s.sink + s.window == ref.context()
     # the same text without the BOS gives other losses (the option is not a no-op)
-    plain, _ = _reference(bos_bundles[quant])
+    plain, _ = _ref_model(bos_bundles[quant])
     r0 = StreamingAbsorber(plain, tiny_tok, dataclasses.replace(cfg, bos=False)).feed_tokens(ids)
     assert r0[0].loss_first != pytest.approx(rr[0].loss_first, rel=1e-3)
 
@@ -81,7 +72,7 @@ def test_answers_read_the_bos(bos_bundles, tiny_tok, exact_profile):
     prompt = "Question?"
     out: list[int] = []
     s.ask(prompt, max_new_tokens=4, on_token=out.append)
-    model, _ = _reference(bos_bundles["fp32"])
+    model, _ = _ref_model(bos_bundles["fp32"])
     ctx = [tiny_tok.bos_token_id] + s.window + s.model.encode(prompt)
     with torch.no_grad():
         want = model.generate(torch.tensor([ctx]), attention_mask=torch.ones(1, len(ctx), dtype=torch.long),

@@ -12,15 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
-
-
-def _ppl(model, context: list[int], target: list[int]) -> float:
-    from absorber.evaluate import score_nll
-    nll, count = score_nll(model, context, target)
-    return math.exp(nll / count)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from absorber import data
+    from absorber import data, evaluate as E
     from absorber.models import load
     torch.set_num_threads(a.threads)
     rows = []
@@ -45,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in a.texts.split(","):
             label, text = data.heldout_text(spec)
             ids = tok.encode(text, add_special_tokens=False)[1000:1256]
-            ppl = lambda ctx, tgt: _ppl(model, ctx, tgt)  # noqa: E731
+            ppl = lambda ctx, tgt: E.ppl(*E.score_nll(model, ctx, tgt)[:2])  # noqa: E731
             row = {"model": name, "text": label, "bos_token": tok.bos_token, "bos_id": bos,
                    "ppl_no_context": ppl([], ids), "ppl_after_bos": ppl([bos], ids),
                    "ppl_last128": ppl(ids[:128], ids[128:]), "ppl_last128_bos": ppl([bos] + ids[:128], ids[128:])}

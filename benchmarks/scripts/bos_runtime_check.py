@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
 
-import numpy as np
 
-
-def runtime_ppl(stream, ids: list[int], with_sink: bool) -> tuple[float, int]:
+def runtime_ppl(stream, ids: list[int], with_sink: bool) -> float:
     """Perplexity of ids (all but the first scored when nothing is in front) with the stream's adapters."""
+    from absorber.evaluate import ppl
     from absorber.runtime.generate import summed_nll
     ctx = (stream.sink if with_sink else []) + ids
     logits = stream.logits(ctx)
-    p = len(ctx) - len(ids)
-    start = max(p - 1, 0)                          # the logit at p-1 predicts ids[0]
+    start = max(len(ctx) - len(ids) - 1, 0)      # the logit at p-1 predicts ids[0] (p: tokens in front)
     targets = ctx[start + 1:]
-    nll = summed_nll(logits[start:len(ctx) - 1], targets)
-    return math.exp(nll / len(targets)), len(targets)
+    return ppl(summed_nll(logits[start:len(ctx) - 1], targets), len(targets))
 
 
 def main() -> int:
@@ -63,7 +59,7 @@ def main() -> int:
         rec["ppl"] = {}
         for name, text in texts.items():
             ids = s.model.encode(text)[1000:1256]      # as bos_check.py and the retention screen take them
-            rec["ppl"][name] = {f"{'with' if w else 'without'}_bos": round(runtime_ppl(s, ids, w)[0], 3)
+            rec["ppl"][name] = {f"{'with' if w else 'without'}_bos": round(runtime_ppl(s, ids, w), 3)
                                 for w in (True, False)}
             print(path, name, rec["ppl"][name], flush=True)
         ids = s.model.encode(stream_text)[:args.n * args.rounds + args.m]
