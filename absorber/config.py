@@ -139,6 +139,14 @@ class AbsorberConfig:
                                  # inputs scaled when answering). Written at lr 1e-3 and read at 0.25 they kept
                                  # 0.37 of the facts at +4.9 % damage (screening window, 3 speeches), ~0.1 above
                                  # the lr frontier; at the shipped window less (benchmarks/retention.md). 1: as trained
+    mix: bool = False            # answers (and every scoring of the method) come from the online mixture of the
+                                 # adapted and the base model (absorber/mixture.py): the adapters' weight learned
+                                 # causally from the context before each token (Bayes, fixed share
+                                 # mixture.SHARE), so text the adapters do not help reads the base model: the same
+                                 # facts and next-text R, off-genre damage +5.9 % -> +0.3 % (benchmarks/
+                                 # retention.md). Two decoder passes per answer token; training never sees it. Off
+                                 # here so that recorded reference commands keep their meaning; `absorber export`
+                                 # records it on in a bundle's defaults (--no-mix: off)
     calibrate: int = 0           # > 0: after every round, measure the adapters' context-free shift of the next-token
                                  # log-probabilities on this many tokens of the frozen model's own samples (rows of
                                  # 128) and subtract it from the logits wherever the adapted model predicts
@@ -284,7 +292,7 @@ def parse_value(key: str, text: str):
             raise AbsorberError(f"bad value {text!r} for {key}") from None
     if key in ("loss", "reset", "teacher"):
         return v
-    if key in ("fill", "bos"):
+    if key in ("fill", "bos", "mix"):
         return v.lower() in ("1", "true", "yes", "on")
     try:
         x = float(v)

@@ -113,9 +113,34 @@ def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
     return float(t.sum()), int(t.numel())
 
 
-def _scored(model, context, target, max_len, tokens: bool) -> tuple[float, int, list[float] | None]:
-    """score_nll, and with `tokens` the per-token NLLs too (rounded to 1e-5: the key-token summary's input)."""
-    t = token_nll(model, context, target, max_len)
+def mixed_token_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
+                    max_len: int | None = None, share: float | None = None) -> torch.Tensor:
+    """token_nll of `target` under the online mixture (absorber.mixture) of `model` as it reads and the same model
+    with its LoRA paths at 0 (the base model), the mixture's weight learned over the context first."""
+    from absorber import lora
+    from absorber.mixture import SHARE, Mixture
+    max_len = max_len or model_max_positions(model)
+    context = list(context)[max(0, len(context) - (max_len - len(target))):]
+    seq = context + list(target)
+    a = token_nll(model, [], seq, max_len)
+    with lora.read_scaled(model, 0.0):
+        b = token_nll(model, [], seq, max_len)
+    lm = Mixture(SHARE if share is None else share).run((-a).tolist(), (-b).tolist())
+    scored = len(target) if context else len(target) - 1
+    return torch.from_numpy(-lm[len(lm) - scored:]).float()
+
+
+def method_nll(model: nn.Module, context: Sequence[int], target: Sequence[int], max_len: int | None = None,
+               mix: bool = False) -> tuple[float, int]:
+    """score_nll as the method reads (AbsorberConfig.mix: under the online mixture with the base model)."""
+    t = mixed_token_nll(model, context, target, max_len) if mix else token_nll(model, context, target, max_len)
+    return float(t.sum()), int(t.numel())
+
+
+def _scored(model, context, target, max_len, tokens: bool, mix: bool = False) -> tuple[float, int, list[float] | None]:
+    """score_nll, and with `tokens` the per-token NLLs too (rounded to 1e-5: the key-token summary's input); `mix`:
+    under the online mixture with the base model (mixed_token_nll)."""
+    t = mixed_token_nll(model, context, target, max_len) if mix else token_nll(model, context, target, max_len)
     return float(t.sum()), int(t.numel()), ([round(float(v), 5) for v in t] if tokens else None)
 
 
@@ -205,23 +230,29 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     keys = settings.key_gain is not None       # per-token NLLs for the key-token summary
     for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
+        mix = sa.cfg.mix and method in TRAINED
         with sa.reading():
-            nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
+            nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
         if keys:
             rec["token_nll"] = toks
+        if mix:                            # the paired control: the adapters read alone, on the same round
+            with sa.reading():
+                rec["nll_unmixed"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
+            if keys:
+                rec["token_nll_unmixed"] = t
         start = pos - m - n                # the X that has just left the window
         probe = ids[start:start + min(settings.recall_len, n)]
         if settings.recall_len:
             with sa.reading():
-                rec["recall_nll"], rec["recall_count"] = score_nll(sa.model, ctx, probe, max_len)
+                rec["recall_nll"], rec["recall_count"] = method_nll(sa.model, ctx, probe, max_len, mix)
         for sc in settings.read_scales if method in TRAINED else ():
             with lora.read_scaled(sa.model, sc):
-                rec[f"nll{_read(sc)}"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
+                rec[f"nll{_read(sc)}"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix)
                 if keys:
                     rec[f"token_nll{_read(sc)}"] = t
                 if settings.recall_len:
-                    rec[f"recall_nll{_read(sc)}"], _ = score_nll(sa.model, ctx, probe, max_len)
+                    rec[f"recall_nll{_read(sc)}"], _ = method_nll(sa.model, ctx, probe, max_len, mix)
         res = done[-1] if done else None
         if method in TRAINED and res is not None:
             rec.update(loss_first=res.loss_first, loss_last=res.loss_last, steps=res.steps,

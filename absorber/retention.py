@@ -36,8 +36,8 @@ from torch import nn
 from absorber import facts as FX
 from absorber import lora
 from absorber.config import AbsorberConfig
-from absorber.evaluate import (EvalSettings, ModelPool, make_streamer, model_max_positions, percentile_interval,
-                               score_nll, stream_rounds)
+from absorber.evaluate import (EvalSettings, ModelPool, make_streamer, method_nll, model_max_positions,
+                               percentile_interval, score_nll, stream_rounds)
 
 DISTANCES = (1, 2, 4, 8, 16, 32)
 
@@ -54,6 +54,10 @@ class RetentionSettings:
     # absolute, not on top of AbsorberConfig.read_scale), on the same adapters: one trained stream gives a point
     # per scale (pooled as "<label> (read xS)")
     read_scales: tuple[float, ...] = ()
+    # each fact and the held-out text also scored under the online mixture of the method's model and the base
+    # model (absorber.mixture), one score per fixed share (pooled as "<label> (mix S)"): the weights learned
+    # causally over the window + question, or over the held-out text itself
+    mix_shares: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,31 +87,71 @@ def _answer_nll(model: nn.Module, tok, context: list[int], fact: FX.Fact, max_le
     return nll
 
 
-@torch.no_grad()
-def answer_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact]) -> list[float]:
-    """Summed answer NLL of each fact after `context` + its question: one forward over the shared context
-    (its KV cache kept), then one short forward per question + answer on a copy of that cache. Equal to
-    `_answer_nll` per fact (tests), at a fraction of the cost when many facts share a context."""
+def _after_context(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact], context_logits: bool):
+    """One forward over the shared context (its KV cache kept), then one short forward per question + answer on a
+    copy of that cache. Returns the context's ids [1, T] and logits [T, V] (None unless context_logits), and yields
+    per fact (question ids, answer ids, q + a ids [1, L], the predictions of those L tokens [L, V])."""
     import copy
-    import torch.nn.functional as F
     dev = next(model.parameters()).device
     ctx = torch.tensor([list(context)], device=dev)
     T = ctx.shape[1]
     out = model(input_ids=ctx, position_ids=torch.arange(T, device=dev)[None], attention_mask=torch.ones_like(ctx),
-                use_cache=True, logits_to_keep=1)
-    past, last = out.past_key_values, out.logits[0, -1].float()
-    nlls = []
-    for f in facts:
-        q, a = FX.prompt_ids(tok, f)
-        ids = torch.tensor([q + a], device=dev)
-        L = ids.shape[1]
-        o = model(input_ids=ids, position_ids=torch.arange(T, T + L, device=dev)[None],
-                  attention_mask=torch.ones(1, T + L, dtype=torch.long, device=dev),
-                  past_key_values=copy.deepcopy(past), use_cache=True)
-        logits = torch.cat([last[None], o.logits[0].float()], 0)      # predictions for q + a, and after
-        tgt = ids[0, len(q):]
-        nlls.append(float(F.cross_entropy(logits[len(q):len(q) + len(a)], tgt, reduction="sum")))
-    return nlls
+                use_cache=True, **({} if context_logits else {"logits_to_keep": 1}))
+    past, logits = out.past_key_values, out.logits[0].float()
+    last = logits[-1]
+
+    def each():
+        for f in facts:
+            q, a = FX.prompt_ids(tok, f)
+            ids = torch.tensor([q + a], device=dev)
+            L = ids.shape[1]
+            o = model(input_ids=ids, position_ids=torch.arange(T, T + L, device=dev)[None],
+                      attention_mask=torch.ones(1, T + L, dtype=torch.long, device=dev),
+                      past_key_values=copy.deepcopy(past), use_cache=True)
+            yield q, a, ids, torch.cat([last[None], o.logits[0, :-1].float()], 0)
+    return ctx, (logits if context_logits else None), each()
+
+
+@torch.no_grad()
+def answer_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact]) -> list[float]:
+    """Summed answer NLL of each fact after `context` + its question (_after_context: the shared context's
+    forward runs once). Equal to `_answer_nll` per fact (tests), at a fraction of the cost when many facts
+    share a context."""
+    import torch.nn.functional as F
+    _, _, per = _after_context(model, tok, context, facts, False)
+    return [float(F.cross_entropy(pred[len(q):], ids[0, len(q):], reduction="sum")) for q, _, ids, pred in per]
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact]
+                   ) -> tuple[list[float], list[list[float]]]:
+    """log p of every context token after the first, and per fact of its question + answer tokens after the
+    context (_after_context, as answer_nlls): the inputs of a mixture."""
+    import torch.nn.functional as F
+    ctx, logits, per = _after_context(model, tok, context, facts, True)
+    lp_ctx = (-F.cross_entropy(logits[:-1], ctx[0, 1:], reduction="none")).tolist()
+    return lp_ctx, [(-F.cross_entropy(pred, ids[0], reduction="none")).tolist() for _, _, ids, pred in per]
+
+
+def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact],
+                      shares: Sequence[float]) -> dict[float, list[float]]:
+    """Per fixed share, each fact's summed answer NLL under the online mixture of `model` and `base`
+    (absorber.mixture), its weights learned over the context and the question."""
+    from absorber.mixture import Mixture
+    ca, pa = token_logprobs(model, tok, context, facts)
+    cb, pb = token_logprobs(base, tok, context, facts)
+    out: dict[float, list[float]] = {}
+    for s in shares:
+        mx = Mixture(s)
+        mx.run(ca, cb)
+        after = (mx.la, mx.lb)
+        nlls = []
+        for f, a_, b_ in zip(facts, pa, pb):
+            q, _ = FX.prompt_ids(tok, f)
+            m = Mixture(s, la=after[0], lb=after[1])
+            nlls.append(-float(m.run(a_, b_)[len(q):].sum()))
+        out[s] = nlls
+    return out
 
 
 def answer_and_decoy_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact],
@@ -169,12 +213,24 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 baselines[key] = (win[i], full[i], win_dec[i])
         asked, asked_dec = [fs[j] for j, _ in due[r]], [dec[j] for j, _ in due[r]]
         with sa.reading():
-            mine, mine_dec = (None, None) if method == "window" else answer_and_decoy_nlls(
-                sa.model, tok, ctx, asked, asked_dec)
+            if method == "window":
+                mine, mine_dec = None, None
+            elif cfg.mix:             # the method reads through the online mixture with the base model
+                from absorber.mixture import SHARE
+                both = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec), (SHARE,))[SHARE]
+                mine, mine_dec = both[:len(asked)], both[len(asked):]
+            else:
+                mine, mine_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
         raw = raw_dec = None
         if sa.calibration is not None:       # the same adapters without the correction: a paired control
             with sa.calibration.off():
                 raw, raw_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
+        mixed = {}
+        if rs.mix_shares and method != "window":
+            with sa.reading():
+                per_share = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec),
+                                              rs.mix_shares)
+            mixed = {s: (v[:len(asked)], v[len(asked):]) for s, v in per_share.items()}
         scaled = {}
         for sc in rs.read_scales if method != "window" else ():
             with lora.read_scaled(sa.model, sc):
@@ -189,6 +245,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 records[-1].update(nll_method_uncalibrated=raw[i], nll_method_decoy_uncalibrated=raw_dec[i])
             for sc, (a_, ad_) in scaled.items():
                 records[-1].update({f"nll_method_read{sc:g}": a_[i], f"nll_method_decoy_read{sc:g}": ad_[i]})
+            for s_, (a_, ad_) in mixed.items():
+                records[-1].update({f"nll_method_mix{s_:g}": a_[i], f"nll_method_decoy_mix{s_:g}": ad_[i]})
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
             bos = lead[:1] if cfg.bos else []       # no stream context, but the model's BOS (cfg.bos)
@@ -196,7 +254,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 baselines["heldout"] = score_nll(base_model, bos, h, max_len)
             bn, bc = baselines["heldout"]
             with sa.reading():
-                hn, hc = (bn, bc) if method == "window" else score_nll(sa.model, bos, h, max_len)
+                hn, hc = (bn, bc) if method == "window" else method_nll(sa.model, bos, h, max_len, cfg.mix)
             if ("heldout_context", r) not in baselines:   # the reference: the stream in context, not in weights
                 baselines[("heldout_context", r)] = score_nll(base_model, ctx + h[:1], h[1:], max_len)   # same tokens
             cn, cc = baselines[("heldout_context", r)]
@@ -208,6 +266,26 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             for sc in scaled:
                 with lora.read_scaled(sa.model, sc):
                     damage[-1][f"nll_method_read{sc:g}"] = score_nll(sa.model, bos, h, max_len)[0]
+            if mixed:
+                from absorber.evaluate import token_nll
+                from absorber.mixture import mixture_nll
+                with sa.reading():
+                    ta = token_nll(sa.model, bos, h, max_len)
+                tb = token_nll(base_model, bos, h, max_len)
+                for s_ in mixed:
+                    damage[-1][f"nll_method_mix{s_:g}"] = mixture_nll((-ta).tolist(), (-tb).tolist(), s_)
+                # a change of topic: the held-out text right after the stream's window, the mixture's weight
+                # learned on the window first; against the base model and the adapters alone on the same tokens
+                seq = ctx + h
+                with sa.reading():
+                    sa_ = token_nll(sa.model, [], seq, max_len)
+                sb_ = token_nll(base_model, [], seq, max_len)
+                k = len(h) - 1                          # h[1:], the tokens nll_context scores
+                damage[-1].update(nll_switch_base=float(sb_[-k:].sum()), nll_switch_method=float(sa_[-k:].sum()),
+                                  count_switch=k)
+                for s_ in mixed:
+                    damage[-1][f"nll_switch_mix{s_:g}"] = mixture_nll((-sa_).tolist(), (-sb_).tolist(), s_,
+                                                                      scored_from=len(seq) - 1 - k)
         if log:
             done_d = sorted({d for _, d in due[r]})
             sub = [x for x in records if x["round"] == r]
@@ -305,6 +383,11 @@ def read_at(out: dict, scale: float) -> dict:
     return _scored_as(out, f"_read{scale:g}")
 
 
+def mixed_at(out: dict, share: float) -> dict:
+    """A stream's result as scored under the online mixture with `share` (RetentionSettings.mix_shares)."""
+    return _scored_as(out, f"_mix{share:g}")
+
+
 def pooled_run(method: str, config: dict, outs: Sequence[tuple[str, dict]], rs: RetentionSettings) -> dict:
     """One run's result pooled over texts: `outs` is (text name, stream_facts' result) per text; every record
     is tagged with its text, the curve and the damage are computed over all of them."""
@@ -342,6 +425,9 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
         for sc in rs.read_scales if mth != "window" else ():
             per[f"{label} (read x{sc:g})"] = pooled_run(mth, dict(cfg.to_dict(), read_scale=sc),
                                                         [(n, read_at(o, sc)) for n, o in outs], rs)
+        for s_ in rs.mix_shares if mth != "window" else ():
+            per[f"{label} (mix {s_:g})"] = pooled_run(mth, dict(cfg.to_dict(), mix_share=s_),
+                                                      [(n, mixed_at(o, s_)) for n, o in outs], rs)
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

@@ -179,10 +179,50 @@ class StreamingAbsorber:
         ids = torch.tensor([prefix[-self.max_positions + max_new:]], device=self.device) if prefix else None
         if ids is None:
             return []
+        if self.cfg.mix and self.absorption is not None:
+            return self._greedy_mixed(ids, max_new, eos)
         with self.reading():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                                       do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
         return out[0, ids.shape[1]:].tolist()
+
+    @torch.no_grad()
+    def _greedy_mixed(self, ids: torch.Tensor, max_new: int, eos: int | None) -> list[int]:
+        """Greedy decoding from the online mixture of the adapted model (as read) and the base model (the LoRA
+        paths at 0), each with its own KV cache; the prompt's tokens set the weight (absorber.mixture)."""
+        import torch.nn.functional as F
+        from absorber.mixture import SHARE, Mixture
+        experts = (self.reading, lambda: lora.read_scaled(self.model, 0.0))
+        T = ids.shape[1]
+        pos = torch.arange(T, device=self.device)[None]
+        logp, past = [], []
+        for ctx in experts:
+            with ctx():
+                out = self.model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=True)
+            logp.append(F.log_softmax(out.logits[0].double(), -1))
+            past.append(out.past_key_values)
+        mx = Mixture(SHARE)
+        tgt = ids[0, 1:, None]
+        mx.run(logp[0][:-1].gather(1, tgt)[:, 0].tolist(), logp[1][:-1].gather(1, tgt)[:, 0].tolist())
+        la, lb = logp[0][-1].cpu().numpy(), logp[1][-1].cpu().numpy()
+        out_ids: list[int] = []
+        while len(out_ids) < max_new:
+            tok = int(mx.mix(la, lb).argmax())
+            mx.update(float(la[tok]), float(lb[tok]))
+            out_ids.append(tok)
+            if tok == eos or len(out_ids) == max_new:
+                break
+            nxt = torch.tensor([[tok]], device=self.device)
+            p = torch.tensor([[T + len(out_ids) - 1]], device=self.device)
+            new = []
+            for i, ctx in enumerate(experts):
+                with ctx():
+                    o = self.model(input_ids=nxt, position_ids=p, past_key_values=past[i], use_cache=True,
+                                   attention_mask=torch.ones(1, T + len(out_ids), dtype=torch.long, device=self.device))
+                past[i] = o.past_key_values
+                new.append(F.log_softmax(o.logits[0, -1].double(), -1).cpu().numpy())
+            la, lb = new
+        return out_ids
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64) -> list[int]:
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None

@@ -1,6 +1,8 @@
 """`absorber export MODEL --out DIR`: write a bundle for the torch-free runtime (imports torch only in main)."""
 from __future__ import annotations
 
+import argparse
+
 HELP = "export a model as a bundle (ONNX decoder + train step, shared weights, tokenizer, manifest)"
 DESCRIPTION = """Export MODEL as a bundle folder (docs/bundle.md) for `absorber run`: decoder.onnx (KV cache, adapters
 as inputs, hidden states out), train_step.onnx (sync loss + gradient of every adapter), weights.bin (the frozen
@@ -46,6 +48,11 @@ def add_arguments(parser) -> None:
                         help="the model's BOS token at position 0 of every context (window, teacher, student, "
                              "answers), outside the loss (default auto: on for models pretrained with one, "
                              "gemma3; off for llama/SmolLM2)")
+    parser.add_argument("--mix", action=argparse.BooleanOptionalAction, default=True,
+                        help="the bundle's answers read through the online mixture of the adapted and the base "
+                             "model (the run-time default it records; `absorber run --no-mix` reads the adapters "
+                             "alone). Default on: the same facts and next-text R, unrelated text within 0.3 %% of "
+                             "the base model (benchmarks/retention.md)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
@@ -103,7 +110,7 @@ def main(args) -> int:
         _check_out(Path(os.path.abspath(d)))
     cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
                    seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip,
-                   ntp_weight=args.ntp_weight)
+                   ntp_weight=args.ntp_weight, mix=args.mix)
     cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")

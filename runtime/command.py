@@ -1,6 +1,8 @@
 """`absorber run BUNDLE`: stream text into a bundle's adapters on ONNX Runtime alone (no torch), and answer."""
 from __future__ import annotations
 
+import argparse
+
 import json
 import sys
 import time
@@ -50,6 +52,7 @@ def add_arguments(p) -> None:
     p.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
     p.add_argument("--read-scale", type=float, help="answers read the adapters' LoRA paths at this scale; training "
                                                     "uses them whole (default: bundle, 1)")
+    p.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help="answers (and every scoring of the method) from the online mixture of the adapted and the base model, the adapters weighted by how well they predicted the context (two decoder passes per token) (default: off)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -76,7 +79,7 @@ def main(args) -> int:
     from absorber.runtime.stream import Stream, rss_mb
     from absorber.runtime.inputs import Reader
 
-    settings = ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay", "read_scale")
+    settings = ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay", "read_scale", "mix")
     overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")

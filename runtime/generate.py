@@ -130,6 +130,7 @@ class Generator:
         for n, ov in self._adapters.items():
             self.io.bind_ortvalue_input(n, ov)
         self._keep = ort.OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64))
+        self._all: ort.OrtValue | None = None
         self._past = {n: ort.OrtValue.ortvalue_from_numpy(model.empty_past) for n in model.past_names}
         self._pending: np.ndarray | None = None
         self.pos = 0
@@ -148,38 +149,121 @@ class Generator:
         if not ids:
             self.done = True
 
-    def step(self) -> int:
-        """One decoder call: feeds what is pending (the prompt, or the last token) and picks the next token."""
+    def _feed(self, ids: np.ndarray, keep: ort.OrtValue) -> np.ndarray:
+        """One decoder call on ids [1, T] after the cache: the kept logits [k, V] (k = `keep`, 0: all T); the cache
+        and the position move on."""
         m, io = self.model, self.io
-        ids = self._pending
         T = ids.shape[1]
         io.bind_cpu_input(F.INPUT_IDS, ids)
         io.bind_cpu_input(F.POSITION_IDS, np.arange(self.pos, self.pos + T, dtype=np.int64)[None])
-        io.bind_ortvalue_input(F.LOGITS_TO_KEEP, self._keep)
+        io.bind_ortvalue_input(F.LOGITS_TO_KEEP, keep)
         for n, ov in self._past.items():
             io.bind_ortvalue_input(n, ov)
         for n in m.decoder_outputs:   # ORT allocates outputs of this step's shape
             io.bind_output(n, "cpu")
         m.decoder.run_with_iobinding(io)
         outs = dict(zip(m.decoder_outputs, io.get_outputs()))
-        tok = pick(outs[F.LOGITS].numpy()[0, -1], self.temperature, self.top_p, self.rng)
-        self.tokens.append(tok)
         self.pos += T
+        self._past = {pn: outs[qn] for pn, qn in zip(m.past_names, m.present_names)}
+        return outs[F.LOGITS].numpy()[0]
+
+    def next_logits(self) -> np.ndarray:
+        """Feed what is pending (the prompt, or the last token): the next token's logits [V]."""
+        return self._feed(self._pending, self._keep)[-1]
+
+    def score_pending(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Feed the pending prompt in pieces of `rows` positions (default: LOGITS_BYTES of logits at once): the
+        log-probability of each prompt token after the first (float64, len T - 1) and the next token's logits."""
+        ids = self._pending[0]
+        rows = rows or max(1, LOGITS_BYTES // (4 * self.model.bundle.vocab))
+        if self._all is None:
+            self._all = ort.OrtValue.ortvalue_from_numpy(np.asarray(0, np.int64))
+        lp = np.empty(len(ids) - 1, np.float64)
+        for a in range(0, len(ids), rows):
+            b = min(len(ids), a + rows)
+            z = self._feed(ids[None, a:b], self._all)
+            t = np.arange(a, min(b, len(ids) - 1))           # row t - a scores ids[t + 1]
+            lp[t] = log_softmax(z[t - a])[np.arange(len(t)), ids[t + 1]]
+        return lp, z[-1]
+
+    def accept(self, tok: int) -> None:
+        """The picked token: recorded, checked for the end, pending for the next call."""
+        m = self.model
+        self.tokens.append(tok)
         if (self.stop_at_eos and tok in m.eos_ids) or len(self.tokens) >= self.max_new or self.pos >= m.max_positions:
             self.done = True
-        self._past = {pn: outs[qn] for pn, qn in zip(m.past_names, m.present_names)}
         self._pending = np.asarray([[tok]], np.int64)
+
+    def step(self) -> int:
+        """One decoder call: feeds what is pending (the prompt, or the last token) and picks the next token."""
+        tok = pick(self.next_logits(), self.temperature, self.top_p, self.rng)
+        self.accept(tok)
+        return tok
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis, in float64."""
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class MixedGenerator:
+    """A Generator over the online mixture of a stream's adapted model and the base model (absorber.mixture):
+    the two run side by side, each with its own KV cache; the prompt's tokens set the mixture's weight, every
+    token is picked from the mixed distribution and moves the weight too. Two decoder calls per token."""
+
+    def __init__(self, model, adapter_values: dict, base_values: dict, max_new_tokens: int, share: float,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True):
+        from absorber.mixture import Mixture
+        self.a = Generator(model, adapter_values, max_new_tokens, stop_at_eos=stop_at_eos)
+        self.b = Generator(model, base_values, max_new_tokens, stop_at_eos=stop_at_eos)
+        self.mixture = Mixture(share)
+        self.temperature, self.top_p = temperature, top_p
+        self.rng = np.random.default_rng(seed)
+        self.done = self.a.done
+        self._prompt = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.a.tokens
+
+    def append(self, ids: list[int], keep: int = 0) -> None:
+        self.a.append(ids, keep)
+        self.b.append(ids, keep)
+        self.done = self.a.done
+        self._prompt = True
+
+    def step(self) -> int:
+        if self._prompt:           # the prompt's own tokens teach the weight first
+            lpa, za = self.a.score_pending()
+            lpb, zb = self.b.score_pending()
+            self.mixture.run(lpa, lpb)
+            self._prompt = False
+        else:
+            za, zb = self.a.next_logits(), self.b.next_logits()
+        la, lb = log_softmax(za), log_softmax(zb)
+        tok = pick(self.mixture.mix(la, lb), self.temperature, self.top_p, self.rng)
+        self.mixture.update(la[tok], lb[tok])
+        self.a.accept(tok)
+        self.b.accept(tok)
+        self.done = self.a.done
         return tok
 
 
 def generate(model, adapter_values: dict, prefix: list[int], max_new: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, on_token=None,
-             keep: int = 0) -> list[int]:
+             keep: int = 0, base_values: dict | None = None, share: float = 0.0) -> list[int]:
     """Continue `prefix` by up to max_new tokens (greedy by default); on_token(tok) after each. keep: leading
-    tokens of an over-long prefix that are never trimmed (Generator.append)."""
+    tokens of an over-long prefix that are never trimmed (Generator.append). base_values: the base model's
+    adapter feeds; given, the tokens come from the online mixture of the two (MixedGenerator, fixed `share`)."""
     if max_new <= 0 or not prefix:
         return []
-    gen = Generator(model, adapter_values, max_new, temperature, top_p, seed, stop_at_eos)
+    if base_values is not None:
+        gen = MixedGenerator(model, adapter_values, base_values, max_new, share, temperature, top_p, seed,
+                             stop_at_eos)
+    else:
+        gen = Generator(model, adapter_values, max_new, temperature, top_p, seed, stop_at_eos)
     gen.append(prefix, keep)
     while not gen.done:
         tok = gen.step()

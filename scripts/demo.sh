@@ -3,7 +3,8 @@
 #  1. export the int8 bundle once (cached in $ABSORBER_BUNDLE, default ~/.cache/absorber/smollm2-135m-int8);
 #  2. stream Clinton's 1994 State of the Union line by line, as a live transcript, through the torch-free
 #     runtime (`absorber run`): every time the window is full its oldest tokens are absorbed into LoRA weights;
-#  3. ask about the speech's opening, which left the window long before the end.
+#  3. ask about the speech's opening, which left the window long before the end (answers read through the online
+#     mixture of the adapted and the base model, `--mix`: also for a bundle cached before it was the default).
 # It prints the elapsed time of each phase (export, streaming + answers) and the export's peak RSS: the timings
 # quoted in README.md come from these lines.
 set -euo pipefail
@@ -40,7 +41,7 @@ STATE=$(mktemp -d)
 trap 'rm -rf "$STATE"' EXIT
 echo "== streaming a spoken State of the Union transcript into $BUNDLE (live, line by line)" >&2
 SECONDS=0
-python3 - "$LINES" <<'PY' | absorber run "$BUNDLE" --input - --format txt --state "$STATE" \
+python3 - "$LINES" <<'PY' | absorber run "$BUNDLE" --input - --format txt --state "$STATE" --mix \
     --max-new-tokens 24 --ask "Tip O'Neill liked to call himself" \
     --ask "Question: Whose memory did the President ask Congress to recall at the start of the speech? Answer:"
 import sys, time

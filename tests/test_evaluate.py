@@ -237,3 +237,21 @@ def test_key_token_r_in_the_summary(tiny_model, tiny_tok, rng_ids):
     for rec in res["segments"]["absorber"]["a"]:
         assert sum(rec["token_nll"]) == pytest.approx(rec["nll"], rel=1e-4)
         assert len(rec["token_nll"]) == rec["count"]
+
+
+def test_mix_scores_the_method_under_the_mixture_with_its_unmixed_twin(tiny_model, tiny_tok, rng_ids):
+    """cfg.mix: the method's next segment is scored under the online mixture with the base model (its weight
+    learned over the window first) and also unmixed (the adapters alone: the run without mix, same training);
+    the mixture's per-token NLLs sum to its segment NLL."""
+    import dataclasses
+    texts = [("a", rng_ids(32 + 16 + 3 * 32, seed=11))]
+    cfg = small_cfg(lr=1e-2)
+    plain = E.evaluate(tiny_model, tiny_tok, texts, cfg, quick(methods=("window", "absorber")))
+    mixed = E.evaluate(tiny_model, tiny_tok, texts, dataclasses.replace(cfg, mix=True),
+                       quick(methods=("window", "absorber")))
+    p, m = plain["segments"]["absorber"]["a"], mixed["segments"]["absorber"]["a"]
+    assert [r["nll_unmixed"] for r in m] == pytest.approx([r["nll"] for r in p], rel=1e-5)
+    assert any(abs(a["nll"] - b["nll"]) > 1e-3 for a, b in zip(m, p))
+    for r in m:
+        assert sum(r["token_nll"]) == pytest.approx(r["nll"], rel=1e-4) and len(r["token_nll"]) == r["count"]
+    assert [r["nll"] for r in mixed["segments"]["window"]["a"]] == [r["nll"] for r in plain["segments"]["window"]["a"]]

@@ -443,9 +443,10 @@ def test_cli_exports_tiny_bundle(tmp_path):
     from absorber.bundle_format import validate_manifest
     out = tmp_path / "tiny"
     assert main(["export", "tiny", "--out", str(out), "--quant", "int4", "--rank", "2",
-                 "--targets", "q_proj", "v_proj", "--layers", "1", "--bos", "on", "-q"]) == 0
+                 "--targets", "q_proj", "v_proj", "--layers", "1", "--bos", "on", "--no-mix", "-q"]) == 0
     m = _manifest(out)
     validate_manifest(m)
+    assert m["defaults"]["mix"] is False                                     # --no-mix
     assert m["slice"]["rank"] == 2 and m["slice"]["layers"] == [1] and len(m["slice"]["tensors"]) == 4
     from absorber.models import tiny_tokenizer
     assert m["loss"]["bos"] == tiny_tokenizer().bos_token_id                # --bos on
@@ -455,6 +456,7 @@ def test_cli_exports_tiny_bundle(tmp_path):
     assert _manifest(out)["quant"]["scheme"] == "fp32"
     assert "recompute" not in _manifest(out)["graphs"]["train_step"]      # ... and off for fp32
     assert "bos" not in _manifest(out)["loss"]                             # --bos auto: off for llama
+    assert _manifest(out)["defaults"]["mix"] is True                       # answers mix by default
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
     assert main(["export", "tiny", "--out", str(tmp_path / "both"), "--quant", "fp32,int8", "--recompute", "off",
                  "-q"]) == 0

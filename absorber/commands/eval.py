@@ -73,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "(default 1; 0: the sync loss alone)")
     mt.add_argument("--read-scale", type=float, help="answer and score with the LoRA paths read at this scale "
                                                       "(default 1; training uses them whole)")
+    mt.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help="answers (and every scoring of the method) from the online mixture of the adapted and the base model, the adapters weighted by how well they predicted the context (two decoder passes per token)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     mt.add_argument("--bos", action="store_true", default=None,
@@ -120,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight", "read_scale", "bos")},
+        "ntp_weight", "read_scale", "mix", "bos")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:

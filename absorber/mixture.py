@@ -1,0 +1,79 @@
+"""Reading the absorbed memory as much as it has earned: an online mixture of the adapted and the base model.
+
+The adapters keep the stream's facts, and they also move the model on text that has nothing to do with the
+stream (benchmarks/retention.md: +6 % perplexity on an unrelated text for the default, more for stronger
+writes). A fixed read scale trades one against the other. The mixture chooses per context instead, causally:
+
+    p_mix(x_t) = w_t p_adapted(x_t | x_<t) + (1 - w_t) p_base(x_t | x_<t)
+
+with w_0 = `prior` and w_t the posterior weight of the adapted model given the tokens before t (Bayes), then
+with `share` of each expert's weight passed to the other after every token (fixed share, Herbster & Warmuth
+1998: the mixture can switch back within ~log(1/share) nats of evidence after a change of topic). On a context
+where the adapters helped (the stream they absorbed) w_t goes to 1 and answers read the adapters in full; on
+unrelated text it goes to 0. The price is bounded: the mixture's summed NLL is at most the better expert's
+plus log(1/prior) nats (share 0), or plus ~share nats per token and log(1/share) per switch — and two forward
+passes instead of one.
+
+Torch-free (numpy only): the reference's retention and evaluation and the runtime's answers share it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# the fixed share of AbsorberConfig.mix: ~0.1 % of the better expert's perplexity per token, and a change of
+# topic undone within ~log(1/SHARE) = 6.9 nats of evidence (benchmarks/retention.md, "the online mixture")
+SHARE = 0.001
+
+
+@dataclass
+class Mixture:
+    """The running log-weights of the adapted (a) and the base (b) model over one context."""
+    share: float = 0.0
+    prior: float = 0.5
+    la: float = math.nan
+    lb: float = math.nan
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prior < 1.0:
+            raise ValueError(f"mixture prior must be in (0, 1), got {self.prior}")
+        if not 0.0 <= self.share < 0.5:
+            raise ValueError(f"mixture share must be in [0, 0.5), got {self.share}")
+        if math.isnan(self.la):
+            self.la, self.lb = math.log(self.prior), math.log1p(-self.prior)
+
+    @property
+    def weight(self) -> float:
+        """w: the adapted model's weight for the next token."""
+        return math.exp(self.la)
+
+    def update(self, lp_a: float, lp_b: float) -> float:
+        """Observe one token with log-probabilities lp_a (adapted) and lp_b (base) under the two models;
+        return its log-probability under the mixture."""
+        xa, xb = self.la + lp_a, self.lb + lp_b
+        lm = float(np.logaddexp(xa, xb))
+        la, lb = xa - lm, xb - lm
+        if self.share:
+            keep, give = math.log1p(-self.share), math.log(self.share)
+            la, lb = float(np.logaddexp(keep + la, give + lb)), float(np.logaddexp(keep + lb, give + la))
+        self.la, self.lb = la, lb
+        return lm
+
+    def run(self, lp_a: Sequence[float], lp_b: Sequence[float]) -> np.ndarray:
+        """update() over a sequence of tokens: their log-probabilities under the mixture."""
+        if len(lp_a) != len(lp_b):
+            raise ValueError(f"{len(lp_a)} adapted log-probabilities against {len(lp_b)} base ones")
+        return np.array([self.update(float(a), float(b)) for a, b in zip(lp_a, lp_b)], np.float64)
+
+    def mix(self, logp_a: np.ndarray, logp_b: np.ndarray) -> np.ndarray:
+        """The mixture's next-token log-distribution from the two models' (float64, same shape)."""
+        return np.logaddexp(self.la + np.asarray(logp_a, np.float64), self.lb + np.asarray(logp_b, np.float64))
+
+
+def mixture_nll(lp_a: Sequence[float], lp_b: Sequence[float], share: float = 0.0, prior: float = 0.5,
+                scored_from: int = 0) -> float:
+    """Summed NLL under the mixture of tokens[scored_from:], the weights learned from every token before."""
+    return -float(Mixture(share, prior).run(lp_a, lp_b)[scored_from:].sum())

@@ -1,0 +1,81 @@
+"""The online mixture in the torch-free runtime on a real bundle (benchmarks/retention.md, "The online mixture"):
+after R rounds of a spoken transcript, an unrelated text scored by the base model (every B at 0), the adapters
+alone and the mixture (each text from its first token, no stream context; and right after the stream's window:
+a change of topic), and the answer latency of 32 greedy tokens with and without the mixture (alternating,
+median of N). The runtime only (no torch): `Generator.score_pending` gives each prompt token's log-probability.
+
+    python benchmarks/scripts/mixture_runtime_check.py BUNDLE --rounds 3 --json benchmarks/mixture_runtime_check.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def lp_of(stream, feeds: dict, ids: list[int]):
+    from absorber.runtime import generate as G
+    gen = G.Generator(stream.model, feeds, 1)
+    gen.append(ids)
+    return gen.score_pending()[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle")
+    ap.add_argument("--speech", default="2026-Trump-1")
+    ap.add_argument("--heldout", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--heldout-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--answers", type=int, default=5, help="answers timed per way (alternating)")
+    ap.add_argument("--json", dest="json_out")
+    a = ap.parse_args(argv)
+    from absorber import data
+    from absorber.mixture import SHARE, mixture_nll
+    from absorber.runtime import Stream
+    s = Stream.open(a.bundle, config_overrides={"mix": True})
+    cfg = s.cfg
+    ids = s.model.encode(data.speech(a.speech).text())
+    need = cfg.n + cfg.m + (a.rounds - 1) * cfg.n
+    t0 = time.perf_counter()
+    s.feed_tokens(ids[:need])
+    absorb_s = time.perf_counter() - t0
+    held = s.model.encode(data.heldout_text(a.heldout)[1])[1000:1000 + a.heldout_tokens]
+    own, base = s._answer_adapters(), s._base_feeds
+    out = {"bundle": a.bundle, "speech": a.speech, "heldout": a.heldout, "rounds": s.rounds, "n": cfg.n, "m": cfg.m,
+           "k": cfg.k, "lr": cfg.lr, "share": SHARE, "absorb_seconds": absorb_s,
+           "command": "python benchmarks/scripts/mixture_runtime_check.py " + " ".join(argv or sys.argv[1:])}
+    for where, ctx in (("alone", s.sink), ("after the window", s.sink + s.window)):
+        seq = ctx + held
+        la, lb = lp_of(s, own, seq), lp_of(s, base, seq)
+        k = len(held) - (0 if ctx else 1)              # the held-out tokens scored
+        nb, na = -float(lb[-k:].sum()), -float(la[-k:].sum())
+        nm = mixture_nll(la, lb, SHARE, scored_from=len(la) - k)
+        out[where] = {"tokens": k, "ppl_base": math.exp(nb / k), "ppl_adapters": math.exp(na / k),
+                      "ppl_mixture": math.exp(nm / k), "change_adapters": math.exp((na - nb) / k) - 1,
+                      "change_mixture": math.exp((nm - nb) / k) - 1}
+    q = s.model.encode("Question: What did the speaker say at the start of the speech? Answer:")
+    prompt = s.sink + s.window + q
+    times = {True: [], False: []}
+    answers = {}
+    for i in range(2 * a.answers):
+        mix = i % 2 == 0
+        s.cfg.mix = mix
+        t = time.perf_counter()
+        answers[mix] = s.generate_ids(prompt, 32, stop_at_eos=False)
+        times[mix].append(time.perf_counter() - t)
+    out["answer_seconds_32_tokens"] = {"mixture": statistics.median(times[True]),
+                                       "adapters": statistics.median(times[False]), "prompt_tokens": len(prompt)}
+    out["answers"] = {"mixture": s.model.decode(answers[True]), "adapters": s.model.decode(answers[False])}
+    print(json.dumps(out, indent=1))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
