@@ -209,6 +209,8 @@ class AbsorberConfig:
             raise AbsorberError(f"ntp_top must be in (0, 1] (got {self.ntp_top})")
         if not (self.ntp_weight >= 0 and math.isfinite(self.ntp_weight)):
             raise AbsorberError(f"ntp_weight must be a finite number >= 0 (got {self.ntp_weight})")
+        if not isinstance(self.mix, bool):
+            raise AbsorberError(f"mix must be true or false (got {self.mix!r})")
         if not (self.read_scale >= 0 and math.isfinite(self.read_scale)):
             raise AbsorberError(f"read_scale must be a finite number >= 0 (got {self.read_scale})")
         if self.calibrate < 0:

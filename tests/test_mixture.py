@@ -173,3 +173,11 @@ def test_a_mix_run_reads_every_score_through_the_mixture(tiny_model, tiny_tok):
     ctx, tgt = text[:40], text[40:72]
     assert mixed_token_nll(model, ctx, tgt).numpy() == pytest.approx(token_nll(model, ctx, tgt).numpy(), rel=1e-5)
     assert len(mixed_token_nll(model, [], tgt)) == len(tgt) - 1
+
+
+def test_mix_must_be_a_boolean_and_a_bad_value_is_one_line_error():
+    from absorber.config import AbsorberConfig, override
+    from absorber.errors import AbsorberError
+    with pytest.raises(AbsorberError, match="mix must be true or false"):
+        override(AbsorberConfig(), mix="yes").validate()
+    override(AbsorberConfig(), mix=True).validate()
