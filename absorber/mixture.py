@@ -28,6 +28,10 @@ import numpy as np
 # topic undone within ~log(1/SHARE) = 6.9 nats of evidence (benchmarks/retention.md, "the online mixture")
 SHARE = 0.001
 
+# the --mix flag's help, one text for `absorber run`, `absorb` and `eval`
+HELP = ("answers (and every scoring of the method) from the online mixture of the adapted and the base model, the "
+        "adapters weighted by how well they predicted the context (two decoder passes per answer token)")
+
 
 @dataclass
 class Mixture:

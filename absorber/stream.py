@@ -195,16 +195,16 @@ class StreamingAbsorber:
         experts = (self.reading, lambda: lora.read_scaled(self.model, 0.0))
         T = ids.shape[1]
         pos = torch.arange(T, device=self.device)[None]
-        logp, past = [], []
-        for ctx in experts:
+        lp, last, past = [], [], []
+        for ctx in experts:        # each prompt token's log p (no [T, V] log-softmax kept), the next token's
             with ctx():
                 out = self.model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=True)
-            logp.append(F.log_softmax(out.logits[0].double(), -1))
+            lp.append((-F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:], reduction="none")).tolist())
+            last.append(F.log_softmax(out.logits[0, -1].double(), -1).cpu().numpy())
             past.append(out.past_key_values)
         mx = Mixture(SHARE)
-        tgt = ids[0, 1:, None]
-        mx.run(logp[0][:-1].gather(1, tgt)[:, 0].tolist(), logp[1][:-1].gather(1, tgt)[:, 0].tolist())
-        la, lb = logp[0][-1].cpu().numpy(), logp[1][-1].cpu().numpy()
+        mx.run(*lp)
+        la, lb = last
         out_ids: list[int] = []
         while len(out_ids) < max_new:
             tok = int(mx.mix(la, lb).argmax())

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-
 import json
 import sys
 import time
 
 from absorber.errors import AbsorberError
+from absorber.mixture import HELP as MIX_HELP
 
 HELP = "stream text into a bundle on ONNX Runtime (no torch): absorb, resume, answer"
 DESCRIPTION = """Stream text into an exported bundle on ONNX Runtime alone (no torch) and answer questions.
@@ -52,7 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--decay", type=float, help="scale the adapters' B by (1 - decay) before each round")
     p.add_argument("--read-scale", type=float, help="answers read the adapters' LoRA paths at this scale; training "
                                                     "uses them whole (default: bundle, 1)")
-    p.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help="answers (and every scoring of the method) from the online mixture of the adapted and the base model, the adapters weighted by how well they predicted the context (two decoder passes per token) (default: off)")
+    p.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None,
+                   help=MIX_HELP + " (default: the bundle's; on in bundles exported since 2026-12-06)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

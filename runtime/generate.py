@@ -56,17 +56,22 @@ def all_logits(model, ids: list[int], adapters: dict, run_options=None) -> np.nd
     return model.decoder.run([F.LOGITS], prefill_feeds(model, ids, adapters, 0), run_options)[0][0]
 
 
-def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
-    """Summed cross-entropy of targets under logits [len(targets), V] (row t scores targets[t]). The
-    log-sum-exp runs over `rows` positions at a time (one [rows, V] temporary)."""
+def token_logprobs(logits: np.ndarray, targets, rows: int = 64) -> np.ndarray:
+    """log p of each target under logits [len(targets), V] (row t scores targets[t]; float64). The log-sum-exp
+    runs over `rows` positions at a time (one [rows, V] temporary)."""
     target = np.asarray(targets, np.int64)
-    total = 0.0
+    out = np.empty(len(target), np.float64)
     for a in range(0, len(target), rows):
         z = logits[a:a + rows]
         mx = z.max(axis=1, keepdims=True)
         lse = np.log(np.exp(z - mx).sum(axis=1, dtype=np.float64)) + mx[:, 0]
-        total += float((lse - z[np.arange(len(z)), target[a:a + rows]]).sum())
-    return total
+        out[a:a + len(z)] = z[np.arange(len(z)), target[a:a + rows]] - lse
+    return out
+
+
+def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
+    """Summed cross-entropy of targets under logits [len(targets), V] (row t scores targets[t])."""
+    return -float(token_logprobs(logits, targets, rows).sum())
 
 
 # the most fp32 bytes of logits one decoder call of next_token_loss returns: [rows, V] with rows = this / (4 V)
@@ -182,8 +187,8 @@ class Generator:
         for a in range(0, len(ids), rows):
             b = min(len(ids), a + rows)
             z = self._feed(ids[None, a:b], self._all)
-            t = np.arange(a, min(b, len(ids) - 1))           # row t - a scores ids[t + 1]
-            lp[t] = log_softmax(z[t - a])[np.arange(len(t)), ids[t + 1]]
+            t = min(b, len(ids) - 1)                          # row i scores ids[a + i + 1]
+            lp[a:t] = token_logprobs(z[:t - a], ids[a + 1:t + 1])
         return lp, z[-1]
 
     def accept(self, tok: int) -> None:

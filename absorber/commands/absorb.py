@@ -7,6 +7,7 @@ import sys
 import time
 
 from absorber.errors import AbsorberError
+from absorber.mixture import HELP as MIX_HELP
 
 HELP = "absorb a text stream into LoRA adapters with the PyTorch reference, then answer"
 DESCRIPTION = """\
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-scale", type=float,
                    help="answers read the adapters' LoRA paths at this scale; training uses them whole (default 1)")
     p.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None,
-                   help="answers (and every scoring of the method) from the online mixture of the adapted and the base model, the adapters weighted by how well they predicted the context (two decoder passes per token)")
+                   help=MIX_HELP)
     p.add_argument("--bos", action="store_true",
                    help="keep the model's BOS token in front of every context (models pretrained with one, e.g. "
                         "gemma3-270m; default off)")
@@ -67,7 +68,8 @@ def config_from_args(args) -> "AbsorberConfig":
     base = AbsorberConfig.paper() if args.paper else AbsorberConfig()
     return override(base, n=args.n, m=args.m, k=args.k, lr=args.lr, eps=args.eps, rank=args.rank,
                     teacher=args.teacher, gamma=args.gamma, probes=args.probes, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
-                    ntp_weight=args.ntp_weight, read_scale=args.read_scale, mix=args.mix, fill=True if args.fill else None,
+                    ntp_weight=args.ntp_weight, read_scale=args.read_scale, mix=args.mix,
+                    fill=True if args.fill else None,
                     bos=True if args.bos else None)
 
 

@@ -6,6 +6,8 @@ import json
 import math
 import sys
 
+from absorber.mixture import HELP as MIX_HELP
+
 HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
 DESCRIPTION = """\
 Stream each text through each method with the same n, m, K and optimizer (fresh adapters per text). After
@@ -73,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "(default 1; 0: the sync loss alone)")
     mt.add_argument("--read-scale", type=float, help="answer and score with the LoRA paths read at this scale "
                                                       "(default 1; training uses them whole)")
-    mt.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help="answers (and every scoring of the method) from the online mixture of the adapted and the base model, the adapters weighted by how well they predicted the context (two decoder passes per token)")
+    mt.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help=MIX_HELP)
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     mt.add_argument("--bos", action="store_true", default=None,
