@@ -5,6 +5,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from absorber.mixture import SHARE
+
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROBE_PREFIX = "To recap what was said so far: "   # recall probes (AbsorberConfig.probes) start with this text
 # generated probes (AbsorberConfig.probe_gen): prompt j is followed by what the base model says next with X in
@@ -142,11 +144,14 @@ class AbsorberConfig:
     mix: bool = False            # answers (and every scoring of the method) come from the online mixture of the
                                  # adapted and the base model (absorber/mixture.py): the adapters' weight learned
                                  # causally from the context before each token (Bayes, fixed share
-                                 # mixture.SHARE), so text the adapters do not help reads the base model: the same
+                                 # mix_share), so text the adapters do not help reads the base model: the same
                                  # facts and next-text R, off-genre damage +5.9 % -> +0.3 % (benchmarks/
                                  # retention.md). Two decoder passes per answer token; training never sees it. Off
                                  # here so that recorded reference commands keep their meaning; `absorber export`
                                  # records it on in a bundle's defaults (--no-mix: off)
+    mix_share: float = SHARE     # with mix: the fixed share of weight passed between the two models after every token
+                                 # (mixture.Mixture.share): larger follows a change of which model predicts better
+                                 # sooner, at up to ~share nats per token against the better one
     calibrate: int = 0           # > 0: after every round, measure the adapters' context-free shift of the next-token
                                  # log-probabilities on this many tokens of the frozen model's own samples (rows of
                                  # 128) and subtract it from the logits wherever the adapted model predicts
@@ -211,6 +216,9 @@ class AbsorberConfig:
             raise AbsorberError(f"ntp_weight must be a finite number >= 0 (got {self.ntp_weight})")
         if not isinstance(self.mix, bool):
             raise AbsorberError(f"mix must be true or false (got {self.mix!r})")
+        if isinstance(self.mix_share, bool) or not isinstance(self.mix_share, (int, float)) \
+                or not 0.0 <= self.mix_share < 0.5:
+            raise AbsorberError(f"mix_share must be a number in [0, 0.5) (got {self.mix_share!r})")
         if not (self.read_scale >= 0 and math.isfinite(self.read_scale)):
             raise AbsorberError(f"read_scale must be a finite number >= 0 (got {self.read_scale})")
         if self.calibrate < 0:

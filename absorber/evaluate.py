@@ -131,16 +131,20 @@ def mixed_token_nll(model: nn.Module, context: Sequence[int], target: Sequence[i
 
 
 def method_nll(model: nn.Module, context: Sequence[int], target: Sequence[int], max_len: int | None = None,
-               mix: bool = False) -> tuple[float, int]:
-    """score_nll as the method reads (AbsorberConfig.mix: under the online mixture with the base model)."""
-    t = mixed_token_nll(model, context, target, max_len) if mix else token_nll(model, context, target, max_len)
+               mix: float | None = None) -> tuple[float, int]:
+    """score_nll as the method reads; `mix`: under the online mixture with the base model with this fixed share
+    (AbsorberConfig.mix / mix_share), None: the adapters alone."""
+    t = token_nll(model, context, target, max_len) if mix is None else mixed_token_nll(model, context, target,
+                                                                                     max_len, mix)
     return float(t.sum()), int(t.numel())
 
 
-def _scored(model, context, target, max_len, tokens: bool, mix: bool = False) -> tuple[float, int, list[float] | None]:
+def _scored(model, context, target, max_len, tokens: bool,
+            mix: float | None = None) -> tuple[float, int, list[float] | None]:
     """score_nll, and with `tokens` the per-token NLLs too (rounded to 1e-5: the key-token summary's input); `mix`:
-    under the online mixture with the base model (mixed_token_nll)."""
-    t = mixed_token_nll(model, context, target, max_len) if mix else token_nll(model, context, target, max_len)
+    under the online mixture with the base model with this share (mixed_token_nll), None: the adapters alone."""
+    t = token_nll(model, context, target, max_len) if mix is None else mixed_token_nll(model, context, target,
+                                                                                     max_len, mix)
     return float(t.sum()), int(t.numel()), ([round(float(v), 5) for v in t] if tokens else None)
 
 
@@ -230,13 +234,13 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     keys = settings.key_gain is not None       # per-token NLLs for the key-token summary
     for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
-        mix = sa.cfg.mix and method in TRAINED
+        mix = sa.cfg.mix_share if sa.cfg.mix and method in TRAINED else None
         with sa.reading():
             nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
         if keys:
             rec["token_nll"] = toks
-        if mix:                            # the paired control: the adapters read alone, on the same round
+        if mix is not None:                # the paired control: the adapters read alone, on the same round
             with sa.reading():
                 rec["nll_unmixed"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys)
             if keys:

@@ -31,6 +31,9 @@ SHARE = 0.001
 # the --mix flag's help, one text for `absorber run`, `absorb` and `eval`
 HELP = ("answers (and every scoring of the method) from the online mixture of the adapted and the base model, the "
         "adapters weighted by how well they predicted the context (two decoder passes per answer token)")
+SHARE_HELP = ("with --mix: the fixed share of weight passed between the adapted and the base model after every "
+              "token; larger follows a change of which one predicts better sooner, at up to ~share nats per token "
+              "against the better one")
 
 
 @dataclass

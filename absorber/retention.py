@@ -216,8 +216,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             if method == "window":
                 mine, mine_dec = None, None
             elif cfg.mix:             # the method reads through the online mixture with the base model
-                from absorber.mixture import SHARE
-                both = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec), (SHARE,))[SHARE]
+                s_ = cfg.mix_share
+                both = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec), (s_,))[s_]
                 mine, mine_dec = both[:len(asked)], both[len(asked):]
             else:
                 mine, mine_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
@@ -254,7 +254,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 baselines["heldout"] = score_nll(base_model, bos, h, max_len)
             bn, bc = baselines["heldout"]
             with sa.reading():
-                hn, hc = (bn, bc) if method == "window" else method_nll(sa.model, bos, h, max_len, cfg.mix)
+                hn, hc = (bn, bc) if method == "window" else method_nll(sa.model, bos, h, max_len,
+                                                                          cfg.mix_share if cfg.mix else None)
             if ("heldout_context", r) not in baselines:   # the reference: the stream in context, not in weights
                 baselines[("heldout_context", r)] = score_nll(base_model, ctx + h[:1], h[1:], max_len)   # same tokens
             cn, cc = baselines[("heldout_context", r)]

@@ -191,7 +191,7 @@ class StreamingAbsorber:
         """Greedy decoding from the online mixture of the adapted model (as read) and the base model (the LoRA
         paths at 0), each with its own KV cache; the prompt's tokens set the weight (absorber.mixture)."""
         import torch.nn.functional as F
-        from absorber.mixture import SHARE, Mixture
+        from absorber.mixture import Mixture
         experts = (self.reading, lambda: lora.read_scaled(self.model, 0.0))
         T = ids.shape[1]
         pos = torch.arange(T, device=self.device)[None]
@@ -202,7 +202,7 @@ class StreamingAbsorber:
             lp.append((-F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:], reduction="none")).tolist())
             last.append(F.log_softmax(out.logits[0, -1].double(), -1).cpu().numpy())
             past.append(out.past_key_values)
-        mx = Mixture(SHARE)
+        mx = Mixture(self.cfg.mix_share)
         mx.run(*lp)
         la, lb = last
         out_ids: list[int] = []

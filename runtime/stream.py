@@ -32,7 +32,6 @@ import onnxruntime as ort
 from absorber import bundle_format as F
 from absorber.config import PROBE_PREFIX, probe_parts
 from absorber.errors import AbsorberError
-from absorber.mixture import SHARE as MIX_SHARE
 from absorber.rounds import RoundResult
 from absorber.runtime import generate as G
 from absorber.runtime.model import Model
@@ -458,7 +457,7 @@ class Stream:
         base = self._base_feeds if self.cfg.mix else None
         with ort_errors("an answer"):
             return G.generate(self.model, self._answer_adapters(), prefix, max_new, temperature, top_p, seed,
-                              stop_at_eos, on_token, keep, base_values=base, share=MIX_SHARE)
+                              stop_at_eos, on_token, keep, base_values=base, share=self.cfg.mix_share)
 
     def ask(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, on_token=None) -> str:

@@ -132,6 +132,11 @@ def test_runtime_mixed_answers_are_the_references(tiny_bundles, exact_profile, q
     assert got == ref._greedy(q, 12)
     assert got == G.generate(s.model, base, q, 12, stop_at_eos=False) != G.generate(s.model, own, q, 12,
                                                                                     stop_at_eos=False)
+    # another share (mix_share, a run-time setting): the same as the reference at that share
+    s.cfg = dataclasses.replace(s.cfg, mix_share=0.2)
+    ref.cfg = dataclasses.replace(ref.cfg, mix_share=0.2)
+    assert s.generate_ids(q, 12, stop_at_eos=False) == ref._greedy(q, 12)
+    s.cfg = dataclasses.replace(s.cfg, mix_share=0.001)
     # the mixture of the adapted model with itself is the adapted model
     assert G.generate(s.model, own, q, 12, stop_at_eos=False, base_values=own, share=0.001) == \
         G.generate(s.model, own, q, 12, stop_at_eos=False)
@@ -181,3 +186,30 @@ def test_mix_must_be_a_boolean_and_a_bad_value_is_one_line_error():
     with pytest.raises(AbsorberError, match="mix must be true or false"):
         override(AbsorberConfig(), mix="yes").validate()
     override(AbsorberConfig(), mix=True).validate()
+
+
+def test_mix_share_is_a_number_in_range_and_a_run_time_setting(tiny_bundles, exact_profile):
+    """mix_share: validated (a bad value is a one-line error), the default is mixture.SHARE, a stream may set it
+    (RUNTIME_SETTINGS), and the CLIs pass it through."""
+    from absorber.config import AbsorberConfig, override
+    from absorber.errors import AbsorberError
+    from absorber.mixture import SHARE
+    from absorber.runtime import Model
+    assert AbsorberConfig().mix_share == SHARE
+    for bad in (0.5, -0.1, "0.1", True, float("nan")):
+        with pytest.raises(AbsorberError, match="mix_share must be a number in"):
+            override(AbsorberConfig(), mix_share=bad).validate()
+    model = Model.open(tiny_bundles["fp32"], profile=exact_profile)
+    assert model.config({"mix": True, "mix_share": 0.03}).mix_share == 0.03
+    with pytest.raises(AbsorberError, match="mix_share must be a number in"):
+        model.config({"mix_share": 0.9})
+    import argparse
+
+    from absorber.commands import absorb as A
+    from absorber.runtime import command as RC
+    p = argparse.ArgumentParser()
+    A.add_arguments(p)
+    assert A.config_from_args(p.parse_args(["--input", "-", "--mix", "--mix-share", "0.03"])).mix_share == 0.03
+    p = argparse.ArgumentParser()
+    RC.add_arguments(p)
+    assert p.parse_args([str(tiny_bundles["fp32"]), "--mix-share", "0.03"]).mix_share == 0.03

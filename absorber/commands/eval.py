@@ -6,7 +6,7 @@ import json
 import math
 import sys
 
-from absorber.mixture import HELP as MIX_HELP
+from absorber.mixture import HELP as MIX_HELP, SHARE, SHARE_HELP
 
 HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
 DESCRIPTION = """\
@@ -76,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--read-scale", type=float, help="answer and score with the LoRA paths read at this scale "
                                                       "(default 1; training uses them whole)")
     mt.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help=MIX_HELP)
+    mt.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + f" (default {SHARE:g})")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     mt.add_argument("--bos", action="store_true", default=None,
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight", "read_scale", "mix", "bos")},
+        "ntp_weight", "read_scale", "mix", "mix_share", "bos")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:

@@ -6,7 +6,7 @@ from `absorber eval` records that hold per-token NLLs (benchmarks/retention.md, 
 
 The records score each segment after the window twice: the adapted model ("absorber", per-token NLLs) and the
 base model on the same window ("window"). The "mixed" rows learn the mixture's weight over the scored segment
-alone, from the prior 1/2 at its first token (absorber.mixture.Mixture, share absorber.mixture.SHARE): a lower
+alone, from the prior 1/2 at its first token (absorber.mixture.Mixture, share absorber.mixture.SHARE or --shares): a lower
 bound of what the runtime's mixture does, which learns it over the window before the segment too. A run with
 `absorber eval --mix` holds that one as run ("as run") and the adapters alone beside it (`nll_unmixed`).
 """
@@ -26,7 +26,7 @@ def runs_of(doc: dict) -> list[tuple[str, dict]]:
     return [(f"lr={lr:g}", doc)]
 
 
-def mixed_rows(segments: dict, share: float) -> dict[str, list[dict]]:
+def mixed_rows(segments: dict, shares: list[float]) -> dict[str, list[dict]]:
     from absorber.evaluate import read_at
     from absorber.mixture import Mixture
     out = {"window": segments["window"], "full": segments["full"]}
@@ -39,30 +39,34 @@ def mixed_rows(segments: dict, share: float) -> dict[str, list[dict]]:
     variants = [("", base_recs)] + [(f" (read x{s})", read_at(base_recs, float(s))) for s in scales if s != "1"]
     for tag, recs in variants:
         out["absorber" + tag] = recs
-        mixed = []
-        for r, w in zip(recs, win):
-            lm = Mixture(share).run([-x for x in r["token_nll"]], [-x for x in w["token_nll"]])
-            toks = [-float(v) for v in lm]
-            mixed.append({"nll": sum(toks), "count": len(toks), "token_nll": toks})
-        out["absorber" + tag + " mixed"] = mixed
+        for share in shares:
+            mixed = []
+            for r, w in zip(recs, win):
+                lm = Mixture(share).run([-x for x in r["token_nll"]], [-x for x in w["token_nll"]])
+                toks = [-float(v) for v in lm]
+                mixed.append({"nll": sum(toks), "count": len(toks), "token_nll": toks})
+            out["absorber" + tag + f" mixed (share {share:g})"] = mixed
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("evals", nargs="+", help="absorber eval JSON files with per-token NLLs")
+    p.add_argument("--shares", default=None, help="the mixture's fixed shares, comma-separated (default: "
+                                                  "absorber.mixture.SHARE)")
     p.add_argument("--json", dest="json_out")
     a = p.parse_args(argv)
     from absorber.evaluate import EvalSettings, summarize
     from absorber.mixture import SHARE
     settings = EvalSettings()
+    shares = [float(x) for x in a.shares.split(",")] if a.shares else [SHARE]
     table = ["| eval | run | method | R [95% CI] | key-token R [95% CI] |", "|---|---|---|---|---|"]
     res = {"command": "python benchmarks/scripts/mixture_next_text.py " + " ".join(argv or sys.argv[1:]),
-           "share": SHARE, "runs": []}
+           "shares": shares, "runs": []}
     for f in a.evals:
         for label, run in runs_of(json.loads(Path(f).read_text())):
             segs = {m: [r for t in run["segments"][m].values() for r in t] for m in ("window", "full", "absorber")}
-            summ = summarize(mixed_rows(segs, SHARE), {}, settings)
+            summ = summarize(mixed_rows(segs, shares), {}, settings)
             for mth, d in summ.items():
                 if not mth.startswith("absorber"):
                     continue

@@ -32,13 +32,16 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--answers", type=int, default=5, help="answers timed per way (alternating)")
+    ap.add_argument("--lr", type=float, help="the stream's lr (default: the bundle's)")
+    ap.add_argument("--mix-share", type=float, help="the mixture's share (default: the bundle's)")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args(argv)
     from absorber import data
-    from absorber.mixture import SHARE, mixture_nll
+    from absorber.mixture import mixture_nll
     from absorber.runtime import Stream
-    s = Stream.open(a.bundle, config_overrides={"mix": True})
+    s = Stream.open(a.bundle, config_overrides={"mix": True, "lr": a.lr, "mix_share": a.mix_share})
     cfg = s.cfg
+    share = cfg.mix_share
     ids = s.model.encode(data.speech(a.speech).text())
     need = cfg.n + cfg.m + (a.rounds - 1) * cfg.n
     t0 = time.perf_counter()
@@ -47,14 +50,14 @@ def main(argv=None) -> int:
     held = s.model.encode(data.heldout_text(a.heldout)[1])[1000:1000 + a.heldout_tokens]
     own, base = s._answer_adapters(), s._base_feeds
     out = {"bundle": a.bundle, "speech": a.speech, "heldout": a.heldout, "rounds": s.rounds, "n": cfg.n, "m": cfg.m,
-           "k": cfg.k, "lr": cfg.lr, "share": SHARE, "absorb_seconds": absorb_s,
+           "k": cfg.k, "lr": cfg.lr, "share": share, "absorb_seconds": absorb_s,
            "command": "python benchmarks/scripts/mixture_runtime_check.py " + " ".join(argv or sys.argv[1:])}
     for where, ctx in (("alone", s.sink), ("after the window", s.sink + s.window)):
         seq = ctx + held
         la, lb = lp_of(s, own, seq), lp_of(s, base, seq)
         k = len(held) - (0 if ctx else 1)              # the held-out tokens scored
         nb, na = -float(lb[-k:].sum()), -float(la[-k:].sum())
-        nm = mixture_nll(la, lb, SHARE, scored_from=len(la) - k)
+        nm = mixture_nll(la, lb, share, scored_from=len(la) - k)
         out[where] = {"tokens": k, "ppl_base": math.exp(nb / k), "ppl_adapters": math.exp(na / k),
                       "ppl_mixture": math.exp(nm / k), "change_adapters": math.exp((na - nb) / k) - 1,
                       "change_mixture": math.exp((nm - nb) / k) - 1}
