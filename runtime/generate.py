@@ -77,6 +77,10 @@ def summed_nll(logits: np.ndarray, targets, rows: int = 64) -> float:
 # the most fp32 bytes of logits one decoder call of next_token_loss returns: [rows, V] with rows = this / (4 V)
 # (SmolLM2: 170 rows; Gemma-3-270M: 32 rows instead of X's 512 at once, 537 MB)
 LOGITS_BYTES = 32 << 20
+# the same for scoring an answer's prompt under the mixture (Generator.score_pending): both models' pieces, their
+# KV caches and the decoder's own [rows, V] head output are live at once while a round's arena may still be held,
+# so smaller pieces (SmolLM2: 85 rows) keep a mixed answer's peak near an unmixed one's (benchmarks/retention.md)
+SCORE_LOGITS_BYTES = 16 << 20
 
 
 def next_token_loss(model, ids: list[int], adapters: dict, run_options=None, rows: int | None = None,
@@ -177,10 +181,11 @@ class Generator:
         return self._feed(self._pending, self._keep)[-1]
 
     def score_pending(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Feed the pending prompt in pieces of `rows` positions (default: LOGITS_BYTES of logits at once): the
-        log-probability of each prompt token after the first (float64, len T - 1) and the next token's logits."""
+        """Feed the pending prompt in pieces of `rows` positions (default: SCORE_LOGITS_BYTES of logits at once):
+        the log-probability of each prompt token after the first (float64, len T - 1) and the next token's logits
+        (a copy: the last piece is not kept alive by it)."""
         ids = self._pending[0]
-        rows = rows or max(1, LOGITS_BYTES // (4 * self.model.bundle.vocab))
+        rows = rows or max(1, SCORE_LOGITS_BYTES // (4 * self.model.bundle.vocab))
         if self._all is None:
             self._all = ort.OrtValue.ortvalue_from_numpy(np.asarray(0, np.int64))
         lp = np.empty(len(ids) - 1, np.float64)
@@ -189,7 +194,7 @@ class Generator:
             z = self._feed(ids[None, a:b], self._all)
             t = min(b, len(ids) - 1)                          # row i scores ids[a + i + 1]
             lp[a:t] = token_logprobs(z[:t - a], ids[a + 1:t + 1])
-        return lp, z[-1]
+        return lp, z[-1].copy()
 
     def accept(self, tok: int) -> None:
         """The picked token: recorded, checked for the end, pending for the next call."""
