@@ -40,6 +40,7 @@ from torch import nn
 
 from absorber import lora
 from absorber.config import AbsorberConfig, grid_points, override
+from absorber.mixture import SHARE, Mixture
 from absorber.stream import StreamingAbsorber
 
 METHODS = ("full", "window", "sink", "ttt", "absorber")    # report order
@@ -114,18 +115,16 @@ def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
 
 
 def mixed_token_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
-                    max_len: int | None = None, share: float | None = None) -> torch.Tensor:
+                    max_len: int | None = None, share: float = SHARE) -> torch.Tensor:
     """token_nll of `target` under the online mixture (absorber.mixture) of `model` as it reads and the same model
     with its LoRA paths at 0 (the base model), the mixture's weight learned over the context first."""
-    from absorber import lora
-    from absorber.mixture import SHARE, Mixture
     max_len = max_len or model_max_positions(model)
     context = list(context)[max(0, len(context) - (max_len - len(target))):]
     seq = context + list(target)
     a = token_nll(model, [], seq, max_len)
     with lora.read_scaled(model, 0.0):
         b = token_nll(model, [], seq, max_len)
-    lm = Mixture(SHARE if share is None else share).run((-a).tolist(), (-b).tolist())
+    lm = Mixture(share).run((-a).tolist(), (-b).tolist())
     scored = len(target) if context else len(target) - 1
     return torch.from_numpy(-lm[len(lm) - scored:]).float()
 
@@ -134,9 +133,7 @@ def method_nll(model: nn.Module, context: Sequence[int], target: Sequence[int], 
                mix: float | None = None) -> tuple[float, int]:
     """score_nll as the method reads; `mix`: under the online mixture with the base model with this fixed share
     (AbsorberConfig.mix / mix_share), None: the adapters alone."""
-    t = token_nll(model, context, target, max_len) if mix is None else mixed_token_nll(model, context, target,
-                                                                                     max_len, mix)
-    return float(t.sum()), int(t.numel())
+    return _scored(model, context, target, max_len, False, mix)[:2]
 
 
 def _scored(model, context, target, max_len, tokens: bool,

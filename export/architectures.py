@@ -25,7 +25,7 @@ class Architecture:
     bos: bool = False
     # the run-time settings a bundle records when its answers mix (absorber export --mix, the default), where they
     # were measured on this family; the others stay AbsorberConfig's. SmolLM2 (llama): through the mixture, writing
-    # at lr 3e-4 keeps more of what was said than lr 1e-4 (0.47 against 0.27 of the facts 8 rounds after eviction,
+    # at lr 3e-4 keeps more of what was said than lr 1e-4 (0.45 against 0.27 of the facts 8 rounds after eviction,
     # key-token next-text R 0.94 against 0.73, plain next-text R within its interval), and a share of 0.01 keeps
     # unrelated text within 2 % (benchmarks/retention.md, "A larger share"). Gemma-3 was measured at lr 1e-4 only
     mixed: tuple[tuple[str, float], ...] = ()
