@@ -51,16 +51,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mix", action=argparse.BooleanOptionalAction, default=True,
                         help="the bundle's answers read through the online mixture of the adapted and the base "
                              "model (the run-time default it records; `absorber run --no-mix` reads the adapters "
-                             "alone). Default on, with the model family's measured lr and share (SmolLM2: 3e-4 and "
-                             "0.01: 0.45 of planted facts kept 8 rounds after eviction against 0.27, unrelated text "
-                             "within 1.1 %% of the base model, the same next-text R; benchmarks/retention.md)")
+                             "alone). Default on, with the model family's measured lr and share (SmolLM2 and Gemma-3: 3e-4 "
+                             "and 0.01; SmolLM2 keeps 0.45 of planted facts 8 rounds after eviction against 0.27, "
+                             "Gemma-3 0.43 against 0.30 at 4, unrelated text within 1.1 %% of the base model, the "
+                             "same next-text R; benchmarks/retention.md)")
     parser.add_argument("--mix-share", type=float, default=None, metavar="S",
                         help="the mixture's fixed share the bundle records (default: with --mix, the model "
-                             "family's measured one, 0.01 for llama/SmolLM2; else AbsorberConfig's, 0.001; "
+                             "family's measured one, 0.01 for SmolLM2 and Gemma-3; else AbsorberConfig's, 0.001; "
                              "`absorber run --mix-share` changes it per stream)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the learning rate the bundle records (default: with --mix, the model family's "
-                             "measured one, 3e-4 for llama/SmolLM2; else AbsorberConfig's, 1e-4; `absorber run "
+                             "measured one, 3e-4 for SmolLM2 and Gemma-3; else AbsorberConfig's, 1e-4; `absorber run "
                              "--lr` changes it per stream)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
