@@ -51,18 +51,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mix", action=argparse.BooleanOptionalAction, default=True,
                         help="the bundle's answers read through the online mixture of the adapted and the base "
                              "model (the run-time default it records; `absorber run --no-mix` reads the adapters "
-                             "alone). Default on, with the model family's measured lr and share (SmolLM2 and Gemma-3: 3e-4 "
-                             "and 0.01; SmolLM2 keeps 0.45 of planted facts 8 rounds after eviction against 0.27, "
-                             "Gemma-3 0.43 against 0.30 at 4, unrelated text within 1.1 %% of the base model, the "
-                             "same next-text R; benchmarks/retention.md)")
+                             "alone). Default on, with the model family's measured lr, K and share (SmolLM2: 1e-3, 8, "
+                             "0.01, keeping 0.49 of planted facts 8 rounds after eviction against 0.27 for lr 1e-4; "
+                             "Gemma-3: 3e-4, 16, 0.01, 0.43 against 0.30 at 4; unrelated text within 1.1 %% of the "
+                             "base model, the same next-text R; benchmarks/retention.md)")
     parser.add_argument("--mix-share", type=float, default=None, metavar="S",
                         help="the mixture's fixed share the bundle records (default: with --mix, the model "
                              "family's measured one, 0.01 for SmolLM2 and Gemma-3; else AbsorberConfig's, 0.001; "
                              "`absorber run --mix-share` changes it per stream)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the learning rate the bundle records (default: with --mix, the model family's "
-                             "measured one, 3e-4 for SmolLM2 and Gemma-3; else AbsorberConfig's, 1e-4; `absorber run "
-                             "--lr` changes it per stream)")
+                             "measured one, 1e-3 for SmolLM2 (with K=8), 3e-4 for Gemma-3; else "
+                             "AbsorberConfig's, 1e-4; `absorber run --lr` changes it per stream)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="the AdamW steps per round the bundle records (default: with --mix, the model "
+                             "family's measured K, 8 for SmolLM2 (with lr 1e-3: rounds twice as fast, the same "
+                             "retention and next-text R as 16 steps at 3e-4), 16 for Gemma-3; else AbsorberConfig's, "
+                             "16; `absorber run --k` changes it per stream)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
@@ -121,7 +126,7 @@ def main(args) -> int:
     cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
                    seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip,
                    ntp_weight=args.ntp_weight, mix=args.mix,
-                   mix_share=args.mix_share, lr=args.lr)
+                   mix_share=args.mix_share, lr=args.lr, k=args.k)
     cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")

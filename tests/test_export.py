@@ -448,7 +448,8 @@ def test_cli_exports_tiny_bundle(tmp_path):
     validate_manifest(m)
     assert m["defaults"]["mix"] is False                                     # --no-mix
     from absorber.config import AbsorberConfig
-    assert (m["defaults"]["lr"], m["defaults"]["mix_share"]) == (AbsorberConfig().lr, AbsorberConfig().mix_share)
+    assert (m["defaults"]["lr"], m["defaults"]["k"], m["defaults"]["mix_share"]) == \
+        (AbsorberConfig().lr, AbsorberConfig().k, AbsorberConfig().mix_share)
     assert m["slice"]["rank"] == 2 and m["slice"]["layers"] == [1] and len(m["slice"]["tensors"]) == 4
     from absorber.models import tiny_tokenizer
     assert m["loss"]["bos"] == tiny_tokenizer().bos_token_id                # --bos on
@@ -463,8 +464,10 @@ def test_cli_exports_tiny_bundle(tmp_path):
     assert {k: _manifest(out)["defaults"][k] for k, _ in LLAMA.mixed} == dict(LLAMA.mixed) != {}   # ... as measured
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
     assert main(["export", "tiny", "--out", str(tmp_path / "both"), "--quant", "fp32,int8", "--recompute", "off",
-                 "--lr", "2e-4", "-q"]) == 0
-    assert _manifest(tmp_path / "both" / "int8")["defaults"]["lr"] == 2e-4    # an explicit --lr wins
+                 "--lr", "2e-4", "--k", "5", "-q"]) == 0
+    d = _manifest(tmp_path / "both" / "int8")["defaults"]
+    assert (d["lr"], d["k"]) == (2e-4, 5)                                 # an explicit --lr / --k wins
+    assert d["mix_share"] == dict(LLAMA.mixed)["mix_share"]              # ... and the rest of the preset stays
     assert {q: _manifest(tmp_path / "both" / q)["quant"]["scheme"] for q in ("fp32", "int8")} == \
         {"fp32": "fp32", "int8": "int8"}                                  # one trace, one bundle per scheme
     assert "recompute" not in _manifest(tmp_path / "both" / "int8")["graphs"]["train_step"]

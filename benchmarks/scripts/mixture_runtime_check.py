@@ -33,13 +33,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--answers", type=int, default=5, help="answers timed per way (alternating)")
     ap.add_argument("--lr", type=float, help="the stream's lr (default: the bundle's)")
+    ap.add_argument("--k", type=int, help="the stream's steps per round (default: the bundle's)")
     ap.add_argument("--mix-share", type=float, help="the mixture's share (default: the bundle's)")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args(argv)
     from absorber import data
     from absorber.mixture import mixture_nll
     from absorber.runtime import Stream
-    s = Stream.open(a.bundle, config_overrides={"mix": True, "lr": a.lr, "mix_share": a.mix_share})
+    s = Stream.open(a.bundle, config_overrides={"mix": True, "lr": a.lr, "k": a.k,
+                                                     "mix_share": a.mix_share})
     cfg = s.cfg
     share = cfg.mix_share
     ids = s.model.encode(data.speech(a.speech).text())
