@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def load(spec: str, shares: list[float]) -> tuple[str, dict]:
     from mixture_next_text import mixed_rows, runs_of
-    label, rest = spec.split("=", 1)
+    eq = spec.rindex("=", 0, spec.index("::"))       # the label may hold "=" itself ("K=8"); the file does not
+    label, rest = spec[:eq], spec[eq + 1:]
     f, run, method = rest.split("::")
     for name, r in runs_of(json.loads(Path(f).read_text())):
         if name == run:
