@@ -67,8 +67,7 @@ def add_arguments(parser) -> None:
                         help="the AdamW steps per round the bundle records (default: with --mix, the model "
                              "family's measured K, 8 for SmolLM2 (with lr 1e-3: rounds twice as fast, a little more "
                              "retention and the same next-text R as 16 steps at 3e-4), 16 for Gemma-3; else "
-                             "AbsorberConfig's, "
-                             "16; `absorber run --k` changes it per stream)")
+                             "AbsorberConfig's, 16; `absorber run --k` changes it per stream)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
