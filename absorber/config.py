@@ -152,6 +152,10 @@ class AbsorberConfig:
     mix_share: float = SHARE     # with mix: the fixed share of weight passed between the two models after every token
                                  # (mixture.Mixture.share): larger follows a change of which model predicts better
                                  # sooner, at up to ~share nats per token against the better one
+    mix_window: int = 0          # with mix: the weight learns from at most the last W tokens before the first scored
+                                 # or generated one (mixture.Mixture.learn); the runtime runs the prompt's tokens
+                                 # before them without the output head (a Gemma answer's prompt otherwise computes
+                                 # the 262k-word head at every position, twice). 0: the whole context
     calibrate: int = 0           # > 0: after every round, measure the adapters' context-free shift of the next-token
                                  # log-probabilities on this many tokens of the frozen model's own samples (rows of
                                  # 128) and subtract it from the logits wherever the adapted model predicts
@@ -219,6 +223,8 @@ class AbsorberConfig:
         if isinstance(self.mix_share, bool) or not isinstance(self.mix_share, (int, float)) \
                 or not 0.0 <= self.mix_share < 0.5:
             raise AbsorberError(f"mix_share must be a number in [0, 0.5) (got {self.mix_share!r})")
+        if isinstance(self.mix_window, bool) or not isinstance(self.mix_window, int) or self.mix_window < 0:
+            raise AbsorberError(f"mix_window must be a whole number of tokens >= 0 (got {self.mix_window!r})")
         if not (self.read_scale >= 0 and math.isfinite(self.read_scale)):
             raise AbsorberError(f"read_scale must be a finite number >= 0 (got {self.read_scale})")
         if self.calibrate < 0:

@@ -40,7 +40,7 @@ from torch import nn
 
 from absorber import lora
 from absorber.config import AbsorberConfig, grid_points, override
-from absorber.mixture import SHARE, Mixture
+from absorber.mixture import SHARE, Mixture, evidence_start
 from absorber.stream import StreamingAbsorber
 
 METHODS = ("full", "window", "sink", "ttt", "absorber")    # report order
@@ -115,33 +115,35 @@ def score_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
 
 
 def mixed_token_nll(model: nn.Module, context: Sequence[int], target: Sequence[int],
-                    max_len: int | None = None, share: float = SHARE) -> torch.Tensor:
+                    max_len: int | None = None, share: float = SHARE, window: int = 0) -> torch.Tensor:
     """token_nll of `target` under the online mixture (absorber.mixture) of `model` as it reads and the same model
-    with its LoRA paths at 0 (the base model), the mixture's weight learned over the context first."""
+    with its LoRA paths at 0 (the base model), the mixture's weight learned over the context first (its last
+    `window` tokens; 0: all, AbsorberConfig.mix_window)."""
     max_len = max_len or model_max_positions(model)
     context = list(context)[max(0, len(context) - (max_len - len(target))):]
     seq = context + list(target)
     a = token_nll(model, [], seq, max_len)
     with lora.read_scaled(model, 0.0):
         b = token_nll(model, [], seq, max_len)
-    lm = Mixture(share).run((-a).tolist(), (-b).tolist())
     scored = len(target) if context else len(target) - 1
+    start = evidence_start(len(a) - scored, window)
+    lm = Mixture(share).run((-a[start:]).tolist(), (-b[start:]).tolist())
     return torch.from_numpy(-lm[len(lm) - scored:]).float()
 
 
 def method_nll(model: nn.Module, context: Sequence[int], target: Sequence[int], max_len: int | None = None,
-               mix: float | None = None) -> tuple[float, int]:
+               mix: float | None = None, mix_window: int = 0) -> tuple[float, int]:
     """score_nll as the method reads; `mix`: under the online mixture with the base model with this fixed share
-    (AbsorberConfig.mix / mix_share), None: the adapters alone."""
-    return _scored(model, context, target, max_len, False, mix)[:2]
+    (AbsorberConfig.mix / mix_share / mix_window), None: the adapters alone."""
+    return _scored(model, context, target, max_len, False, mix, mix_window)[:2]
 
 
-def _scored(model, context, target, max_len, tokens: bool,
-            mix: float | None = None) -> tuple[float, int, list[float] | None]:
+def _scored(model, context, target, max_len, tokens: bool, mix: float | None = None,
+            mix_window: int = 0) -> tuple[float, int, list[float] | None]:
     """score_nll, and with `tokens` the per-token NLLs too (rounded to 1e-5: the key-token summary's input); `mix`:
     under the online mixture with the base model with this share (mixed_token_nll), None: the adapters alone."""
     t = token_nll(model, context, target, max_len) if mix is None else mixed_token_nll(model, context, target,
-                                                                                     max_len, mix)
+                                                                                     max_len, mix, mix_window)
     return float(t.sum()), int(t.numel()), ([round(float(v), 5) for v in t] if tokens else None)
 
 
@@ -232,8 +234,9 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
     for r, pos, done in stream_rounds(sa, ids, rounds):
         ctx = sa.context()
         mix = sa.cfg.mix_share if sa.cfg.mix and method in TRAINED else None
+        mw = sa.cfg.mix_window
         with sa.reading():
-            nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix)
+            nll, cnt, toks = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix, mw)
         rec = {"round": r, "position": pos, "context": len(ctx), "nll": nll, "count": cnt}
         if keys:
             rec["token_nll"] = toks
@@ -246,14 +249,14 @@ def stream_text(pool: ModelPool, tok, ids: Sequence[int], cfg: AbsorberConfig, m
         probe = ids[start:start + min(settings.recall_len, n)]
         if settings.recall_len:
             with sa.reading():
-                rec["recall_nll"], rec["recall_count"] = method_nll(sa.model, ctx, probe, max_len, mix)
+                rec["recall_nll"], rec["recall_count"] = method_nll(sa.model, ctx, probe, max_len, mix, mw)
         for sc in settings.read_scales if method in TRAINED else ():
             with lora.read_scaled(sa.model, sc):
-                rec[f"nll{_read(sc)}"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix)
+                rec[f"nll{_read(sc)}"], _, t = _scored(sa.model, ctx, ids[pos:pos + s], max_len, keys, mix, mw)
                 if keys:
                     rec[f"token_nll{_read(sc)}"] = t
                 if settings.recall_len:
-                    rec[f"recall_nll{_read(sc)}"], _ = method_nll(sa.model, ctx, probe, max_len, mix)
+                    rec[f"recall_nll{_read(sc)}"], _ = method_nll(sa.model, ctx, probe, max_len, mix, mw)
         res = done[-1] if done else None
         if method in TRAINED and res is not None:
             rec.update(loss_first=res.loss_first, loss_last=res.loss_last, steps=res.steps,

@@ -31,6 +31,8 @@ SHARE = 0.001
 # the --mix flag's help, one text for `absorber run`, `absorb` and `eval`
 HELP = ("answers (and every scoring of the method) from the online mixture of the adapted and the base model, the "
         "adapters weighted by how well they predicted the context (two decoder passes per answer token)")
+WINDOW_HELP = ("with --mix: the mixture's weight learns from at most the last W prompt tokens (0: the whole prompt); "
+               "the tokens before run without the output head, so a long prompt's answer starts sooner")
 SHARE_HELP = ("with --mix: the fixed share of weight passed between the adapted and the base model after every "
               "token; larger follows a change of which one predicts better sooner, at up to ~share nats per token "
               "against the better one")
@@ -75,12 +77,26 @@ class Mixture:
             raise ValueError(f"{len(lp_a)} adapted log-probabilities against {len(lp_b)} base ones")
         return np.array([self.update(float(a), float(b)) for a, b in zip(lp_a, lp_b)], np.float64)
 
+    def learn(self, lp_a: Sequence[float], lp_b: Sequence[float], window: int = 0) -> None:
+        """run() over the evidence before the scored tokens, only its last `window` entries (0: all): the weight
+        starts from the prior `window` tokens before the first scored one (AbsorberConfig.mix_window)."""
+        start = evidence_start(len(lp_a), window)
+        self.run(lp_a[start:], lp_b[start:])
+
     def mix(self, logp_a: np.ndarray, logp_b: np.ndarray) -> np.ndarray:
         """The mixture's next-token log-distribution from the two models' (float64, same shape)."""
         return np.logaddexp(self.la + np.asarray(logp_a, np.float64), self.lb + np.asarray(logp_b, np.float64))
 
 
+def evidence_start(before: int, window: int = 0) -> int:
+    """Of `before` tokens of evidence ahead of the scored ones, the index of the first the weight learns from:
+    the last `window` of them (0: all)."""
+    return max(0, before - window) if window else 0
+
+
 def mixture_nll(lp_a: Sequence[float], lp_b: Sequence[float], share: float = 0.0, prior: float = 0.5,
-                scored_from: int = 0) -> float:
-    """Summed NLL under the mixture of tokens[scored_from:], the weights learned from every token before."""
-    return -float(Mixture(share, prior).run(lp_a, lp_b)[scored_from:].sum())
+                scored_from: int = 0, window: int = 0) -> float:
+    """Summed NLL under the mixture of tokens[scored_from:], the weights learned from the tokens before (the
+    last `window` of them; 0: all)."""
+    start = evidence_start(scored_from, window)
+    return -float(Mixture(share, prior).run(lp_a[start:], lp_b[start:])[scored_from - start:].sum())

@@ -58,6 +58,10 @@ class RetentionSettings:
     # model (absorber.mixture), one score per fixed share (pooled as "<label> (mix S)"): the weights learned
     # causally over the window + question, or over the held-out text itself
     mix_shares: tuple[float, ...] = ()
+    # with mix_shares: each share also scored with the weight learned from only the last W tokens before the answer
+    # (AbsorberConfig.mix_window), one score per window (pooled as "<label> (mix S, window W)"), same adapters;
+    # CONTEXT_ONLY (-1): learned over the context, not the question ("<label> (mix S, context only)")
+    mix_windows: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,24 +137,34 @@ def token_logprobs(model: nn.Module, tok, context: list[int], facts: Sequence[FX
     return lp_ctx, [(-F.cross_entropy(pred, ids[0], reduction="none")).tolist() for _, _, ids, pred in per]
 
 
+CONTEXT_ONLY = -1      # a mixture "window": the weight learned over the stream's context, not the question
+
+
 def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact],
-                      shares: Sequence[float]) -> dict[float, list[float]]:
-    """Per fixed share, each fact's summed answer NLL under the online mixture of `model` and `base`
-    (absorber.mixture), its weights learned over the context and the question."""
+                      shares: Sequence[float], windows: Sequence[int] = (0,)) -> dict[tuple[float, int], list[float]]:
+    """Per fixed share and mixture window (AbsorberConfig.mix_window; 0: all), each fact's summed answer NLL under
+    the online mixture of `model` and `base` (absorber.mixture), its weights learned over the context and the
+    question (their last `window` tokens). Window -1: learned over the context alone, the question's tokens
+    teach the weight nothing (CONTEXT_ONLY)."""
     from absorber.mixture import Mixture
     ca, pa = token_logprobs(model, tok, context, facts)
     cb, pb = token_logprobs(base, tok, context, facts)
-    out: dict[float, list[float]] = {}
+    out: dict[tuple[float, int], list[float]] = {}
     for s in shares:
-        mx = Mixture(s)
-        mx.run(ca, cb)
-        after = (mx.la, mx.lb)
-        nlls = []
-        for f, a_, b_ in zip(facts, pa, pb):
-            q, _ = FX.prompt_ids(tok, f)
-            m = Mixture(s, la=after[0], lb=after[1])
-            nlls.append(-float(m.run(a_, b_)[len(q):].sum()))
-        out[s] = nlls
+        for w in windows:
+            nlls = []
+            for f, a_, b_ in zip(facts, pa, pb):
+                q, _ = FX.prompt_ids(tok, f)
+                m = Mixture(s)
+                if w == CONTEXT_ONLY:
+                    m.learn(ca, cb)
+                    la, lb = m.la, m.lb
+                    m.run(a_[:len(q)], b_[:len(q)])
+                    m.la, m.lb = la, lb                # the question's tokens leave the weight where it was
+                else:
+                    m.learn(ca + a_[:len(q)], cb + b_[:len(q)], w)
+                nlls.append(-float(m.run(a_[len(q):], b_[len(q):]).sum()))
+            out[(s, w)] = nlls
     return out
 
 
@@ -216,8 +230,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             if method == "window":
                 mine, mine_dec = None, None
             elif cfg.mix:             # the method reads through the online mixture with the base model
-                s_ = cfg.mix_share
-                both = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec), (s_,))[s_]
+                s_, w_ = cfg.mix_share, cfg.mix_window
+                both = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec), (s_,),
+                                         (w_,))[(s_, w_)]
                 mine, mine_dec = both[:len(asked)], both[len(asked):]
             else:
                 mine, mine_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
@@ -229,8 +244,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
         if rs.mix_shares and method != "window":
             with sa.reading():
                 per_share = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec),
-                                              rs.mix_shares)
-            mixed = {s: (v[:len(asked)], v[len(asked):]) for s, v in per_share.items()}
+                                              rs.mix_shares, (0,) + tuple(rs.mix_windows))
+            mixed = {sw: (v[:len(asked)], v[len(asked):]) for sw, v in per_share.items()}
         scaled = {}
         for sc in rs.read_scales if method != "window" else ():
             with lora.read_scaled(sa.model, sc):
@@ -245,8 +260,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 records[-1].update(nll_method_uncalibrated=raw[i], nll_method_decoy_uncalibrated=raw_dec[i])
             for sc, (a_, ad_) in scaled.items():
                 records[-1].update({f"nll_method_read{sc:g}": a_[i], f"nll_method_decoy_read{sc:g}": ad_[i]})
-            for s_, (a_, ad_) in mixed.items():
-                records[-1].update({f"nll_method_mix{s_:g}": a_[i], f"nll_method_decoy_mix{s_:g}": ad_[i]})
+            for sw, (a_, ad_) in mixed.items():
+                records[-1].update({f"nll_method{mix_suffix(*sw)}": a_[i], f"nll_method_decoy{mix_suffix(*sw)}": ad_[i]})
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
             bos = lead[:1] if cfg.bos else []       # no stream context, but the model's BOS (cfg.bos)
@@ -255,7 +270,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             bn, bc = baselines["heldout"]
             with sa.reading():
                 hn, hc = (bn, bc) if method == "window" else method_nll(sa.model, bos, h, max_len,
-                                                                          cfg.mix_share if cfg.mix else None)
+                                                                          cfg.mix_share if cfg.mix else None,
+                                                                          cfg.mix_window)
             if ("heldout_context", r) not in baselines:   # the reference: the stream in context, not in weights
                 baselines[("heldout_context", r)] = score_nll(base_model, ctx + h[:1], h[1:], max_len)   # same tokens
             cn, cc = baselines[("heldout_context", r)]
@@ -273,8 +289,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 with sa.reading():
                     ta = token_nll(sa.model, bos, h, max_len)
                 tb = token_nll(base_model, bos, h, max_len)
-                for s_ in mixed:
-                    damage[-1][f"nll_method_mix{s_:g}"] = mixture_nll((-ta).tolist(), (-tb).tolist(), s_)
+                for s_, w_ in mixed:        # no context before the held-out text: a window changes nothing
+                    damage[-1][f"nll_method{mix_suffix(s_, w_)}"] = mixture_nll((-ta).tolist(), (-tb).tolist(), s_)
                 # a change of topic: the held-out text right after the stream's window, the mixture's weight
                 # learned on the window first; against the base model and the adapters alone on the same tokens
                 seq = ctx + h
@@ -284,9 +300,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 k = len(h) - 1                          # h[1:], the tokens nll_context scores
                 damage[-1].update(nll_switch_base=float(sb_[-k:].sum()), nll_switch_method=float(sa_[-k:].sum()),
                                   count_switch=k)
-                for s_ in mixed:
-                    damage[-1][f"nll_switch_mix{s_:g}"] = mixture_nll((-sa_).tolist(), (-sb_).tolist(), s_,
-                                                                      scored_from=len(seq) - 1 - k)
+                for s_, w_ in mixed:
+                    damage[-1][f"nll_switch{mix_suffix(s_, w_)}"] = mixture_nll(
+                        (-sa_).tolist(), (-sb_).tolist(), s_, scored_from=len(seq) - 1 - k, window=max(w_, 0))
         if log:
             done_d = sorted({d for _, d in due[r]})
             sub = [x for x in records if x["round"] == r]
@@ -384,9 +400,15 @@ def read_at(out: dict, scale: float) -> dict:
     return _scored_as(out, f"_read{scale:g}")
 
 
-def mixed_at(out: dict, share: float) -> dict:
-    """A stream's result as scored under the online mixture with `share` (RetentionSettings.mix_shares)."""
-    return _scored_as(out, f"_mix{share:g}")
+def mix_suffix(share: float, window: int = 0) -> str:
+    """The record keys' suffix of a score under the online mixture with `share` and `window`."""
+    return f"_mix{share:g}" + ("ctx" if window == CONTEXT_ONLY else f"w{window}" if window else "")
+
+
+def mixed_at(out: dict, share: float, window: int = 0) -> dict:
+    """A stream's result as scored under the online mixture with `share` and `window` (RetentionSettings.mix_shares,
+    mix_windows)."""
+    return _scored_as(out, mix_suffix(share, window))
 
 
 def pooled_run(method: str, config: dict, outs: Sequence[tuple[str, dict]], rs: RetentionSettings) -> dict:
@@ -429,6 +451,9 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
         for s_ in rs.mix_shares if mth != "window" else ():
             per[f"{label} (mix {s_:g})"] = pooled_run(mth, dict(cfg.to_dict(), mix_share=s_),
                                                       [(n, mixed_at(o, s_)) for n, o in outs], rs)
+            for w_ in rs.mix_windows:
+                per[f"{label} (mix {s_:g}, " + ("context only)" if w_ == CONTEXT_ONLY else f"window {w_})")] = pooled_run(
+                    mth, dict(cfg.to_dict(), mix_share=s_, mix_window=w_), [(n, mixed_at(o, s_, w_)) for n, o in outs], rs)
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

@@ -203,7 +203,7 @@ class StreamingAbsorber:
             last.append(F.log_softmax(out.logits[0, -1].double(), -1).cpu().numpy())
             past.append(out.past_key_values)
         mx = Mixture(self.cfg.mix_share)
-        mx.run(*lp)
+        mx.learn(*lp, window=self.cfg.mix_window)
         la, lb = last
         out_ids: list[int] = []
         while len(out_ids) < max_new:

@@ -59,6 +59,11 @@ def add_arguments(parser) -> None:
                         help="the mixture's fixed share the bundle records (default: with --mix, the model "
                              "family's measured one, 0.01 for SmolLM2 and Gemma-3; else AbsorberConfig's, 0.001; "
                              "`absorber run --mix-share` changes it per stream)")
+    parser.add_argument("--mix-window", type=int, default=None, metavar="W",
+                        help="the mixture's weight learns from the last W prompt tokens (the bundle records it; "
+                             "default: with --mix, 128 for SmolLM2 and Gemma-3, whose answers then skip the output "
+                             "head over the rest of the prompt at the same answers; else 0, the whole prompt; "
+                             "`absorber run --mix-window` changes it per stream)")
     parser.add_argument("--lr", type=float, default=None,
                         help="the learning rate the bundle records (default: with --mix, the model family's "
                              "measured one, 1e-3 for SmolLM2 (with K=8), 3e-4 for Gemma-3; else "
@@ -126,7 +131,7 @@ def main(args) -> int:
     cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
                    seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip,
                    ntp_weight=args.ntp_weight, mix=args.mix,
-                   mix_share=args.mix_share, lr=args.lr, k=args.k)
+                   mix_share=args.mix_share, mix_window=args.mix_window, lr=args.lr, k=args.k)
     cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")

@@ -7,7 +7,7 @@ import sys
 import time
 
 from absorber.errors import AbsorberError
-from absorber.mixture import HELP as MIX_HELP, SHARE_HELP
+from absorber.mixture import HELP as MIX_HELP, SHARE_HELP, WINDOW_HELP
 
 HELP = "stream text into a bundle on ONNX Runtime (no torch): absorb, resume, answer"
 DESCRIPTION = """Stream text into an exported bundle on ONNX Runtime alone (no torch) and answer questions.
@@ -55,6 +55,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None,
                    help=MIX_HELP + " (default: the bundle's; on in bundles exported since 2026-12-06)")
     p.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + " (default: the bundle's)")
+    p.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default: the bundle's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -82,7 +83,7 @@ def main(args) -> int:
     from absorber.runtime.inputs import Reader
 
     settings = ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay", "read_scale", "mix",
-                "mix_share")
+                "mix_share", "mix_window")
     overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")

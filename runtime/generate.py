@@ -180,20 +180,32 @@ class Generator:
         """Feed what is pending (the prompt, or the last token): the next token's logits [V]."""
         return self._feed(self._pending, self._keep)[-1]
 
-    def score_pending(self, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_pending(self, window: int = 0, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feed the pending prompt in pieces of `rows` positions (default: SCORE_LOGITS_BYTES of logits at once):
-        the log-probability of each prompt token after the first (float64, len T - 1) and the next token's logits
-        (a copy: the last piece is not kept alive by it)."""
+        the log-probability of each prompt token after the first (float64, len T - 1; with `window`, only the
+        last `window` of them: the tokens before run in one call that keeps one row of logits, no head at the
+        others) and the next token's logits (a copy: the last piece is not kept alive by it)."""
         ids = self._pending[0]
         rows = rows or max(1, SCORE_LOGITS_BYTES // (4 * self.model.bundle.vocab))
         if self._all is None:
             self._all = ort.OrtValue.ortvalue_from_numpy(np.asarray(0, np.int64))
-        lp = np.empty(len(ids) - 1, np.float64)
-        for a in range(0, len(ids), rows):
+        head = len(ids) - window if window and window < len(ids) - 1 else 0   # tokens fed without the head
+        if head:
+            z = self._feed(ids[None, :head], self._keep)    # one row of logits, at head - 1: it scores ids[head]
+            first = token_logprobs(z[-1:], ids[head:head + 1])
+            lp, z = self._score(ids, head, rows)
+            return np.concatenate([first, lp]), z
+        return self._score(ids, 0, rows)
+
+    def _score(self, ids: np.ndarray, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """score_pending's pieces over ids[start:] (the cache holding ids[:start]): log p of ids[start + 1:] and
+        the next token's logits."""
+        lp = np.empty(len(ids) - 1 - start, np.float64)
+        for a in range(start, len(ids), rows):
             b = min(len(ids), a + rows)
             z = self._feed(ids[None, a:b], self._all)
             t = min(b, len(ids) - 1)                          # row i scores ids[a + i + 1]
-            lp[a:t] = token_logprobs(z[:t - a], ids[a + 1:t + 1])
+            lp[a - start:t - start] = token_logprobs(z[:t - a], ids[a + 1:t + 1])
         return lp, z[-1].copy()
 
     def accept(self, tok: int) -> None:
@@ -224,11 +236,13 @@ class MixedGenerator:
     token is picked from the mixed distribution and moves the weight too. Two decoder calls per token."""
 
     def __init__(self, model, adapter_values: dict, base_values: dict, max_new_tokens: int, share: float,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                 window: int = 0):
         from absorber.mixture import Mixture
         self.a = Generator(model, adapter_values, max_new_tokens, stop_at_eos=stop_at_eos)
         self.b = Generator(model, base_values, max_new_tokens, stop_at_eos=stop_at_eos)
         self.mixture = Mixture(share)
+        self.window = window        # the weight learns from the prompt's last `window` tokens (0: all of them)
         self.temperature, self.top_p = temperature, top_p
         self.rng = np.random.default_rng(seed)
         self.done = self.a.done
@@ -246,8 +260,8 @@ class MixedGenerator:
 
     def step(self) -> int:
         if self._prompt:           # the prompt's own tokens teach the weight first
-            lpa, za = self.a.score_pending()
-            lpb, zb = self.b.score_pending()
+            lpa, za = self.a.score_pending(self.window)
+            lpb, zb = self.b.score_pending(self.window)
             self.mixture.run(lpa, lpb)
             self._prompt = False
         else:
@@ -263,15 +277,16 @@ class MixedGenerator:
 
 def generate(model, adapter_values: dict, prefix: list[int], max_new: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True, on_token=None,
-             keep: int = 0, base_values: dict | None = None, share: float = 0.0) -> list[int]:
+             keep: int = 0, base_values: dict | None = None, share: float = 0.0, window: int = 0) -> list[int]:
     """Continue `prefix` by up to max_new tokens (greedy by default); on_token(tok) after each. keep: leading
     tokens of an over-long prefix that are never trimmed (Generator.append). base_values: the base model's
-    adapter feeds; given, the tokens come from the online mixture of the two (MixedGenerator, fixed `share`)."""
+    adapter feeds; given, the tokens come from the online mixture of the two (MixedGenerator, fixed `share`, its
+    weight learned from the prompt's last `window` tokens; 0: all)."""
     if max_new <= 0 or not prefix:
         return []
     if base_values is not None:
         gen = MixedGenerator(model, adapter_values, base_values, max_new, share, temperature, top_p, seed,
-                             stop_at_eos)
+                             stop_at_eos, window)
     else:
         gen = Generator(model, adapter_values, max_new, temperature, top_p, seed, stop_at_eos)
     gen.append(prefix, keep)

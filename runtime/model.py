@@ -29,7 +29,7 @@ from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile, 
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
 RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
                     "teacher", "gamma", "probes", "sink", "fill", "sync_skip", "ntp_weight", "read_scale", "mix",
-                    "mix_share")
+                    "mix_share", "mix_window")
 PLAN_MARGIN = 0.10      # safety margin on the planner's prediction (its calibration error, benchmarks/planner.md)
 
 

@@ -457,7 +457,8 @@ class Stream:
         base = self._base_feeds if self.cfg.mix else None
         with ort_errors("an answer"):
             return G.generate(self.model, self._answer_adapters(), prefix, max_new, temperature, top_p, seed,
-                              stop_at_eos, on_token, keep, base_values=base, share=self.cfg.mix_share)
+                              stop_at_eos, on_token, keep, base_values=base, share=self.cfg.mix_share,
+                              window=self.cfg.mix_window)
 
     def ask(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, on_token=None) -> str:

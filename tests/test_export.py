@@ -448,8 +448,8 @@ def test_cli_exports_tiny_bundle(tmp_path):
     validate_manifest(m)
     assert m["defaults"]["mix"] is False                                     # --no-mix
     from absorber.config import AbsorberConfig
-    assert (m["defaults"]["lr"], m["defaults"]["k"], m["defaults"]["mix_share"]) == \
-        (AbsorberConfig().lr, AbsorberConfig().k, AbsorberConfig().mix_share)
+    assert (m["defaults"]["lr"], m["defaults"]["k"], m["defaults"]["mix_share"], m["defaults"]["mix_window"]) == \
+        (AbsorberConfig().lr, AbsorberConfig().k, AbsorberConfig().mix_share, 0)
     assert m["slice"]["rank"] == 2 and m["slice"]["layers"] == [1] and len(m["slice"]["tensors"]) == 4
     from absorber.models import tiny_tokenizer
     assert m["loss"]["bos"] == tiny_tokenizer().bos_token_id                # --bos on

@@ -55,6 +55,36 @@ def test_scored_from_scores_only_the_tail_with_weights_learned_before():
     assert tail == pytest.approx(-math.log(w * 0.1 + (1 - w) * 0.9))
 
 
+def test_a_window_learns_the_weight_from_the_last_tokens_before_the_scored_ones_only():
+    rng = np.random.default_rng(2)
+    a, b = np.log(rng.uniform(0.01, 1.0, 40)), np.log(rng.uniform(0.01, 1.0, 40))
+    a[:25] -= 3.0                                  # the adapted model far worse early on
+    assert mixture_nll(a, b, 0.01, scored_from=30, window=5) == pytest.approx(mixture_nll(a[25:], b[25:], 0.01,
+                                                                                         scored_from=5))
+    assert mixture_nll(a, b, 0.01, scored_from=30, window=5) != pytest.approx(mixture_nll(a, b, 0.01, scored_from=30))
+    for w in (0, 30, 31, 100):                     # 0, or at least the evidence there is: all of it
+        assert mixture_nll(a, b, 0.01, scored_from=30, window=w) == mixture_nll(a, b, 0.01, scored_from=30)
+    m = Mixture(0.01)
+    m.learn(a[:30], b[:30], 5)
+    assert m.weight == pytest.approx(_weight(a[25:30], b[25:30])) != pytest.approx(_weight(a[:30], b[:30]))
+
+
+def _weight(a, b) -> float:
+    m = Mixture(0.01)
+    m.run(a, b)
+    return m.weight
+
+
+def test_mix_window_is_a_whole_number_and_a_run_time_setting():
+    from absorber.config import AbsorberConfig, override
+    from absorber.errors import AbsorberError
+    from absorber.runtime.model import RUNTIME_SETTINGS
+    assert AbsorberConfig().mix_window == 0 and "mix_window" in RUNTIME_SETTINGS
+    for bad in (-1, 1.5, "64", True):
+        with pytest.raises(AbsorberError, match="mix_window must be a whole number"):
+            override(AbsorberConfig(), mix_window=bad).validate()
+
+
 def test_mix_is_the_next_token_distribution_and_bad_settings_are_refused():
     mx = Mixture(prior=0.25)
     pa, pb = np.log([0.7, 0.2, 0.1]), np.log([0.1, 0.1, 0.8])
@@ -81,7 +111,7 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
     held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
     cfg = AbsorberConfig(n=64, m=32, k=2, lr=1e-2)
     rs = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=64, bootstrap=50,
-                              mix_shares=(0.0, 0.001))
+                              mix_shares=(0.0, 0.001), mix_windows=(8, 100000, -1))
     res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("hy", "absorber", cfg)], rs)
     run, m0 = res["methods"]["hy"], res["methods"]["hy (mix 0)"]
     assert "hy (mix 0.001)" in res["methods"] and m0["config"]["mix_share"] == 0.0
@@ -93,10 +123,24 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
         assert r["count_switch"] == r["count_context"] and r["nll_switch_base"] == pytest.approx(r["nll_context"],
                                                                                                 rel=1e-5)
         assert math.isfinite(r["nll_switch_mix0.001"]) and r["nll_switch_method"] != r["nll_switch_base"]
+    # windows: the same adapters scored with the weight learned from the last W tokens only; a window longer than
+    # any context is the whole context; a short one changes the scores, not the records' count
+    for s_ in ("0", "0.001"):
+        whole, short = res["methods"][f"hy (mix {s_}, window 100000)"], res["methods"][f"hy (mix {s_}, window 8)"]
+        mixed = res["methods"][f"hy (mix {s_})"]
+        assert whole["config"]["mix_window"] == 100000 and short["config"]["mix_window"] == 8
+        assert [r["nll_method"] for r in whole["records"]] == [r["nll_method"] for r in mixed["records"]]
+        assert len(short["records"]) == 6
+        assert any(a["nll_method"] != r["nll_method"] for a, r in zip(short["records"], mixed["records"]))
+        # the context only: the question's tokens do not move the weight; a switch of topic has no question
+        ctx_only = res["methods"][f"hy (mix {s_}, context only)"]
+        assert any(a["nll_method"] != r["nll_method"] for a, r in zip(ctx_only["records"], mixed["records"]))
+        assert [d["nll_switch_mix" + s_ + "ctx"] for d in run["damage_records"]] == \
+            [d["nll_switch_mix" + s_] for d in run["damage_records"]]
     # the mixture of a model with itself is that model: mixed_answer_nlls = answer_nlls
     ctx = tiny_tok.encode("The council met on a cold morning and talked about roads. ", add_special_tokens=False)
     fs = FX.make_facts(3, seed=1)
-    same = RT.mixed_answer_nlls(tiny_model, tiny_model, tiny_tok, ctx, fs, (0.0,))[0.0]
+    same = RT.mixed_answer_nlls(tiny_model, tiny_model, tiny_tok, ctx, fs, (0.0,))[(0.0, 0)]
     assert same == pytest.approx(RT.answer_nlls(tiny_model, tiny_tok, ctx, fs), rel=1e-4)
 
 
@@ -136,7 +180,11 @@ def test_runtime_mixed_answers_are_the_references(tiny_bundles, exact_profile, q
     s.cfg = dataclasses.replace(s.cfg, mix_share=0.2)
     ref.cfg = dataclasses.replace(ref.cfg, mix_share=0.2)
     assert s.generate_ids(q, 12, stop_at_eos=False) == ref._greedy(q, 12)
-    s.cfg = dataclasses.replace(s.cfg, mix_share=0.001)
+    # a window (mix_window, a run-time setting): the weight learned from the prompt's last 6 tokens, as the reference
+    s.cfg = dataclasses.replace(s.cfg, mix_window=6)
+    ref.cfg = dataclasses.replace(ref.cfg, mix_window=6)
+    assert s.generate_ids(q, 12, stop_at_eos=False) == ref._greedy(q, 12)
+    s.cfg = dataclasses.replace(s.cfg, mix_share=0.001, mix_window=0)
     # the mixture of the adapted model with itself is the adapted model
     assert G.generate(s.model, own, q, 12, stop_at_eos=False, base_values=own, share=0.001) == \
         G.generate(s.model, own, q, 12, stop_at_eos=False)
@@ -147,6 +195,13 @@ def test_runtime_mixed_answers_are_the_references(tiny_bundles, exact_profile, q
     z = s.logits(q)
     want = G.log_softmax(z[:-1])[np.arange(len(q) - 1), q[1:]]
     assert np.abs(lp - want).max() < 1e-4 and np.abs(last - z[-1]).max() < 1e-4
+    # with a window of 9: the last 9 of them (the tokens before fed at once, one row of logits kept), same last row
+    for w in (9, len(q) - 1, len(q) + 5):
+        gen = G.Generator(s.model, s._answer_adapters(), 4)
+        gen.append(q)
+        lpw, lastw = gen.score_pending(window=w, rows=7)
+        assert len(lpw) == min(w, len(q) - 1) and gen.pos == len(q)
+        assert np.abs(lpw - want[-len(lpw):]).max() < 1e-4 and np.abs(lastw - z[-1]).max() < 1e-4
 
 
 def test_a_mix_run_reads_every_score_through_the_mixture(tiny_model, tiny_tok):

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 
-from absorber.mixture import HELP as MIX_HELP, SHARE, SHARE_HELP
+from absorber.mixture import HELP as MIX_HELP, SHARE, SHARE_HELP, WINDOW_HELP
 
 HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
 DESCRIPTION = """\
@@ -77,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "(default 1; training uses them whole)")
     mt.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help=MIX_HELP)
     mt.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + f" (default {SHARE:g})")
+    mt.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default 0)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     mt.add_argument("--bos", action="store_true", default=None,
@@ -124,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight", "read_scale", "mix", "mix_share", "bos")},
+        "ntp_weight", "read_scale", "mix", "mix_share", "mix_window", "bos")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the checkout (b
 def run(args) -> None:
     from absorber.data import speeches
     from absorber.runtime import Stream
+    from absorber.mixture import mixture_nll
     from absorber.runtime import generate as G
 
-    over = {"n": args.n, "m": args.m, "k": args.k}
+    over = {"n": args.n, "m": args.m, "k": args.k, "lr": args.lr}
     s = Stream.open(args.bundle, profile="laptop-cpu",
                     config_overrides={k: v for k, v in over.items() if v is not None})
     n, m = s.cfg.n, s.cfg.m
@@ -53,14 +54,19 @@ def run(args) -> None:
         window = list(s.window)                # Y of the round just run (m tokens)
         target = ids[pos:pos + args.score]     # the text that follows the window
         seq = window + target
-        lo_a = G.all_logits(s.model, seq, s.param_views)[len(window) - 1:-1]
-        lo_b = G.all_logits(s.model, seq, s._base_feeds)[len(window) - 1:-1]
-        rec = {"round": s.rounds, "nll_adapters": G.summed_nll(lo_a, target),
-               "nll_window": G.summed_nll(lo_b, target),
+        lp_a = G.token_logprobs(G.all_logits(s.model, seq, s.param_views)[:-1], seq[1:])
+        lp_b = G.token_logprobs(G.all_logits(s.model, seq, s._base_feeds)[:-1], seq[1:])
+        k = len(target)
+        rec = {"round": s.rounds, "nll_adapters": -float(lp_a[-k:].sum()), "nll_window": -float(lp_b[-k:].sum()),
+               # the online mixture of the two (absorber.mixture) at the stream's share and window, its weight
+               # learned over Y first: what a bundle that mixes reads
+               "nll_mixture": mixture_nll(lp_a, lp_b, s.cfg.mix_share, scored_from=len(lp_a) - k,
+                                          window=s.cfg.mix_window),
                "tokens": len(target), "loss_first": r.loss_first, "loss_last": r.loss_last, "steps": r.steps,
                "seconds": round(r.seconds, 2), "train_seconds": round(r.train_seconds, 2),
                "teacher_seconds": round(r.teacher_seconds, 2), "rss_mb": round(s.stats()["rss_mb"], 1)}
         rec["delta_per_token"] = (rec["nll_adapters"] - rec["nll_window"]) / rec["tokens"]
+        rec["delta_mixture_per_token"] = (rec["nll_mixture"] - rec["nll_window"]) / rec["tokens"]
         records.append(rec)
         print(json.dumps(rec), flush=True)
     out = {"bundle": str(args.bundle), "config": s.cfg.to_dict(), "ntp_weight": s.ntp_weight,
@@ -79,19 +85,27 @@ def report(paths: list[str], draws: int = 2000) -> None:
     for p in paths:
         d = json.loads(Path(p).read_text())
         rec = d["records"]
-        delta = np.array([r["delta_per_token"] for r in rec])
-        w = np.array([r["tokens"] for r in rec], float)
+        _row(d, rec, "delta_per_token", "", rng, draws)
+        if "delta_mixture_per_token" in rec[0]:
+            _row(d, rec, "delta_mixture_per_token", f", through the mixture (share {d['config']['mix_share']:g})",
+                 rng, draws)
 
-        def mean(idx):
-            return float((delta[idx] * w[idx]).sum() / w[idx].sum()) if len(idx) else float("nan")
-        blocks = [mean(np.arange(a, min(a + 16, len(rec)))) for a in (0, 16, 32, 48)]
-        boots = [mean(rng.integers(0, len(rec), len(rec))) for _ in range(draws)]
-        lo, hi = np.percentile(boots, [2.5, 97.5])
-        slope = float(np.polyfit(np.arange(len(rec)), delta, 1)[0]) * 10
-        secs = float(np.mean([r["seconds"] for r in rec]))
-        print(f"| {Path(d['bundle']).name} | {d['ntp_weight']:g} | {d['config']['lr']:g} | {len(rec)} | "
-              + " | ".join(f"{b:+.3f}" for b in blocks)
-              + f" | {mean(np.arange(len(rec))):+.3f} [{lo:+.3f}, {hi:+.3f}] | {slope:+.4f} | {secs:.1f} |")
+
+def _row(d: dict, rec: list[dict], key: str, what: str, rng, draws: int) -> None:
+    """One table row: the mean of `key` over blocks of 16 rounds, its interval over rounds, its slope."""
+    delta = np.array([r[key] for r in rec])
+    w = np.array([r["tokens"] for r in rec], float)
+
+    def mean(idx):
+        return float((delta[idx] * w[idx]).sum() / w[idx].sum()) if len(idx) else float("nan")
+    blocks = [mean(np.arange(a, min(a + 16, len(rec)))) for a in (0, 16, 32, 48)]
+    boots = [mean(rng.integers(0, len(rec), len(rec))) for _ in range(draws)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    slope = float(np.polyfit(np.arange(len(rec)), delta, 1)[0]) * 10
+    secs = float(np.mean([r["seconds"] for r in rec]))
+    print(f"| {Path(d['bundle']).name}{what} | {d['ntp_weight']:g} | {d['config']['lr']:g} | {len(rec)} | "
+          + " | ".join(f"{b:+.3f}" for b in blocks)
+          + f" | {mean(np.arange(len(rec))):+.3f} [{lo:+.3f}, {hi:+.3f}] | {slope:+.4f} | {secs:.1f} |")
 
 
 def main() -> None:
@@ -101,6 +115,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="tokens absorbed per round (default: the bundle's)")
     ap.add_argument("--m", type=int, default=None, help="tokens synchronized per round (default: the bundle's)")
     ap.add_argument("--k", type=int, default=None, help="steps per round (default: the bundle's)")
+    ap.add_argument("--lr", type=float, default=None, help="the stream's lr (default: the bundle's)")
     ap.add_argument("--score", type=int, default=256, help="tokens scored after each round")
     ap.add_argument("--speeches", type=int, default=20)
     ap.add_argument("--out")

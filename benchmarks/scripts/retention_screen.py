@@ -73,6 +73,9 @@ def main(argv=None) -> int:
                    "paths read at these scales (comma-separated; one row per scale, the same trained adapters)")
     p.add_argument("--mix-shares", default="", help="also score every fact and the held-out text under the online "
                    "mixture of the adapted and the base model (absorber.mixture), one row per fixed share (e.g. 0,0.001)")
+    p.add_argument("--mix-windows", default="", help="with --mix-shares: also score each share with the mixture's "
+                   "weight learned from only the last W tokens before the answer (comma-separated; one row per "
+                   "share and window, the same trained adapters; ctx: learned over the context, not the question)")
     p.add_argument("--json", dest="json_out", required=True)
     a = p.parse_args(argv)
     import torch
@@ -94,7 +97,9 @@ def main(argv=None) -> int:
     rs = RT.RetentionSettings(facts=a.facts, plant_rounds=a.plant_rounds, seed=a.fact_seed,
                               distances=tuple(int(x) for x in a.distances.split(",")),
                               read_scales=tuple(float(x) for x in a.read_scales.split(",") if x),
-                              mix_shares=tuple(float(x) for x in a.mix_shares.split(",") if x))
+                              mix_shares=tuple(float(x) for x in a.mix_shares.split(",") if x),
+                              mix_windows=tuple(RT.CONTEXT_ONLY if x == "ctx" else int(x)
+                                                for x in a.mix_windows.split(",") if x))
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
 
