@@ -146,24 +146,27 @@ def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int]
     the online mixture of `model` and `base` (absorber.mixture), its weights learned over the context and the
     question (their last `window` tokens). Window -1: learned over the context alone, the question's tokens
     teach the weight nothing (CONTEXT_ONLY)."""
-    from absorber.mixture import Mixture
+    from absorber.mixture import Mixture, evidence_start
     ca, pa = token_logprobs(model, tok, context, facts)
     cb, pb = token_logprobs(base, tok, context, facts)
     out: dict[tuple[float, int], list[float]] = {}
     for s in shares:
         for w in windows:
+            after: dict[int, tuple[float, float]] = {}   # the weight after the context from index i on, run once
             nlls = []
             for f, a_, b_ in zip(facts, pa, pb):
-                q, _ = FX.prompt_ids(tok, f)
-                m = Mixture(s)
-                if w == CONTEXT_ONLY:
-                    m.learn(ca, cb)
-                    la, lb = m.la, m.lb
-                    m.run(a_[:len(q)], b_[:len(q)])
-                    m.la, m.lb = la, lb                # the question's tokens leave the weight where it was
-                else:
-                    m.learn(ca + a_[:len(q)], cb + b_[:len(q)], w)
-                nlls.append(-float(m.run(a_[len(q):], b_[len(q):]).sum()))
+                nq = len(FX.prompt_ids(tok, f)[0])
+                # the question's tokens teach the weight too, except with CONTEXT_ONLY
+                start, upto = (0, 0) if w == CONTEXT_ONLY else (evidence_start(len(ca) + nq, w), nq)
+                i = min(start, len(ca))
+                if i not in after:
+                    m = Mixture(s)
+                    m.run(ca[i:], cb[i:])
+                    after[i] = (m.la, m.lb)
+                m = Mixture(s, la=after[i][0], lb=after[i][1])
+                q0 = max(0, start - len(ca))
+                m.run(a_[q0:upto], b_[q0:upto])
+                nlls.append(-float(m.run(a_[nq:], b_[nq:]).sum()))
             out[(s, w)] = nlls
     return out
 
@@ -289,8 +292,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 with sa.reading():
                     ta = token_nll(sa.model, bos, h, max_len)
                 tb = token_nll(base_model, bos, h, max_len)
+                alone = {s_: mixture_nll((-ta).tolist(), (-tb).tolist(), s_) for s_, _ in mixed}
                 for s_, w_ in mixed:        # no context before the held-out text: a window changes nothing
-                    damage[-1][f"nll_method{mix_suffix(s_, w_)}"] = mixture_nll((-ta).tolist(), (-tb).tolist(), s_)
+                    damage[-1][f"nll_method{mix_suffix(s_, w_)}"] = alone[s_]
                 # a change of topic: the held-out text right after the stream's window, the mixture's weight
                 # learned on the window first; against the base model and the adapters alone on the same tokens
                 seq = ctx + h

@@ -102,7 +102,9 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
     """mix_shares: every fact and the held-out text also scored under the mixture of the method's model and the
     base model (same adapters, same round); an entry "<label> (mix S)" per share; its damage is within the
     mixture's bound of the better model's."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
+    import copy
+
     from absorber import facts as FX
     from absorber import retention as RT
     from absorber.config import AbsorberConfig
@@ -142,6 +144,27 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
     fs = FX.make_facts(3, seed=1)
     same = RT.mixed_answer_nlls(tiny_model, tiny_model, tiny_tok, ctx, fs, (0.0,))[(0.0, 0)]
     assert same == pytest.approx(RT.answer_nlls(tiny_model, tiny_tok, ctx, fs), rel=1e-4)
+    # each window (shorter than a question too) as its definition: the weight learned over the last W tokens of
+    # context + question; CONTEXT_ONLY: over the context, the question's tokens not at all
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p_ in other.parameters():
+            p_.add_(0.05 * torch.randn_like(p_))
+    got = RT.mixed_answer_nlls(other, tiny_model, tiny_tok, ctx, fs, (0.01,), (0, 3, 8, RT.CONTEXT_ONLY))
+    ca, pa = RT.token_logprobs(other, tiny_tok, ctx, fs)
+    cb, pb = RT.token_logprobs(tiny_model, tiny_tok, ctx, fs)
+    for w in (0, 3, 8, RT.CONTEXT_ONLY):
+        want = []
+        for f, a_, b_ in zip(fs, pa, pb):
+            nq = len(FX.prompt_ids(tiny_tok, f)[0])
+            m = Mixture(0.01)
+            if w == RT.CONTEXT_ONLY:
+                m.run(ca, cb)
+            else:
+                m.learn(ca + a_[:nq], cb + b_[:nq], w)
+            want.append(-float(m.run(a_[nq:], b_[nq:]).sum()))
+        assert got[(0.01, w)] == pytest.approx(want, rel=1e-12)
+    assert got[(0.01, 3)] != pytest.approx(got[(0.01, 0)])
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
