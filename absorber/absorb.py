@@ -15,6 +15,7 @@ from torch import nn
 
 from absorber import lora, sync
 from absorber.config import AbsorberConfig
+from absorber.replay import Replay
 from absorber.rounds import RoundResult
 
 
@@ -48,6 +49,7 @@ class Absorption:
                                                         # round's X
         self._ntp_keep: torch.Tensor | None = None      # cfg.ntp_top: the round's mask of X's scored tokens
         self.background_ids: list[int] = []  # cfg.lora.sparse: the selection's first background (set by the loop)
+        self.replay = Replay(cfg.replay, cfg.replay_mode, cfg.replay_tokens, cfg.lora.seed)   # cfg.replay
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -145,7 +147,17 @@ class Absorption:
             per_token = sync.next_token_loss(self.model, x, ctx, reduction="none")[skip:]
             kept = per_token if self._ntp_keep is None else per_token[self._ntp_keep]
             loss = loss + cfg.ntp_weight * kept.mean()
+            old = self._replay_slice(x) if cfg.replay_steps == 0 else None
+            if old is not None:   # cfg.replay: the same term on an earlier X (after the prefix, as X above)
+                ctx = self._prefix_tensor(old)
+                per_token = sync.next_token_loss(self.model, old, ctx, reduction="none")[1 if ctx is not None else 0:]
+                loss = loss + cfg.ntp_weight * per_token.mean()
         return loss
+
+    def _replay_slice(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The next replayed text (cfg.replay; absorber.replay.Replay.next) as ids [1, T] (None: nothing kept)."""
+        old = self.replay.next()
+        return None if old is None else torch.tensor([old], dtype=like.dtype, device=like.device)
 
     @torch.no_grad()
     def _ntp_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,16 +207,20 @@ class Absorption:
                             base=cfg.teacher == "base", gamma=cfg.gamma if cfg.teacher == "compose" else None,
                             prefix_ids=self._prefix_tensor(x))
 
-    def _steps(self, x: torch.Tensor, y: torch.Tensor, teacher: sync.Teacher | None) -> tuple[list[float], int, bool]:
-        """Up to K AdamW steps on one synchronized text; (losses, steps, rolled back)."""
+    def _steps(self, x: torch.Tensor, y: torch.Tensor, teacher: sync.Teacher | None,
+               extra: int = 0) -> tuple[list[float], int, bool]:
+        """Up to K AdamW steps on one synchronized text, then `extra` steps whose next-token term is on a kept X
+        (cfg.replay_steps); (losses, steps, rolled back)."""
         cfg = self.cfg
         losses: list[float] = []
         rolled_back = False
         last_good = None
         steps = 0
-        for step in range(cfg.k + 1):
-            with torch.set_grad_enabled(step < cfg.k):   # the last evaluation only reports the loss
-                loss = self._loss(x, y, teacher)
+        total = cfg.k + (extra if self.replay.kept else 0)
+        for step in range(total + 1):
+            xx = x if step < cfg.k or step == total else self._replay_slice(x)
+            with torch.set_grad_enabled(step < total):   # the last evaluation only reports the loss
+                loss = self._loss(xx, y, teacher)
             lv = float(loss.detach())
             if not torch.isfinite(loss):
                 rolled_back = True
@@ -213,7 +229,7 @@ class Absorption:
                     steps -= 1                 # losses[-1] was measured at the restored values
                 break
             losses.append(lv)
-            if step == cfg.k or (cfg.eps > 0 and lv < cfg.eps):
+            if step == total or (cfg.eps > 0 and lv < cfg.eps and step < cfg.k):
                 break
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -249,8 +265,8 @@ class Absorption:
             targets = [(y, None)]
         t1 = time.perf_counter()
         steps, rolled_back, losses = 0, False, []
-        for yy, tt in targets:
-            losses, s, rolled_back = self._steps(x, yy, tt)
+        for i, (yy, tt) in enumerate(targets):
+            losses, s, rolled_back = self._steps(x, yy, tt, cfg.replay_steps if i == len(targets) - 1 else 0)
             steps += s
             if rolled_back:
                 break
@@ -258,6 +274,8 @@ class Absorption:
             self._ttt_context = x[:, -cfg.ttt_context:].detach().clone()
         elif self.method == "absorber" and cfg.ntp_context > 0:   # the hybrid's next-token term, same recipe
             self._ttt_context = x[:, -cfg.ntp_context:].detach().clone()
+        if self.method == "absorber" and cfg.ntp_weight > 0:
+            self.replay.keep(x[0].tolist())
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",

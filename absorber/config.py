@@ -166,6 +166,18 @@ class AbsorberConfig:
                                  # before X already predicts (its register) needs no writing. Reference only. 0: off
     ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
                                  # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
+    replay: int = 0              # with ntp_weight: keep this many absorbed X (token ids: 4 bytes a token) and add
+                                 # the next-token term on one of them, in turn, to every step (experience replay:
+                                 # a fact gets more steps than its own round's K, spread over later rounds, against
+                                 # what they overwrite). Reference only. 0: off
+    replay_mode: str = "recent"  # with replay: "recent" keeps the last `replay` X; "reservoir" a uniform sample of
+                                 # every X so far (Vitter's algorithm R, seeded by lora.seed): old text keeps a share
+    replay_tokens: int = 0       # with replay: each step replays this many tokens of the kept X (the slices in
+                                 # turn), not the whole X: a cheaper step. 0: the whole X
+    replay_steps: int = 0        # with replay: instead of adding the term on a kept X to every step, the round runs
+                                 # this many more steps after its K, each with the next-token term on a kept X (in
+                                 # turn) in place of this round's X, the sync on Y the same: what the runtime's
+                                 # train step runs as it is (one more step each, another x_ids). 0: every step
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -229,6 +241,14 @@ class AbsorberConfig:
             raise AbsorberError(f"read_scale must be a finite number >= 0 (got {self.read_scale})")
         if self.calibrate < 0:
             raise AbsorberError(f"calibrate must be >= 0 background tokens (got {self.calibrate})")
+        if self.replay < 0 or self.replay_tokens < 0 or self.replay_tokens == 1 or self.replay_steps < 0:
+            raise AbsorberError(f"replay and replay_steps must be >= 0 and replay_tokens 0 (all) or >= 2 (got "
+                                f"{self.replay}, {self.replay_steps}, {self.replay_tokens})")
+        if self.replay_mode not in ("recent", "reservoir"):
+            raise AbsorberError(f"replay_mode must be recent or reservoir (got {self.replay_mode!r})")
+        if self.replay and (self.ntp_weight == 0 or self.ntp_top < 1):
+            raise AbsorberError("replay replays the next-token term on whole texts: it needs ntp_weight > 0 and "
+                                "ntp_top 1")
         if self.ttt_context < 0 or self.ntp_context < 0:
             raise AbsorberError(f"ttt_context and ntp_context must be >= 0 (got {self.ttt_context}, "
                                 f"{self.ntp_context})")
@@ -252,8 +272,8 @@ LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "
              "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers", "lora.seed": "seed",
              "lora.sparse": "sparse", "lora.protect": "protect", "lora.protect_tokens": "protect_tokens"}
 _INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "anchor_sampled", "probes", "probe_gen",
-             "ttt_context", "ntp_context", "calibrate", "lora.rank", "lora.seed", "lora.sparse", "lora.protect_tokens",
-             "lora.prefix_kv")
+             "ttt_context", "ntp_context", "calibrate", "replay", "replay_steps", "replay_tokens", "lora.rank",
+             "lora.seed", "lora.sparse", "lora.protect_tokens", "lora.prefix_kv")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 
@@ -306,7 +326,7 @@ def parse_value(key: str, text: str):
                 float(p) if key == "betas" else int(p) for p in parts)
         except ValueError:
             raise AbsorberError(f"bad value {text!r} for {key}") from None
-    if key in ("loss", "reset", "teacher"):
+    if key in ("loss", "reset", "teacher", "replay_mode"):
         return v
     if key in ("fill", "bos", "mix"):
         return v.lower() in ("1", "true", "yes", "on")

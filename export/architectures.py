@@ -32,7 +32,9 @@ class Architecture:
     # against 0.44, "Gemma-3-270M in 8 steps").
     # At share 0.01 the weight forgets evidence older than ~100 tokens: learned from the last 128 tokens of an
     # answer's prompt, every planted fact's answer NLL moved by < 2e-5 nats, and the runtime skips the output head
-    # over the rest of the prompt ("The mixture's weight from the prompt's last 128 tokens")
+    # over the rest of the prompt ("The mixture's weight from the prompt's last 128 tokens"). SmolLM2 replays its last
+    # 8 absorbed chunks, 4 more steps a round: 0.64 of the facts at 8 rounds against 0.49, damage +0.3 % through the
+    # mixture, next-text R 0.72 against 0.80 (paired -0.08 [-0.22, +0.02]) ("Experience replay"; Gemma not measured)
     mixed: tuple[tuple[str, float | int], ...] = ()
 
     def facts(self, config) -> dict:
@@ -69,7 +71,7 @@ LLAMA = Architecture(
     model_types=("llama", "qwen2"),
     targets=ALL_LINEAR,
     tested=("SmolLM2-135M-Instruct (llama)", "tiny random LlamaConfig"),
-    mixed=(("lr", 1e-3), ("k", 8), ("mix_share", 0.01), ("mix_window", 128)),
+    mixed=(("lr", 1e-3), ("k", 8), ("mix_share", 0.01), ("mix_window", 128), ("replay", 8), ("replay_steps", 4)),
 )
 
 GEMMA3 = Architecture(

@@ -250,6 +250,9 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if cfg.ntp_weight > 0 and cfg.ntp_context > 0:
         raise AbsorberError(f"ntp_context={cfg.ntp_context} is not supported by the exported train step (X is "
                             "scored alone; ntp_context is a reference option)")
+    if cfg.replay > 0 and cfg.replay_steps == 0:
+        raise AbsorberError(f"replay={cfg.replay} with replay_steps 0 (the term added to every step) is not "
+                            "supported by the exported train step: set replay_steps > 0 (steps of their own)")
     if cfg.ntp_weight > 0 and cfg.ntp_top < 1:
         raise AbsorberError(f"ntp_top={cfg.ntp_top} is not supported by the exported train step (it scores every "
                             "token of X; ntp_top < 1 is a reference option)")

@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
                         help="the bundle's answers read through the online mixture of the adapted and the base "
                              "model (the run-time default it records; `absorber run --no-mix` reads the adapters "
                              "alone). Default on, with the model family's measured lr, K and share (SmolLM2: 1e-3, 8, "
-                             "0.01, keeping 0.49 of planted facts 8 rounds after eviction against 0.27 for lr 1e-4; "
+                             "0.01, and replay 8 with 4 steps, keeping 0.64 of planted facts 8 rounds after "
+                             "eviction against 0.27 for lr 1e-4; "
                              "Gemma-3: 3e-4, 16, 0.01, 0.43 against 0.30 at 4; unrelated text within 1.1 %% of the "
                              "base model, the same next-text R; benchmarks/retention.md)")
     parser.add_argument("--mix-share", type=float, default=None, metavar="S",
@@ -73,6 +74,13 @@ def add_arguments(parser) -> None:
                              "family's measured K, 8 for SmolLM2 (with lr 1e-3: rounds twice as fast, a little more "
                              "retention and the same next-text R as 16 steps at 3e-4), 16 for Gemma-3; else "
                              "AbsorberConfig's, 16; `absorber run --k` changes it per stream)")
+    parser.add_argument("--replay", type=int, default=None, metavar="R",
+                        help="the bundle records: keep the last R absorbed texts as token ids and train the "
+                             "next-token term on them again in later rounds (default: with --mix, the model "
+                             "family's measured one; else 0; `absorber run --replay` changes it per stream)")
+    parser.add_argument("--replay-steps", type=int, default=None, metavar="J",
+                        help="with --replay: J more steps per round, each on a kept text in place of X (default: "
+                             "with --mix, the model family's; `absorber run --replay-steps` changes it)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the adapters' initial A (default 0)")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; int8/int4 need 21)")
     parser.add_argument("--max-len", type=int, default=None, help="longest sequence the graphs accept "
@@ -131,7 +139,8 @@ def main(args) -> int:
     cfg = override(AbsorberConfig(), rank=args.rank, alpha=args.alpha, targets=args.targets, layers=args.layers,
                    seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip,
                    ntp_weight=args.ntp_weight, mix=args.mix,
-                   mix_share=args.mix_share, mix_window=args.mix_window, lr=args.lr, k=args.k)
+                   mix_share=args.mix_share, mix_window=args.mix_window, lr=args.lr, k=args.k,
+                   replay=args.replay, replay_steps=args.replay_steps)
     cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")

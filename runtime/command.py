@@ -8,6 +8,7 @@ import time
 
 from absorber.errors import AbsorberError
 from absorber.mixture import HELP as MIX_HELP, SHARE_HELP, WINDOW_HELP
+from absorber.replay import REPLAY_HELP, REPLAY_STEPS_HELP
 
 HELP = "stream text into a bundle on ONNX Runtime (no torch): absorb, resume, answer"
 DESCRIPTION = """Stream text into an exported bundle on ONNX Runtime alone (no torch) and answer questions.
@@ -56,6 +57,9 @@ def add_arguments(p) -> None:
                    help=MIX_HELP + " (default: the bundle's; on in bundles exported since 2026-12-06)")
     p.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + " (default: the bundle's)")
     p.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default: the bundle's)")
+    p.add_argument("--replay", type=int, metavar="R", help=REPLAY_HELP + " (default: the bundle's)")
+    p.add_argument("--replay-steps", type=int, metavar="J", help=REPLAY_STEPS_HELP.replace(
+        "the reference only", "refused here") + " (default: the bundle's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -83,7 +87,7 @@ def main(args) -> int:
     from absorber.runtime.inputs import Reader
 
     settings = ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay", "read_scale", "mix",
-                "mix_share", "mix_window")
+                "mix_share", "mix_window", "replay", "replay_steps")
     overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")

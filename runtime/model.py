@@ -29,7 +29,7 @@ from absorber.runtime.sessions import Sessions, open_sessions, resolve_profile, 
 # settings a stream may change at run time; the others are compiled into the graphs or the slice
 RUNTIME_SETTINGS = ("n", "m", "k", "eps", "lr", "clip", "weight_decay", "betas", "adam_eps", "reset", "decay",
                     "teacher", "gamma", "probes", "sink", "fill", "sync_skip", "ntp_weight", "read_scale", "mix",
-                    "mix_share", "mix_window")
+                    "mix_share", "mix_window", "replay", "replay_mode", "replay_steps", "replay_tokens")
 PLAN_MARGIN = 0.10      # safety margin on the planner's prediction (its calibration error, benchmarks/planner.md)
 
 
@@ -158,6 +158,9 @@ class Model:
                                 f"(fixed at export: absorber export --ntp-weight)")
         cfg = override(cfg, **overrides)
         cfg.validate()
+        if cfg.replay > 0 and cfg.replay_steps == 0:
+            raise AbsorberError("replay needs replay_steps > 0 here: the train step replays a kept X in steps of "
+                                "its own (replay_steps 0, a term added to every step, is a reference option)")
         if cfg.bos and cfg.teacher == "compose":
             raise AbsorberError("teacher='compose' is not supported on a bos bundle (the compositional teacher "
                                 "takes no prefix)")

@@ -1,5 +1,6 @@
-"""The stream's state on disk: ONE safetensors file (flat adapters, AdamW moments, window and pending tokens)
-whose metadata holds the JSON record (step, rounds, counters, stream offset, bundle manifest hash). Written
+"""The stream's state on disk: ONE safetensors file (flat adapters, AdamW moments, window and pending tokens, and
+with replay the kept X: `replay_ids`, `replay_lengths`) whose metadata holds the JSON record (step, rounds,
+counters, stream offset, bundle manifest hash, the replay's counters). Written
 atomically (temp file in the same folder, fsync, os.replace, fsync of the folder): a kill -9 at any moment
 leaves either the previous round's state or the new one, never a mix."""
 from __future__ import annotations

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from absorber import bundle_format as F
 from absorber.config import PROBE_PREFIX, probe_parts
 from absorber.errors import AbsorberError
+from absorber.replay import Replay
 from absorber.rounds import RoundResult
 from absorber.runtime import generate as G
 from absorber.runtime.model import Model
@@ -132,6 +133,7 @@ class Stream:
         self._replay = 0               # characters still to skip when the same input is fed again after a resume
         self.resumed = False
         self._probe_prefix: list[int] | None = None
+        self.replay_buffer = Replay(c.replay, c.replay_mode, c.replay_tokens, c.lora.seed)   # cfg.replay
         # for a host (absorber serve): a JSON-able dict saved in the state with the stream (same atomic file),
         # restored on resume; and a callable run before each train step of a round (e.g. to yield to answers)
         self.extra_meta: dict = {}
@@ -178,7 +180,7 @@ class Stream:
                 "tokens_absorbed": self.tokens_absorbed, "offset_chars": self.offset_chars,
                 "input_bytes": self.input_bytes, "invalid_bytes": self.invalid_bytes, "rollbacks": self.rollbacks,
                 "last_loss": self.last_loss, "config": self.cfg.to_dict(), "names": self.opt.names,
-                "extra": self.extra_meta, "saved_at": time.time()}
+                "extra": self.extra_meta, "replay": self.replay_buffer.to_state()[2], "saved_at": time.time()}
 
     def save(self, state_dir=None) -> Path:
         """Write the state atomically (adapters, AdamW moments + step, window, counters, stream offset)."""
@@ -187,6 +189,10 @@ class Stream:
             raise AbsorberError("no state folder: pass state_dir to Stream.open or save()")
         tensors = {"params": self.opt.params, "exp_avg": self.opt.exp_avg, "exp_avg_sq": self.opt.exp_avg_sq,
                    "window": np.asarray(self.window, np.int64), "pending": np.asarray(self.pending, np.int64)}
+        if self.replay_buffer.kept:      # cfg.replay: the kept X, one after another, and their lengths
+            flat, lengths, _ = self.replay_buffer.to_state()
+            tensors["replay_ids"] = np.asarray(flat, np.int64)
+            tensors["replay_lengths"] = np.asarray(lengths, np.int64)
         return save_state(d, tensors, self._meta())
 
     def _resume(self) -> None:
@@ -210,6 +216,10 @@ class Stream:
             setattr(self, k, int(meta.get(k, 0)))
         self.last_loss = meta.get("last_loss")
         self.extra_meta = dict(meta.get("extra") or {})
+        if "replay_ids" in tensors:
+            self.replay_buffer.load_state(tensors["replay_ids"].tolist(), tensors["replay_lengths"].tolist(),
+                                          meta.get("replay") or {})
+            del self.replay_buffer.kept[:max(0, len(self.replay_buffer.kept) - max(self.cfg.replay, 0))]
         self._replay = self.offset_chars
         self.resumed = True
         # a save inside a round keeps the tokens that refill the window after it as `pending`; put them back in
@@ -370,20 +380,25 @@ class Stream:
             self._probe_prefix = self.model.encode(PROBE_PREFIX)
         return [self._probe_prefix + x[a:b] for a, b in probe_parts(len(x), self.cfg.probes)]
 
-    def _steps(self, x: list[int], y: list[int], teacher: np.ndarray) -> tuple[list[float], int, bool, float]:
+    def _steps(self, x: list[int], y: list[int], teacher: np.ndarray,
+               extra: int = 0) -> tuple[list[float], int, bool, float]:
         """Up to K steps of train_step.onnx on one synchronized text y (x: the text being absorbed, for the
-        next-token term): (losses, steps, rolled back, optimizer seconds)."""
+        next-token term), then `extra` steps with a kept X in its place (cfg.replay_steps, as
+        absorber.absorb.Absorption): (losses, steps, rolled back, optimizer seconds)."""
         cfg, opt = self.cfg, self.opt
-        io = self._train_binding(x, y, teacher) if cfg.k > 0 else None
+        total = cfg.k + (extra if self.replay_buffer.kept else 0)
+        io = self._train_binding(x, y, teacher) if total > 0 else None
         losses: list[float] = []
         rolled_back = have_backup = False
         steps = 0
         t_opt = 0.0
-        for step in range(cfg.k + 1):
+        for step in range(total + 1):
             if self.step_hook is not None:
                 self.step_hook()
-            if step < cfg.k:       # the last step gives the arena back before the final loss evaluation
-                self.train.run_with_iobinding(io, self.model.round_run_options if step == cfg.k - 1 else None)
+            if step < total:       # the last step gives the arena back before the final loss evaluation
+                if step >= cfg.k:  # a replay step: the next-token term on a kept X
+                    io.bind_cpu_input(F.X_IDS, np.asarray([self.sink + self.replay_buffer.next()], np.int64))
+                self.train.run_with_iobinding(io, self.model.round_run_options if step == total - 1 else None)
                 lv = float(self._loss_buf)
             else:
                 lv = self._eval_loss(x, y, teacher)
@@ -394,7 +409,7 @@ class Stream:
                     steps -= 1
                 break
             losses.append(lv)
-            if step == cfg.k or (cfg.eps > 0 and lv < cfg.eps):
+            if step == total or (cfg.eps > 0 and lv < cfg.eps and step < cfg.k):
                 break
             ta = time.perf_counter()
             if not opt.grads_finite():
@@ -423,12 +438,14 @@ class Stream:
         opt.lr, opt.betas, opt.eps, opt.weight_decay = cfg.lr, tuple(cfg.betas), cfg.adam_eps, cfg.weight_decay
         losses: list[float] = []
         steps, rolled_back, t_opt = 0, False, 0.0
-        for yy, tt in targets:
-            losses, s, rolled_back, to = self._steps(x, yy, tt)
+        for i, (yy, tt) in enumerate(targets):
+            losses, s, rolled_back, to = self._steps(x, yy, tt, cfg.replay_steps if i == len(targets) - 1 else 0)
             steps += s
             t_opt += to
             if rolled_back:
                 break
+        if self.ntp_weight > 0:
+            self.replay_buffer.keep(x)
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",
@@ -505,7 +522,8 @@ class Stream:
                 "rollbacks": self.rollbacks, "invalid_bytes": self.invalid_bytes, "offset_chars": self.offset_chars,
                 "input_bytes": self.input_bytes, "optimizer_step": self.opt.step, "rss_mb": round(rss_mb(), 1),
                 "resumed": self.resumed, "n": self.cfg.n, "m": self.cfg.m, "k": self.cfg.k,
-                "predicted_peak_mb": round(self.prediction.peak_bytes / 2**20, 1)}
+                "predicted_peak_mb": round(self.prediction.peak_bytes / 2**20, 1),
+                "replay_kept": len(self.replay_buffer.kept)}
 
     def close(self) -> None:
         """Release this stream's buffers; the Model too when Stream.open made it for this stream alone

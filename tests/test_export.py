@@ -446,7 +446,7 @@ def test_cli_exports_tiny_bundle(tmp_path):
                  "--targets", "q_proj", "v_proj", "--layers", "1", "--bos", "on", "--no-mix", "-q"]) == 0
     m = _manifest(out)
     validate_manifest(m)
-    assert m["defaults"]["mix"] is False                                     # --no-mix
+    assert m["defaults"]["mix"] is False and m["defaults"]["replay"] == 0   # --no-mix: AbsorberConfig's
     from absorber.config import AbsorberConfig
     assert (m["defaults"]["lr"], m["defaults"]["k"], m["defaults"]["mix_share"], m["defaults"]["mix_window"]) == \
         (AbsorberConfig().lr, AbsorberConfig().k, AbsorberConfig().mix_share, 0)

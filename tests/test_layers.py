@@ -6,7 +6,7 @@ all. Rules:
 - runtime/ never imports absorber.export or the method's torch modules (only the torch-free shared ones);
 - devices/ never imports absorber.runtime or absorber.export (the runtime uses devices, not the reverse);
 - nothing below bench imports absorber.bench (only the `absorber bench` verb and benchmarks/scripts may);
-- the torch-free shared modules (config, errors, rounds, bundle_format, files) import nothing heavy; mixture
+- the torch-free shared modules (config, errors, rounds, bundle_format, files, replay) import nothing heavy; mixture
   (the online mixture of answers) numpy only.
 Imports are read with `ast` (every `import` / `from ... import`, at any depth, including inside functions), so a
 lazy import inside a function counts too. A static tool that resolves imports by path would not see that the
@@ -25,7 +25,7 @@ LAYERS = {"method": ROOT / "absorber", "export": ROOT / "export", "runtime": ROO
 HEAVY = {"torch", "transformers", "onnx", "onnxscript", "onnx_ir", "optimum", "accelerate", "gguf"}
 # the method's modules that need no torch: the runtime and devices may use them
 SHARED = {"absorber", "absorber.config", "absorber.errors", "absorber.rounds", "absorber.bundle_format",
-          "absorber.files", "absorber.mixture"}
+          "absorber.files", "absorber.mixture", "absorber.replay"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -115,7 +115,7 @@ def test_method_does_not_import_the_runtime():
 
 
 def test_shared_modules_are_torch_free():
-    for mod in ("config", "errors", "rounds", "bundle_format", "files"):
+    for mod in ("config", "errors", "rounds", "bundle_format", "files", "replay"):
         heavy = {n for n in imports_of(ROOT / "absorber" / f"{mod}.py") if _top(n) in HEAVY | {"onnxruntime", "numpy"}}
         assert heavy == set(), (mod, heavy)
     # the online mixture of answers: numpy, which the runtime has anyway, and nothing heavier

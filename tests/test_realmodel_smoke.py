@@ -123,8 +123,10 @@ def test_cli_runs_the_int8_real_model(smol_int8, speech_text, tmp_path):
     assert man["slice"]["rank"] == 4 and sorted(man["slice"]["targets"]) == ["q_proj", "v_proj"]
     inp, part = _speech_file(speech_text, tmp_path)
     state = tmp_path / "state"
+    # with experience replay (two kept X, one more step per round on one of them): from round 2 on, K + 1 steps
+    replay = ("--replay", "2", "--replay-steps", "1")
     r = _cli(str(smol_int8), "--input", str(inp), "--state", str(state), "--json", "-q", "--ask", QUESTION,
-             "--n", str(N), "--m", str(M), "--k", str(K), "--max-new-tokens", str(MAX_NEW))
+             "--n", str(N), "--m", str(M), "--k", str(K), "--max-new-tokens", str(MAX_NEW), *replay)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in r.stdout.strip().splitlines()]
     rounds = [x for x in recs if "round" in x]
@@ -138,9 +140,9 @@ def test_cli_runs_the_int8_real_model(smol_int8, speech_text, tmp_path):
     assert summary["tokens_seen"] == want and want > N * 3 + M
     assert summary["rounds"] == len(rounds) == (want - M) // N >= 3
     assert summary["tokens_absorbed"] == len(rounds) * N and summary["window"] == want - len(rounds) * N
-    assert [x["round"] for x in rounds] == list(range(1, len(rounds) + 1))
+    assert [x["round"] for x in rounds] == list(range(1, len(rounds) + 1)) and summary["replay_kept"] == 2
     for x in rounds:
-        assert x["steps"] == K and not x["rolled_back"]
+        assert x["steps"] == K + (x["round"] > 1) and not x["rolled_back"]
         # the sync loss falls within every round: measured -0.5% (8 layers) and -0.04% (30 layers) per round;
         # without the optimizer steps the two differ by float noise (~1e-6)
         assert x["loss_last"] < x["loss_first"] * (1 - 1e-4), x
@@ -150,12 +152,13 @@ def test_cli_runs_the_int8_real_model(smol_int8, speech_text, tmp_path):
     assert 1 <= answer["new_tokens"] <= MAX_NEW and answer["seconds"] > 0
     # run again on the same state and input: it resumes and has nothing left to absorb
     again = _cli(str(smol_int8), "--input", str(inp), "--state", str(state), "--json", "-q",
-                 "--n", str(N), "--m", str(M), "--k", str(K))
+                 "--n", str(N), "--m", str(M), "--k", str(K), *replay)
     assert again.returncode == 0, again.stderr[-3000:]
     recs2 = [json.loads(x) for x in again.stdout.strip().splitlines()]
     assert [x for x in recs2 if "round" in x] == [] and len(recs2) == 1
     s2 = recs2[0]
     assert s2["resumed"] is True and s2["rounds"] == summary["rounds"] and s2["tokens_absorbed_this_run"] == 0
+    assert s2["replay_kept"] == 2                        # the kept X came back with the state
     assert s2["tokens_seen"] == want and s2["offset_chars"] == len(part)
 
 

@@ -813,3 +813,121 @@ def test_calibration_subtracts_the_adapters_context_free_shift_and_never_touches
     from absorber.export.bundle import trace
     with pytest.raises(AbsorberError, match="calibrate"):
         trace(tiny_llama(seed=0, vocab=512), cfg=cfg)
+
+
+@pytest.mark.parametrize("mode", ["recent", "reservoir"])
+def test_replay_adds_the_next_token_term_on_a_kept_x_in_turn(rng_ids, mode):
+    """replay=R: the absorber keeps at most R earlier X (the last R, or a uniform reservoir sample) and every step
+    adds the next-token term on one of them in turn (or on its slices of replay_tokens); the export refuses it."""
+    import torch
+    from absorber import lora, sync
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    ids = rng_ids(16 * 6 + 8, seed=3)
+    cfg = AbsorberConfig(n=16, m=8, k=2, lr=1e-2, ntp_weight=1.0, replay=2, replay_mode=mode,
+                         lora=LoraConfig(rank=2, alpha=4))
+    model = tiny_llama(seed=0, vocab=512)
+    lora.inject(model, cfg.lora)
+    ab = Absorption(model, cfg)
+    xs = [torch.tensor([ids[16 * i:16 * (i + 1)]]) for i in range(6)]
+    for i in range(5):
+        ab.round(xs[i], xs[i + 1][:, :8])
+    kept = ab.replay.kept
+    assert len(kept) == 2 and all(k in [x[0].tolist() for x in xs[:5]] for k in kept)
+    if mode == "recent":
+        assert kept == [xs[3][0].tolist(), xs[4][0].tolist()]
+    x, y = xs[5], torch.tensor([ids[96:104]])
+    t = ab._teacher(x, y)
+    plain = Absorption.__new__(Absorption)
+    plain.__dict__.update(ab.__dict__)
+    plain.replay = dataclasses.replace(ab.replay, kept=[])
+    for _ in range(2):
+        old = ab.replay.kept[ab.replay.turn % 2]
+        with torch.no_grad():
+            extra = float(ab._loss(x, y, t)) - float(plain._loss(x, y, t))
+            by_hand = float(sync.next_token_loss(model, torch.tensor([old])))
+        assert extra == pytest.approx(by_hand, rel=1e-4)
+    ab.replay.tokens = 6
+    turn = ab.replay.turn
+    old = ab.replay.kept[turn % 2]
+    start = min((turn // 2) % 3 * 6, 10)      # three slices of 6 in 16 tokens; the last one ends at X's end
+    assert ab._replay_slice(x).tolist() == [old[start:start + 6]]
+    for bad in (dict(replay=-1), dict(replay=2, replay_tokens=1), dict(replay=2, replay_mode="lru"),
+                dict(replay=2, ntp_weight=0.0), dict(replay=2, replay_steps=-1), dict(replay=2, ntp_top=0.5)):
+        with pytest.raises(AbsorberError, match="replay"):
+            AbsorberConfig(**bad).validate()
+    from absorber.export.bundle import trace
+    with pytest.raises(AbsorberError, match="replay"):
+        trace(tiny_llama(seed=0, vocab=512), cfg=cfg)
+
+
+def test_replay_steps_run_after_k_with_a_kept_x_in_place_of_x(rng_ids):
+    """replay_steps=J: once an X is kept, a round runs K steps on (Y, X) then J steps on (Y, a kept X in turn), no
+    term added to the first K; the round's last reported loss is on (Y, X) again."""
+    import torch
+    from absorber import lora
+    from absorber.absorb import Absorption
+    from absorber.config import AbsorberConfig, LoraConfig
+    from absorber.models import tiny_llama
+    ids = rng_ids(16 * 4 + 8, seed=4)
+    cfg = AbsorberConfig(n=16, m=8, k=2, lr=1e-2, ntp_weight=1.0, replay=2, replay_steps=3,
+                         lora=LoraConfig(rank=2, alpha=4))
+    model = tiny_llama(seed=0, vocab=512)
+    lora.inject(model, cfg.lora)
+    ab = Absorption(model, cfg)
+    seen: list[list[int]] = []
+    real = ab._loss
+    ab._loss = lambda x, y, t: (seen.append(x[0].tolist()), real(x, y, t))[1]
+    xs = [torch.tensor([ids[16 * i:16 * (i + 1)]]) for i in range(4)]
+    steps = [ab.round(xs[i], xs[i + 1][:, :8]).steps for i in range(3)]
+    assert steps == [2, 5, 5]
+    x0, x1, x2 = (x[0].tolist() for x in xs[:3])
+    # round 1 keeps nothing yet; round 2 replays x0 three times; round 3 goes on in turn (x1, x0, x1)
+    assert seen == [x0] * 3 + [x1] * 2 + [x0] * 3 + [x1] + [x2] * 2 + [x1, x0, x1] + [x2]
+
+
+@pytest.mark.parametrize("mode", ["recent", "reservoir"])
+def test_runtime_replay_steps_match_reference_and_resume(tiny_bundle, tiny_tok, tmp_path, mode):
+    """replay=2, replay_steps=2: the runtime keeps, draws and trains on the same earlier X as the reference (the
+    same steps, losses and adapters over four rounds), and a stream saved after two rounds and resumed holds the
+    same kept texts and goes on as the uninterrupted one; replay_steps 0 is refused at run time."""
+    from safetensors.numpy import load_file
+
+    from absorber import lora
+    from absorber.bundle_format import read_manifest
+    from absorber.errors import AbsorberError
+    from absorber.models import tiny_llama
+    from absorber.runtime import Stream
+    from absorber.stream import StreamingAbsorber
+    over = {"replay": 2, "replay_steps": 2, "replay_mode": mode, "k": 2}
+    cfg = dataclasses.replace(read_manifest(tiny_bundle).defaults(), **over)
+    model = tiny_llama(seed=0, vocab=512)
+    lora.inject(model, cfg.lora)
+    lora.load_state(model, {k: torch.from_numpy(v) for k, v in load_file(str(tiny_bundle / "adapters.safetensors")).items()})
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 259, (cfg.n * 4 + cfg.m + 3,), generator=g).tolist()
+    ref = StreamingAbsorber(model, tiny_tok, cfg)
+    rr = ref.feed_tokens(ids)
+    s = Stream.open(tiny_bundle, config_overrides=over)
+    ro = s.feed_tokens(ids)
+    assert len(rr) == len(ro) == 4
+    assert [r.steps for r in ro] == [r.steps for r in rr] == [2, 4, 4, 4]
+    for a, b in zip(rr, ro):
+        assert b.loss_first == pytest.approx(a.loss_first, rel=2e-3)
+        assert b.loss_last == pytest.approx(a.loss_last, rel=2e-3)
+    assert s.replay_buffer.kept == ref.absorption.replay.kept and s.replay_buffer.turn == ref.absorption.replay.turn
+    snap = lora.snapshot(model)
+    flat = np.concatenate([snap[n].numpy().ravel() for n in s.opt.names])
+    assert np.linalg.norm(s.opt.params - flat) / np.linalg.norm(flat) < 2e-3
+    cut = cfg.n * 2 + cfg.m
+    a = Stream.open(tiny_bundle, state_dir=tmp_path / "st", config_overrides=over)
+    a.feed_tokens(ids[:cut])
+    a.save()
+    b = Stream.open(tiny_bundle, state_dir=tmp_path / "st", config_overrides=over)
+    assert b.replay_buffer == a.replay_buffer and len(b.replay_buffer.kept) == 2
+    b.feed_tokens(ids[cut:])
+    np.testing.assert_allclose(b.opt.params, s.opt.params, rtol=0, atol=1e-6)
+    with pytest.raises(AbsorberError, match="replay_steps"):
+        Stream.open(tiny_bundle, config_overrides={"replay": 2})

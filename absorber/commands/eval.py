@@ -7,6 +7,7 @@ import math
 import sys
 
 from absorber.mixture import HELP as MIX_HELP, SHARE, SHARE_HELP, WINDOW_HELP
+from absorber.replay import REPLAY_HELP, REPLAY_STEPS_HELP
 
 HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
 DESCRIPTION = """\
@@ -78,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--mix", action=argparse.BooleanOptionalAction, default=None, help=MIX_HELP)
     mt.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + f" (default {SHARE:g})")
     mt.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default 0)")
+    mt.add_argument("--replay", type=int, metavar="R", help=REPLAY_HELP + " (default 0)")
+    mt.add_argument("--replay-steps", type=int, metavar="J", help=REPLAY_STEPS_HELP + " (default 0)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
     mt.add_argument("--bos", action="store_true", default=None,
@@ -125,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight", "read_scale", "mix", "mix_share", "mix_window", "bos")},
+        "ntp_weight", "read_scale", "mix", "mix_share", "mix_window", "bos", "replay", "replay_steps")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:
