@@ -62,13 +62,21 @@ class Replay:
         start = min((turn // len(self.kept)) % slices * size, len(old) - size)
         return old[start:start + size]
 
-    def to_state(self) -> tuple[list[int], list[int], dict]:
-        """(every kept id in one list, the kept lengths, {seen, turn}) for a stream's state file."""
-        return [t for k in self.kept for t in k], [len(k) for k in self.kept], {"seen": self.seen, "turn": self.turn}
+    @property
+    def counters(self) -> dict:
+        """{seen, turn}: the state file's metadata for these texts."""
+        return {"seen": self.seen, "turn": self.turn}
 
-    def load_state(self, flat: list[int], lengths: list[int], meta: dict) -> None:
+    def to_state(self) -> tuple[list[int], list[int]]:
+        """(every kept id in one list, the kept lengths) for a stream's state file."""
+        return [t for k in self.kept for t in k], [len(k) for k in self.kept]
+
+    def load_state(self, flat: list[int], lengths: list[int], counters: dict) -> None:
+        """The texts of `to_state` and `counters` back; a smaller capacity than they were saved with keeps the
+        newest."""
         self.kept, at = [], 0
         for n in lengths:
             self.kept.append([int(t) for t in flat[at:at + n]])
             at += n
-        self.seen, self.turn = int(meta.get("seen", len(self.kept))), int(meta.get("turn", 0))
+        del self.kept[:max(0, len(self.kept) - self.capacity)]
+        self.seen, self.turn = int(counters.get("seen", len(self.kept))), int(counters.get("turn", 0))

@@ -180,7 +180,7 @@ class Stream:
                 "tokens_absorbed": self.tokens_absorbed, "offset_chars": self.offset_chars,
                 "input_bytes": self.input_bytes, "invalid_bytes": self.invalid_bytes, "rollbacks": self.rollbacks,
                 "last_loss": self.last_loss, "config": self.cfg.to_dict(), "names": self.opt.names,
-                "extra": self.extra_meta, "replay": self.replay_buffer.to_state()[2], "saved_at": time.time()}
+                "extra": self.extra_meta, "replay": self.replay_buffer.counters, "saved_at": time.time()}
 
     def save(self, state_dir=None) -> Path:
         """Write the state atomically (adapters, AdamW moments + step, window, counters, stream offset)."""
@@ -190,7 +190,7 @@ class Stream:
         tensors = {"params": self.opt.params, "exp_avg": self.opt.exp_avg, "exp_avg_sq": self.opt.exp_avg_sq,
                    "window": np.asarray(self.window, np.int64), "pending": np.asarray(self.pending, np.int64)}
         if self.replay_buffer.kept:      # cfg.replay: the kept X, one after another, and their lengths
-            flat, lengths, _ = self.replay_buffer.to_state()
+            flat, lengths = self.replay_buffer.to_state()
             tensors["replay_ids"] = np.asarray(flat, np.int64)
             tensors["replay_lengths"] = np.asarray(lengths, np.int64)
         return save_state(d, tensors, self._meta())
@@ -219,7 +219,6 @@ class Stream:
         if "replay_ids" in tensors:
             self.replay_buffer.load_state(tensors["replay_ids"].tolist(), tensors["replay_lengths"].tolist(),
                                           meta.get("replay") or {})
-            del self.replay_buffer.kept[:max(0, len(self.replay_buffer.kept) - max(self.cfg.replay, 0))]
         self._replay = self.offset_chars
         self.resumed = True
         # a save inside a round keeps the tokens that refill the window after it as `pending`; put them back in

@@ -163,26 +163,32 @@ def test_probe_parts_cut_x_into_near_equal_parts():
     assert parts == [(0, 256), (256, 512)]
 
 
+def _reference_on_bundle(tiny_bundle, over: dict):
+    """The bundle's config with `over`, and the reference model with the bundle's initial adapters."""
+    from safetensors.numpy import load_file
+
+    from absorber import lora
+    from absorber.bundle_format import read_manifest
+    from absorber.models import tiny_llama
+    cfg = dataclasses.replace(read_manifest(tiny_bundle).defaults(), **over)
+    model = tiny_llama(seed=0, vocab=512)
+    lora.inject(model, cfg.lora)
+    lora.load_state(model, {k: torch.from_numpy(v) for k, v in load_file(str(tiny_bundle / "adapters.safetensors")).items()})
+    return cfg, model
+
+
 @pytest.mark.parametrize("teacher", ["base", "compose"])
 def test_runtime_probes_match_reference(tiny_bundle, tiny_tok, teacher):
     """probes=2: two recall probes (the recap prefix + each half of X) are synchronized before Y, every teacher
     computed first; the runtime cuts, tokenizes and trains as the reference does."""
-    from safetensors.numpy import load_file
-
     from absorber import lora
-    from absorber.absorb import Absorption
-    from absorber.bundle_format import read_manifest
-    from absorber.models import tiny_llama
     from absorber.runtime import Stream
     from absorber.stream import StreamingAbsorber
     # K=2: the L1 loss's sign(student - teacher) and AdamW's first, sign-like steps amplify float32 noise
     # along the 3K steps of a round (each target's first loss agrees to ~1e-6; the adapters drift apart
     # ~1e-4 after 6 steps, ~1e-3 after 12): the same amplification as TOL's comment in test_runtime.py
     over = {"probes": 2, "teacher": teacher, "k": 2}
-    cfg = dataclasses.replace(read_manifest(tiny_bundle).defaults(), **over)
-    model = tiny_llama(seed=0, vocab=512)
-    lora.inject(model, cfg.lora)
-    lora.load_state(model, {k: torch.from_numpy(v) for k, v in load_file(str(tiny_bundle / "adapters.safetensors")).items()})
+    cfg, model = _reference_on_bundle(tiny_bundle, over)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 259, (cfg.n * 2 + cfg.m + 3,), generator=g).tolist()
     ref = StreamingAbsorber(model, tiny_tok, cfg)
@@ -893,19 +899,12 @@ def test_runtime_replay_steps_match_reference_and_resume(tiny_bundle, tiny_tok, 
     """replay=2, replay_steps=2: the runtime keeps, draws and trains on the same earlier X as the reference (the
     same steps, losses and adapters over four rounds), and a stream saved after two rounds and resumed holds the
     same kept texts and goes on as the uninterrupted one; replay_steps 0 is refused at run time."""
-    from safetensors.numpy import load_file
-
     from absorber import lora
-    from absorber.bundle_format import read_manifest
     from absorber.errors import AbsorberError
-    from absorber.models import tiny_llama
     from absorber.runtime import Stream
     from absorber.stream import StreamingAbsorber
     over = {"replay": 2, "replay_steps": 2, "replay_mode": mode, "k": 2}
-    cfg = dataclasses.replace(read_manifest(tiny_bundle).defaults(), **over)
-    model = tiny_llama(seed=0, vocab=512)
-    lora.inject(model, cfg.lora)
-    lora.load_state(model, {k: torch.from_numpy(v) for k, v in load_file(str(tiny_bundle / "adapters.safetensors")).items()})
+    cfg, model = _reference_on_bundle(tiny_bundle, over)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 259, (cfg.n * 4 + cfg.m + 3,), generator=g).tolist()
     ref = StreamingAbsorber(model, tiny_tok, cfg)
