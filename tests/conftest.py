@@ -46,18 +46,33 @@ def tiny_bundles(tmp_path_factory) -> dict:
             root = root or tmp_path_factory.mktemp("bundles")
             missing[quant] = root / ("tiny" if quant == "fp32" else f"tiny-{quant}")
     if missing:
-        from absorber.export import export_bundles, quant as Q
-        from absorber.models import tiny_llama, tiny_tokenizer
+        from absorber.export import quant as Q
+        from absorber.export.bundle import write
+        from absorber.models import tiny_tokenizer
+        traced = tiny_trace()
         # the tiny head [512, 64] is 128 KB in fp32: pieces of 48 KB make the next-token term's softmax @ W_head
         # run in 3 uneven row pieces (171/171/170 rows) as a real head does (SmolLM2's: 8 of 16 MiB), so every
         # parity test of the quantized bundles covers the row-piece rewrite
         rows_bytes, Q.ROWS_BYTES = Q.ROWS_BYTES, 48 << 10
         try:
-            outs = export_bundles(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), missing, cfg=TINY_BUNDLE_CFG)
+            found.update({q: Path(write(traced, tiny_tokenizer(), d, q)) for q, d in missing.items()})
         finally:
             Q.ROWS_BYTES = rows_bytes
-        found.update({q: Path(p) for q, p in outs.items()})
     return found
+
+
+_TRACE: list = []
+
+
+def tiny_trace():
+    """The session's ONE trace of the tiny random Llama (seed 0, vocab 512) with TINY_BUNDLE_CFG: both graphs as
+    ONNX protos in memory (absorber.export.bundle.trace), from which tiny_bundles and the recompute tests write
+    their bundles (a trace costs 45-90 s on 2 cores, a write ~1 s). Traced on first use only."""
+    if not _TRACE:
+        from absorber.export.bundle import trace
+        from absorber.models import tiny_llama
+        _TRACE.append(trace(tiny_llama(seed=0, vocab=512), cfg=TINY_BUNDLE_CFG))
+    return _TRACE[0]
 
 
 @pytest.fixture(scope="session")

@@ -12,18 +12,18 @@ import torch
 
 from absorber.config import AbsorberConfig
 from absorber.errors import AbsorberError
-from test_runtime import _assert_same_rounds, _ids, _ref_model    # the runtime tests' helpers
+from test_runtime import EXTRA_LAYERS, _assert_same_rounds, _ids, _ref_model    # the runtime tests' helpers
 
 CFG = AbsorberConfig(n=32, m=16, k=4, bos=True)
 
 
 @pytest.fixture(scope="module")
 def bos_bundles(tmp_path_factory) -> dict:
-    """fp32 and int4 bundles of the tiny Llama exported with bos=True (one trace)."""
+    """fp32 and int4 bundles of the tiny Llama (EXTRA_LAYERS deep) exported with bos=True (one trace)."""
     from absorber.export import export_bundles
     from absorber.models import tiny_llama, tiny_tokenizer
     root = tmp_path_factory.mktemp("bos")
-    outs = export_bundles(tiny_llama(seed=0, vocab=512), tiny_tokenizer(), {"fp32": root / "fp32",
+    outs = export_bundles(tiny_llama(seed=0, vocab=512, layers=EXTRA_LAYERS), tiny_tokenizer(), {"fp32": root / "fp32",
                                                                            "int4": root / "int4"}, cfg=CFG)
     return {q: Path(p) for q, p in outs.items()}
 

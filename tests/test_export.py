@@ -38,15 +38,21 @@ def relerr(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    from absorber.export import export_bundles
+def traced():
+    """The module's one trace (both graphs in memory): the bundles below and the failed-write tests write it."""
+    from absorber.export.bundle import trace
+    model = _tiny()
+    out = trace(model, lora_cfg=LORA, max_len=256)
+    assert not lora.adapters(model), "export must leave the model as it was"
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(traced, tmp_path_factory):
+    from absorber.export.bundle import write
     from absorber.models import tiny_tokenizer
     root = tmp_path_factory.mktemp("bundles")
-    model = _tiny()
-    outs = export_bundles(model, tiny_tokenizer(), {q: root / q for q in ("fp32", "int8", "int4")}, lora_cfg=LORA,
-                          max_len=256)
-    assert not lora.adapters(model), "export must leave the model as it was"
-    return outs
+    return {q: write(traced, tiny_tokenizer(), root / q, q) for q in ("fp32", "int8", "int4")}
 
 
 def _manifest(path: Path) -> dict:
@@ -350,15 +356,15 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("where", ["graphs", "swap"])
-def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(bundles, tmp_path, monkeypatch, where):
+def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(bundles, traced, tmp_path, monkeypatch, where):
     """An export that fails after its temporary folder exists (graphs: while writing the ONNX files into it;
     swap: when renaming it into place, after everything was written) leaves no .NAME.tmp-* / .NAME.old-* behind,
     and the bundle that was at the target is still there, byte for byte."""
     import os
     import shutil
 
-    from absorber.export import export_bundle
-    from absorber.models import tiny_llama, tiny_tokenizer
+    from absorber.export.bundle import write
+    from absorber.models import tiny_tokenizer
     target = tmp_path / "b"
     shutil.copytree(bundles["int4"], target)
     old = _tree(target)
@@ -387,11 +393,8 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(bundles, tmp_path
             return move
         monkeypatch.setattr(os, "rename", guard(real_rename))
         monkeypatch.setattr(os, "replace", guard(real_replace))
-    micro = tiny_llama(seed=1, vocab=300, hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32,
-                       max_positions=64)      # the smallest traceable model: the trace is most of the cost
-    with pytest.raises(OSError, match="injected"):
-        export_bundle(micro, tiny_tokenizer(), target, lora_cfg=LoraConfig(rank=2, alpha=4.0, targets=("q_proj",)),
-                      max_len=64)
+    with pytest.raises(OSError, match="injected"):        # the write of an export (the trace is the module's)
+        write(traced, tiny_tokenizer(), target, "int4")
     monkeypatch.undo()
     assert seen, "the failure was injected before the temporary folder existed"
     _no_leftovers(tmp_path, before)

@@ -14,13 +14,13 @@ ort = pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """{quant: (plain bundle, recomputed bundle)} written from ONE trace of the tiny Llama."""
-    from absorber.export.bundle import trace, write
-    from absorber.models import tiny_llama, tiny_tokenizer
-    from conftest import TINY_BUNDLE_CFG
+    """{quant: (plain bundle, recomputed bundle)} written from the session's trace of the tiny Llama."""
+    from absorber.export.bundle import write
+    from absorber.models import tiny_tokenizer
+    from conftest import tiny_trace
 
     root = tmp_path_factory.mktemp("recompute")
-    traced = trace(tiny_llama(seed=0, vocab=512), cfg=TINY_BUNDLE_CFG)
+    traced = tiny_trace()
     tok = tiny_tokenizer()
     out = {q: (write(traced, tok, root / f"{q}-plain", q, recompute=False),
                write(traced, tok, root / f"{q}-rc", q, recompute=True)) for q in ("fp32", "int4")}

@@ -24,6 +24,10 @@ from absorber.config import AbsorberConfig  # noqa: E402
 from absorber.errors import AbsorberError  # noqa: E402
 
 CFG = AbsorberConfig(n=32, m=16, k=4)
+# the bundles a module exports beside the session's (bpe here, bos in test_bos_runtime) trace a 2-layer tiny Llama:
+# a trace's cost grows with the layers (45-90 s on 2 cores at 4), and what they test is not per layer;
+# _ref_model rebuilds the reference at a bundle's own depth
+EXTRA_LAYERS = 2
 ROOT = Path(__file__).resolve().parents[1]
 # Relative Frobenius error of ALL adapters (one flat vector) after whole rounds vs torch. Typical data gives
 # ~1e-7; the L1 loss's sign(student - teacher) and Adam's normalization can amplify float32 noise when an
@@ -81,7 +85,7 @@ def _bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def bpe_bundle(tmp_path_factory) -> Path:
-    """The tiny Llama of the session's bundle with _bpe_tokenizer() (merges), exported with sync_skip=0 and
+    """The tiny Llama of the session's bundle (EXTRA_LAYERS deep) with _bpe_tokenizer() (merges), exported with sync_skip=0 and
     without the next-token term (ntp_weight 0, the sync loss alone; not the defaults: the session bundle has 1
     and 1). One export serves the sync_skip=0 / sync-only parity, the resume with a cut inside a word, and the
     10 MiB line. ABSORBER_TEST_BPE_BUNDLE may name an existing one while iterating."""
@@ -92,7 +96,7 @@ def bpe_bundle(tmp_path_factory) -> Path:
     from absorber.models import tiny_llama
     cfg = AbsorberConfig(n=32, m=16, k=4, sync_skip=0, ntp_weight=0.0, lr=1e-3)
     out = tmp_path_factory.mktemp("bpe") / "tiny-bpe"
-    return Path(export_bundle(tiny_llama(seed=0, vocab=512), _bpe_tokenizer(), out, cfg=cfg))
+    return Path(export_bundle(tiny_llama(seed=0, vocab=512, layers=EXTRA_LAYERS), _bpe_tokenizer(), out, cfg=cfg))
 
 
 @pytest.fixture
@@ -114,7 +118,7 @@ def _ref_model(bundle: Path, dequantize: bool = True):
     from absorber.bundle_format import read_manifest
     b = read_manifest(bundle)
     man, cfg = b.manifest, b.defaults()
-    model = tiny_llama(seed=0, vocab=512)
+    model = tiny_llama(seed=0, vocab=512, layers=int(man["model"]["num_layers"]))
     lora.inject(model, cfg.lora)
     quantized = set(man["quant"].get("quantized", []))
     assert (man["quant"]["scheme"] == "fp32") == (not quantized)

@@ -8,7 +8,9 @@ the spread of the facts? (benchmarks/retention.md, "Fewer steps").
 
 The arguments are retention_plot.py's: LABEL=FILE::VARIANT, the same LABEL pooled over files (speeches); --a and
 --b name two of the labels (default: the first two). Records pair by (speech, fact, distance); a fact that one side
-lacks at a distance is left out there (a shorter screen), and the pairs used are counted.
+lacks at a distance is left out there (a shorter screen), and the pairs used are counted. With --first-speech a
+concatenated stream (retention_screen.py --concat: "A+B") pairs with a screen of its first speech A alone: until A
+ends the two streams are the same tokens, and a screen of A alone has no records past its end.
 """
 from __future__ import annotations
 
@@ -33,13 +35,16 @@ def main(argv=None) -> int:
     ap.add_argument("--distances", default="1,2,4,8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--first-speech", action="store_true",
+                    help="pair records by the first speech of a concatenated stream (A+B as A)")
     a = ap.parse_args(argv)
     pools = pooled(a.specs)
     labels = list(pools)
     la, lb = a.a or labels[0], a.b or (labels[1] if len(labels) > 1 else None)
     if la not in pools or lb not in pools:
         raise SystemExit(f"--a / --b must name two of the labels: {labels}")
-    ra, rb = ({(r["text"], r["fact"], r["distance"]): r for r in pools[x]["records"]} for x in (la, lb))
+    text = (lambda t: t.split("+")[0]) if a.first_speech else (lambda t: t)
+    ra, rb = ({(text(r["text"]), r["fact"], r["distance"]): r for r in pools[x]["records"]} for x in (la, lb))
     draws = pools[la]["bootstrap"]
     rows = []
     print(f"| distance | facts | {la} | {lb} | {la} − {lb} [95% CI, paired over facts] |\n|---|---|---|---|---|")

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--speeches", type=int, default=3, help="the N most recent spoken SOTU speeches")
     p.add_argument("--skip", type=int, default=0, help="skip the S most recent speeches first")
+    p.add_argument("--concat", type=int, default=0,
+                   help="continue each stream with the C speeches that follow it in the list (older ones), for "
+                        "distances that one speech is too short for; the facts are planted in the first")
     p.add_argument("--heldout", default="1961-Kennedy", help="the damage check's text: a speech fileid prefix or a text file")
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--plant-rounds", type=int, default=6)
@@ -88,7 +91,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model, tok = load(a.model)
     spoken = data.speeches("spoken")
-    texts = [(s.fileid, tok.encode(s.text(), add_special_tokens=False)) for s in spoken[::-1][a.skip:a.skip + a.speeches]]
+    order = spoken[::-1]
+    texts = []
+    for i in range(a.skip, a.skip + a.speeches):
+        run = order[i:i + 1 + a.concat]
+        texts.append(("+".join(s.fileid for s in run),
+                      tok.encode("\n\n".join(s.text() for s in run), add_special_tokens=False)))
     held_label, held_text = data.heldout_text(a.heldout)
     heldout = tok.encode(held_text, add_special_tokens=False)[1000:]
     # the tables' "base": the sync loss alone at lr 1e-3 (AbsorberConfig's defaults before 2026-12-03)
