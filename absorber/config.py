@@ -166,10 +166,11 @@ class AbsorberConfig:
                                  # before X already predicts (its register) needs no writing. Reference only. 0: off
     ttt_context: int = 0         # method "ttt": the last c tokens of the previous round's X stay in front of X in
                                  # its next-token loss (not scored): Temp-LoRA's conditioned chunks. 0: X alone
-    replay: int = 0              # with ntp_weight: keep this many absorbed X (token ids: 4 bytes a token) and add
-                                 # the next-token term on one of them, in turn, to every step (experience replay:
-                                 # a fact gets more steps than its own round's K, spread over later rounds, against
-                                 # what they overwrite). Reference only. 0: off
+    replay: int = 0              # with ntp_weight: keep this many absorbed X (token ids: 4 bytes a token) and train
+                                 # the next-token term on them again, in turn (experience replay: a fact gets more
+                                 # steps than its own round's K, spread over later rounds, against what they
+                                 # overwrite): in replay_steps more steps a round (the runtime's way), or with
+                                 # replay_steps 0 added to every step (reference only). 0: off
     replay_mode: str = "recent"  # with replay: "recent" keeps the last `replay` X; "reservoir" a uniform sample of
                                  # every X so far (Vitter's algorithm R, seeded by lora.seed): old text keeps a share
     replay_tokens: int = 0       # with replay: each step replays this many tokens of the kept X (the slices in
