@@ -69,9 +69,12 @@ def tiny_trace():
     ONNX protos in memory (absorber.export.bundle.trace), from which tiny_bundles and the recompute tests write
     their bundles (a trace costs 45-90 s on 2 cores, a write ~1 s). Traced on first use only."""
     if not _TRACE:
+        from absorber import lora
         from absorber.export.bundle import trace
         from absorber.models import tiny_llama
-        _TRACE.append(trace(tiny_llama(seed=0, vocab=512), cfg=TINY_BUNDLE_CFG))
+        model = tiny_llama(seed=0, vocab=512)
+        _TRACE.append(trace(model, cfg=TINY_BUNDLE_CFG))
+        assert not lora.adapters(model), "export must leave the model as it was"
     return _TRACE[0]
 
 

@@ -1,6 +1,7 @@
 """Bundles from a tiny random Llama: both graphs against the PyTorch reference, quantized variants, manifest, errors.
 
-One trace for the whole module (fp32, int8 and int4 bundles written from it): the torch exports dominate the time.
+The module writes its fp32, int8 and int4 bundles from the test session's one trace of the tiny Llama
+(conftest.tiny_trace, shared with the runtime and recompute tests): the torch exports dominate the time.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from absorber.runtime.packing import decoder_adapters  # noqa: E402
 from absorber.config import AbsorberConfig, LoraConfig  # noqa: E402
 from absorber.errors import AbsorberError  # noqa: E402
 
-LORA = LoraConfig(rank=4, alpha=8.0, seed=3)
-TINY = dict(seed=0, vocab=320, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
+from conftest import TINY_BUNDLE_CFG, tiny_trace  # noqa: E402
+
+# the session trace's model and slice (conftest.tiny_trace): the reference below must be the traced model
+TINY = dict(seed=0, vocab=512)
+LORA = TINY_BUNDLE_CFG.lora
 TOL = 1e-4
 
 
@@ -39,12 +43,8 @@ def relerr(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def traced():
-    """The module's one trace (both graphs in memory): the bundles below and the failed-write tests write it."""
-    from absorber.export.bundle import trace
-    model = _tiny()
-    out = trace(model, lora_cfg=LORA, max_len=256)
-    assert not lora.adapters(model), "export must leave the model as it was"
-    return out
+    """The session's one trace (both graphs in memory): the bundles below and the failed-write tests write it."""
+    return tiny_trace()
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def _random_adapters(model, seed: int = 7, scale: float = 0.3) -> dict[str, np.n
             for n, p in lora.adapters(model).items()}
 
 
-def _ids(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, TINY["vocab"], (1, n), generator=torch.Generator().manual_seed(seed))
+def _ids(n: int, seed: int, vocab: int = TINY["vocab"]) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -294,10 +294,11 @@ def test_manifest_valid_and_files_hashed(bundles, quant):
     assert ins[:4] == ["input_ids", "position_ids", "teacher_hidden", "x_ids"]     # x_ids: the next-token term
     assert [t["name"] for t in m["slice"]["tensors"]] == ins[4:]
     # the loss settings are recorded once, in `loss`; `defaults` holds the rest of the config
-    assert m["defaults"] == json.loads(json.dumps(defaults_entry(AbsorberConfig(lora=LORA))))
+    assert m["defaults"] == json.loads(json.dumps(defaults_entry(TINY_BUNDLE_CFG)))
     assert not {"loss", "loss_layers", "sync_skip", "ntp_weight"} & set(m["defaults"]) and "loss_layers" not in m
     d = AbsorberConfig()
-    assert m["loss"] == {"kind": "l1", "layers": [1, 2], "skip": d.sync_skip, "ntp_weight": d.ntp_weight,
+    layers = list(range(1, _tiny().config.num_hidden_layers + 1))       # every layer's output
+    assert m["loss"] == {"kind": "l1", "layers": layers, "skip": d.sync_skip, "ntp_weight": d.ntp_weight,
                          "head_chunks": HEAD_CHUNKS}
 
 
@@ -541,14 +542,15 @@ def test_tiny_qwen2_train_step_matches_torch(tmp_path):
             p.requires_grad_(False)
         return m
 
-    path = export_bundle(make(), None, tmp_path / "qwen", lora_cfg=LORA)
+    lc = LoraConfig(rank=4, alpha=8.0, seed=3)
+    path = export_bundle(make(), None, tmp_path / "qwen", lora_cfg=lc)
     m = _manifest(path)
     assert m["model"]["model_type"] == "qwen2" and m["tokenizer"] is None
     model = make()
-    lora.inject(model, LORA)
+    lora.inject(model, lc)
     ad = _random_adapters(model)
     lora.load_state(model, {k: torch.from_numpy(v) for k, v in ad.items()})
-    x, y = _ids(11, 1), _ids(9, 2)
+    x, y = _ids(11, 1, cfg.vocab_size), _ids(9, 2, cfg.vocab_size)
     r, grads = _train_step_vs_torch(path, m, model, ad, x, y)
     for n, g in grads.items():
         assert relerr(r[f"grad.{n}"], g) <= TOL, n
@@ -582,7 +584,7 @@ def test_sessions_can_share_one_mapped_weights_file(bundles, quant):
     model = _reference()
     ad = _random_adapters(model)
     y = _ids(8, 3)
-    th = torch.randn(len(m["loss"]["layers"]), 8, TINY["hidden"], generator=torch.Generator().manual_seed(0))
+    th = torch.randn(len(m["loss"]["layers"]), 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     x = _ids(11, 4)
     plain = _session(path, "train_step").run(None, _feeds(y, th, ad, x))
     shared = shared_session("train_step").run(None, _feeds(y, th, ad, x))
