@@ -172,7 +172,9 @@ class AbsorberConfig:
                                  # overwrite): in replay_steps more steps a round (the runtime's way), or with
                                  # replay_steps 0 added to every step (reference only). 0: off
     replay_mode: str = "recent"  # with replay: "recent" keeps the last `replay` X; "reservoir" a uniform sample of
-                                 # every X so far (Vitter's algorithm R, seeded by lora.seed): old text keeps a share
+                                 # every X so far (Vitter's algorithm R, seeded by lora.seed): old text keeps a share;
+                                 # "spaced" keeps the last `replay` X and replays each 1, 3, 9, 27, ... rounds after
+                                 # it was absorbed (absorber/replay.py)
     replay_tokens: int = 0       # with replay: each step replays this many tokens of the kept X (the slices in
                                  # turn), not the whole X: a cheaper step. 0: the whole X
     replay_steps: int = 0        # with replay: instead of adding the term on a kept X to every step, the round runs
@@ -245,8 +247,9 @@ class AbsorberConfig:
         if self.replay < 0 or self.replay_tokens < 0 or self.replay_tokens == 1 or self.replay_steps < 0:
             raise AbsorberError(f"replay and replay_steps must be >= 0 and replay_tokens 0 (all) or >= 2 (got "
                                 f"{self.replay}, {self.replay_steps}, {self.replay_tokens})")
-        if self.replay_mode not in ("recent", "reservoir"):
-            raise AbsorberError(f"replay_mode must be recent or reservoir (got {self.replay_mode!r})")
+        from absorber.replay import REPLAY_MODES
+        if self.replay_mode not in REPLAY_MODES:
+            raise AbsorberError(f"replay_mode must be one of {', '.join(REPLAY_MODES)} (got {self.replay_mode!r})")
         if self.replay and (self.ntp_weight == 0 or self.ntp_top < 1):
             raise AbsorberError("replay replays the next-token term on whole texts: it needs ntp_weight > 0 and "
                                 "ntp_top 1")

@@ -10,8 +10,29 @@ from dataclasses import dataclass, field
 
 REPLAY_HELP = ("keep the last R absorbed texts (X, as token ids) and train the next-token term on them again in "
                "later rounds (experience replay: more of what was said survives; 0: off)")
+REPLAY_MODES = ("recent", "reservoir", "spaced")
+REPLAY_MODE_HELP = ("with --replay: which kept texts are replayed: recent (the last R in turn; the most facts 8 "
+                    "rounds after eviction), spaced (the last R, each replayed 1, 3, 9, 27 rounds after it was absorbed, "
+                    "up to R: R 32; more facts 32 rounds after eviction, fewer at 8) or reservoir (a random sample "
+                    "of all so far)")
 REPLAY_STEPS_HELP = ("with --replay: each round runs J more steps after its K, each on a kept text in turn in place "
                      "of the round's X (0, the reference only: the kept text's term added to every step)")
+
+
+# replay_mode "spaced": a kept X is replayed 1, 3, 9, 27, ... rounds after it was absorbed (powers of 3: spaced
+# repetition, each replay later than the one before, as forgetting slows). At steady state that is one due text
+# per power below the capacity each round: 4 for a capacity of 27 to 80, as many as the shipped 4 replay steps.
+SPACED_BASE = 3
+
+
+def spaced_distances(capacity: int) -> list[int]:
+    """The distances (rounds since a text was absorbed) at which "spaced" replays it: the powers of SPACED_BASE up
+    to `capacity` (a text is kept for `capacity` rounds)."""
+    out, d = [], 1
+    while d <= capacity:
+        out.append(d)
+        d *= SPACED_BASE
+    return out
 
 
 def reservoir_slot(seed: int, seen: int) -> int:
@@ -22,8 +43,10 @@ def reservoir_slot(seed: int, seen: int) -> int:
 
 @dataclass
 class Replay:
-    """The kept texts and the turn. capacity: how many X are kept; mode "recent" (the last ones) or "reservoir"
-    (a uniform sample of every X so far); tokens: each turn takes a slice of this many tokens (0: the whole X)."""
+    """The kept texts and the turn. capacity: how many X are kept; mode "recent" (the last ones, in turn),
+    "reservoir" (a uniform sample of every X so far, in turn) or "spaced" (the last ones, each replayed when it is
+    1, 3, 9, 27, ... rounds old: spaced_distances); tokens: each turn takes a slice of this many tokens (0: the
+    whole X)."""
     capacity: int
     mode: str = "recent"
     tokens: int = 0
@@ -31,6 +54,7 @@ class Replay:
     kept: list[list[int]] = field(default_factory=list)   # oldest first ("recent")
     seen: int = 0                                          # texts offered so far
     turn: int = 0                                          # texts handed out so far
+    served: int = 0                                        # "spaced": due replays handed out (or skipped) so far
 
     def keep(self, ids: list[int]) -> None:
         """Offer one absorbed X."""
@@ -40,7 +64,7 @@ class Replay:
         self.seen += 1
         if len(self.kept) < self.capacity:
             self.kept.append(ids)
-        elif self.mode == "recent":
+        elif self.mode in ("recent", "spaced"):
             self.kept = self.kept[1:] + [ids]
         else:
             j = reservoir_slot(self.seed, self.seen)
@@ -54,7 +78,7 @@ class Replay:
             return None
         turn = self.turn
         self.turn += 1
-        old = self.kept[turn % len(self.kept)]
+        old = self._spaced() if self.mode == "spaced" else self.kept[turn % len(self.kept)]
         size = self.tokens
         if size <= 0 or size >= len(old):
             return old
@@ -62,10 +86,29 @@ class Replay:
         start = min((turn // len(self.kept)) % slices * size, len(old) - size)
         return old[start:start + size]
 
+    def _spaced(self) -> list[int]:
+        """The next due replay of "spaced": the replays due by the round being trained, in the order (due round,
+        older text first), the `served`-th of them that is still kept; with none due, the newest text (a round's
+        spare replay steps strengthen the newest write). The order never changes as rounds go on (later rounds
+        only add later due rounds), so one counter says where the schedule is, across a saved and resumed state."""
+        t = self.seen + 1                       # the round being trained; text c (kept in round c) is t - c old
+        first = self.seen - len(self.kept) + 1  # the round whose X is kept[0]
+        distances = spaced_distances(self.capacity)
+        index = 0
+        for due in range(2, t + 1):
+            for d in sorted((d for d in distances if d < due), reverse=True):     # older texts first
+                if index == self.served:
+                    self.served += 1
+                    c = due - d
+                    if c >= first:
+                        return self.kept[c - first]
+                index += 1
+        return self.kept[-1]
+
     @property
     def counters(self) -> dict:
-        """{seen, turn}: the state file's metadata for these texts."""
-        return {"seen": self.seen, "turn": self.turn}
+        """{seen, turn, served}: the state file's metadata for these texts."""
+        return {"seen": self.seen, "turn": self.turn, "served": self.served}
 
     def to_state(self) -> tuple[list[int], list[int]]:
         """(every kept id in one list, the kept lengths) for a stream's state file."""
@@ -80,3 +123,4 @@ class Replay:
             at += n
         del self.kept[:max(0, len(self.kept) - self.capacity)]
         self.seen, self.turn = int(counters.get("seen", len(self.kept))), int(counters.get("turn", 0))
+        self.served = int(counters.get("served", 0))

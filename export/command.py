@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from absorber.replay import REPLAY_MODE_HELP, REPLAY_MODES
+
 HELP = "export a model as a bundle (ONNX decoder + train step, shared weights, tokenizer, manifest)"
 DESCRIPTION = """Export MODEL as a bundle folder (docs/bundle.md) for `absorber run`: decoder.onnx (KV cache, adapters
 as inputs, hidden states out), train_step.onnx (sync loss + gradient of every adapter), weights.bin (the frozen
@@ -78,6 +80,8 @@ def add_arguments(parser) -> None:
                         help="the bundle records: keep the last R absorbed texts as token ids and train the "
                              "next-token term on them again in later rounds (default: with --mix, the model "
                              "family's measured one; else 0; `absorber run --replay` changes it per stream)")
+    parser.add_argument("--replay-mode", choices=REPLAY_MODES, default=None,
+                        help=REPLAY_MODE_HELP + " (default recent; `absorber run --replay-mode` changes it)")
     parser.add_argument("--replay-steps", type=int, default=None, metavar="J",
                         help="with --replay: J more steps per round, each on a kept text in place of X (default: "
                              "with --mix, the model family's; `absorber run --replay-steps` changes it)")
@@ -140,7 +144,7 @@ def main(args) -> int:
                    seed=args.seed, loss_layers=args.loss_layers, sync_skip=args.sync_skip,
                    ntp_weight=args.ntp_weight, mix=args.mix,
                    mix_share=args.mix_share, mix_window=args.mix_window, lr=args.lr, k=args.k,
-                   replay=args.replay, replay_steps=args.replay_steps)
+                   replay=args.replay, replay_mode=args.replay_mode, replay_steps=args.replay_steps)
     cfg.validate()
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"loading {args.model}")

@@ -8,7 +8,7 @@ import time
 
 from absorber.errors import AbsorberError
 from absorber.mixture import HELP as MIX_HELP, SHARE_HELP, WINDOW_HELP
-from absorber.replay import REPLAY_HELP, REPLAY_STEPS_HELP
+from absorber.replay import REPLAY_HELP, REPLAY_MODE_HELP, REPLAY_MODES, REPLAY_STEPS_HELP
 
 HELP = "stream text into a bundle on ONNX Runtime (no torch): absorb, resume, answer"
 DESCRIPTION = """Stream text into an exported bundle on ONNX Runtime alone (no torch) and answer questions.
@@ -58,6 +58,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + " (default: the bundle's)")
     p.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default: the bundle's)")
     p.add_argument("--replay", type=int, metavar="R", help=REPLAY_HELP + " (default: the bundle's)")
+    p.add_argument("--replay-mode", choices=REPLAY_MODES, help=REPLAY_MODE_HELP + " (default: the bundle's)")
     p.add_argument("--replay-steps", type=int, metavar="J", help=REPLAY_STEPS_HELP.replace(
         "the reference only", "refused here") + " (default: the bundle's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
@@ -87,7 +88,7 @@ def main(args) -> int:
     from absorber.runtime.inputs import Reader
 
     settings = ("n", "m", "k", "lr", "eps", "teacher", "gamma", "probes", "reset", "decay", "read_scale", "mix",
-                "mix_share", "mix_window", "replay", "replay_steps")
+                "mix_share", "mix_window", "replay", "replay_mode", "replay_steps")
     overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
     if args.max_new_tokens < 0:
         raise AbsorberError("--max-new-tokens must be >= 0")

@@ -894,7 +894,56 @@ def test_replay_steps_run_after_k_with_a_kept_x_in_place_of_x(rng_ids):
     assert seen == [x0] * 3 + [x1] * 2 + [x0] * 3 + [x1] + [x2] * 2 + [x1, x0, x1] + [x2]
 
 
-@pytest.mark.parametrize("mode", ["recent", "reservoir"])
+def test_spaced_replay_schedule_and_resume():
+    """replay_mode="spaced": each kept X is replayed 1, 3, 9, 27 rounds after it was absorbed (powers of 3 up to the
+    capacity), older texts first in a round, spare steps on the newest text; a state saved and loaded mid-stream
+    (after a round cut short, as a rollback does) goes on with the same texts as the uninterrupted one."""
+    from absorber.replay import Replay, spaced_distances
+    assert spaced_distances(27) == spaced_distances(80) == [1, 3, 9, 27] and spaced_distances(2) == [1]
+
+    def run(r: Replay, rounds: range, calls=lambda t: 4) -> dict[int, list[int]]:
+        got = {}
+        for t in rounds:        # round t absorbs text t; before it, the replay steps take kept texts
+            got[t] = [r.next()[0] for _ in range(calls(t))] if r.kept else []
+            r.keep([t] * 5)
+        return got
+
+    whole = run(Replay(27, "spaced"), range(1, 41))
+    assert whole[1] == [] and whole[2] == [1, 1, 1, 1]                       # only text 1 kept: due at 1, spare
+    assert [5 - c for c in whole[5]] == [3, 1, 1, 1]                        # text 2 at 3, text 4 at 1, spare
+    for t in range(28, 41):                                                  # steady state: one text per distance
+        assert [t - c for c in whole[t]] == [27, 9, 3, 1]
+    for c in range(1, 14):                                                   # every text at each distance, in time
+        assert {d for d in (1, 3, 9, 27) if c in whole[c + d]} == {1, 3, 9, 27}
+    a = Replay(27, "spaced")
+    first = run(a, range(1, 17), calls=lambda t: 2 if t == 12 else 4)        # round 12 cut short after 2 steps
+    flat, lengths = a.to_state()
+    b = Replay(27, "spaced")
+    b.load_state(flat, lengths, a.counters)
+    assert b == a and b.counters["served"] > 0
+    assert run(b, range(17, 41)) == run(a, range(17, 41))
+    assert first[12] == whole[12][:2] and first[13] != whole[13]            # the skipped due texts come next
+
+
+def test_run_cli_replay_mode_reaches_the_stream(tiny_bundle, tmp_path):
+    """`absorber run --replay-mode spaced` trains the stream with the spaced schedule: its saved replay counters
+    have served due replays (the recent default never counts any)."""
+    from absorber.cli import main
+    from absorber.runtime import Stream
+    inp = tmp_path / "in.txt"
+    inp.write_text("the committee met on tuesday and agreed on the new budget for the coming year. " * 6)
+    over = {"replay": 3, "replay_steps": 1}
+    for mode in ("spaced", "recent"):
+        st = tmp_path / mode
+        flags = ["--replay-mode", mode] if mode == "spaced" else []
+        assert main(["run", str(tiny_bundle), "--input", str(inp), "--state", str(st), "--replay", "3",
+                     "--replay-steps", "1", *flags, "-q", "--max-new-tokens", "0"]) == 0
+        s = Stream.open(tiny_bundle, state_dir=st, config_overrides=over)
+        assert s.rounds >= 3 and len(s.replay_buffer.kept) == 3
+        assert (s.replay_buffer.served > 0) == (mode == "spaced")
+
+
+@pytest.mark.parametrize("mode", ["recent", "reservoir", "spaced"])
 def test_runtime_replay_steps_match_reference_and_resume(tiny_bundle, tiny_tok, tmp_path, mode):
     """replay=2, replay_steps=2: the runtime keeps, draws and trains on the same earlier X as the reference (the
     same steps, losses and adapters over four rounds), and a stream saved after two rounds and resumed holds the
@@ -903,7 +952,7 @@ def test_runtime_replay_steps_match_reference_and_resume(tiny_bundle, tiny_tok, 
     from absorber.errors import AbsorberError
     from absorber.runtime import Stream
     from absorber.stream import StreamingAbsorber
-    over = {"replay": 2, "replay_steps": 2, "replay_mode": mode, "k": 2}
+    over = {"replay": 3 if mode == "spaced" else 2, "replay_steps": 2, "replay_mode": mode, "k": 2}
     cfg, model = _reference_on_bundle(tiny_bundle, over)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 259, (cfg.n * 4 + cfg.m + 3,), generator=g).tolist()

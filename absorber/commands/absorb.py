@@ -8,7 +8,7 @@ import time
 
 from absorber.errors import AbsorberError
 from absorber.mixture import HELP as MIX_HELP, SHARE, SHARE_HELP, WINDOW_HELP
-from absorber.replay import REPLAY_HELP, REPLAY_STEPS_HELP
+from absorber.replay import REPLAY_HELP, REPLAY_MODE_HELP, REPLAY_MODES, REPLAY_STEPS_HELP
 
 HELP = "absorb a text stream into LoRA adapters with the PyTorch reference, then answer"
 DESCRIPTION = """\
@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + f" (default {SHARE:g})")
     p.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default 0)")
     p.add_argument("--replay", type=int, metavar="R", help=REPLAY_HELP + " (default 0)")
+    p.add_argument("--replay-mode", choices=REPLAY_MODES, help=REPLAY_MODE_HELP + " (default recent)")
     p.add_argument("--replay-steps", type=int, metavar="J", help=REPLAY_STEPS_HELP + " (default 0)")
     p.add_argument("--bos", action="store_true",
                    help="keep the model's BOS token in front of every context (models pretrained with one, e.g. "
@@ -75,7 +76,7 @@ def config_from_args(args) -> "AbsorberConfig":
                     teacher=args.teacher, gamma=args.gamma, probes=args.probes, reset=args.reset, decay=args.decay, sync_skip=args.sync_skip,
                     ntp_weight=args.ntp_weight, read_scale=args.read_scale, mix=args.mix,
                     mix_share=args.mix_share, mix_window=args.mix_window, replay=args.replay,
-                    replay_steps=args.replay_steps, fill=True if args.fill else None,
+                    replay_mode=args.replay_mode, replay_steps=args.replay_steps, fill=True if args.fill else None,
                     bos=True if args.bos else None)
 
 

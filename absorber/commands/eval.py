@@ -7,7 +7,7 @@ import math
 import sys
 
 from absorber.mixture import HELP as MIX_HELP, SHARE, SHARE_HELP, WINDOW_HELP
-from absorber.replay import REPLAY_HELP, REPLAY_STEPS_HELP
+from absorber.replay import REPLAY_HELP, REPLAY_MODE_HELP, REPLAY_MODES, REPLAY_STEPS_HELP
 
 HELP = "compare absorber, ttt, window, sink and full context on real text (perplexity, recall, passkey)"
 DESCRIPTION = """\
@@ -80,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mt.add_argument("--mix-share", type=float, metavar="S", help=SHARE_HELP + f" (default {SHARE:g})")
     mt.add_argument("--mix-window", type=int, metavar="W", help=WINDOW_HELP + " (default 0)")
     mt.add_argument("--replay", type=int, metavar="R", help=REPLAY_HELP + " (default 0)")
+    mt.add_argument("--replay-mode", choices=REPLAY_MODES, help=REPLAY_MODE_HELP + " (default recent)")
     mt.add_argument("--replay-steps", type=int, metavar="J", help=REPLAY_STEPS_HELP + " (default 0)")
     mt.add_argument("--probes", type=int, help="recall probes per round: parts of X after a recap prefix, "
                                                 "synchronized before Y (0: off)")
@@ -128,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = override(AbsorberConfig(), **{key: getattr(args, key) for key in (
         "n", "m", "k", "lr", "clip", "kl_weight", "sync_skip", "reset", "decay", "teacher", "gamma", "probes", "rank",
-        "ntp_weight", "read_scale", "mix", "mix_share", "mix_window", "bos", "replay", "replay_steps")},
+        "ntp_weight", "read_scale", "mix", "mix_share", "mix_window", "bos", "replay", "replay_mode", "replay_steps")},
         loss_layers=parse_value("loss_layers", args.loss_layers) if args.loss_layers else None)
     cfg.validate()
     try:
