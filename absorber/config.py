@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from absorber.mixture import SHARE
+from absorber.replay import REPLAY_MODES
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROBE_PREFIX = "To recap what was said so far: "   # recall probes (AbsorberConfig.probes) start with this text
@@ -247,7 +248,6 @@ class AbsorberConfig:
         if self.replay < 0 or self.replay_tokens < 0 or self.replay_tokens == 1 or self.replay_steps < 0:
             raise AbsorberError(f"replay and replay_steps must be >= 0 and replay_tokens 0 (all) or >= 2 (got "
                                 f"{self.replay}, {self.replay_steps}, {self.replay_tokens})")
-        from absorber.replay import REPLAY_MODES
         if self.replay_mode not in REPLAY_MODES:
             raise AbsorberError(f"replay_mode must be one of {', '.join(REPLAY_MODES)} (got {self.replay_mode!r})")
         if self.replay and (self.ntp_weight == 0 or self.ntp_top < 1):

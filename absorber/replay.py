@@ -90,19 +90,24 @@ class Replay:
         """The next due replay of "spaced": the replays due by the round being trained, in the order (due round,
         older text first), the `served`-th of them that is still kept; with none due, the newest text (a round's
         spare replay steps strengthen the newest write). The order never changes as rounds go on (later rounds
-        only add later due rounds), so one counter says where the schedule is, across a saved and resumed state."""
+        only add later due rounds), so one counter says where the schedule is, across a saved and resumed state.
+        Found by counting, not by walking the schedule: a few dozen operations a call however long the stream."""
         t = self.seen + 1                       # the round being trained; text c (kept in round c) is t - c old
         first = self.seen - len(self.kept) + 1  # the round whose X is kept[0]
         distances = spaced_distances(self.capacity)
-        index = 0
-        for due in range(2, t + 1):
-            for d in sorted((d for d in distances if d < due), reverse=True):     # older texts first
-                if index == self.served:
-                    self.served += 1
-                    c = due - d
-                    if c >= first:
-                        return self.kept[c - first]
-                index += 1
+
+        def due_by(u: int) -> int:              # replays due in rounds 2..u: text c at distance d is due in c + d
+            return sum(max(0, u - d) for d in distances)
+
+        while self.served < due_by(t):
+            lo, hi = 2, t                       # the round in which the served-th replay is due
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if due_by(mid) > self.served else (mid + 1, hi)
+            d = sorted((d for d in distances if d < lo), reverse=True)[self.served - due_by(lo - 1)]
+            self.served += 1
+            if lo - d >= first:                 # else that text has left the kept ones: skip it
+                return self.kept[lo - d - first]
         return self.kept[-1]
 
     @property

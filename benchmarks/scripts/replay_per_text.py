@@ -5,9 +5,9 @@ among the kept ones of a replay variant: which of a screen's facts a replay sche
     python benchmarks/scripts/replay_per_text.py --distances 8,16,32 \
         "reservoir=benchmarks/retention_screen_shipped_replay_reservoir_d32_s0.json::VARIANT (mix 0.01, window 128)" ...
 
-Each LABEL=FILE::VARIANT is one screened stream (retention_plot.py's form, not pooled); the replay settings are read
-from the variant's name (replay=R, replay_mode=...; the seed is lora.seed, 0 in the screens). A fact planted in the X
-of round c is scored at distance d in round c + d (records: round - distance = c).
+Each LABEL=FILE::VARIANT is one screened stream (retention_plot.py's form); the replay settings are the variant's
+recorded config (replay, replay_mode, lora.seed). A fact planted in the X of round c is scored at distance d in round
+c + d (records: round - distance = c).
 """
 from __future__ import annotations
 
@@ -17,31 +17,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from absorber.replay import Replay  # noqa: E402
+from absorber.retention import specific_retention  # noqa: E402
+from retention_plot import pooled  # noqa: E402
 
 
-def settings(variant: str) -> dict:
-    keys = dict(kv.split("=", 1) for kv in variant.split(" (")[0].split("/") if "=" in kv)
-    return {"replay": int(keys.get("replay", 0)), "mode": keys.get("replay_mode", "recent")}
-
-
-def kept_until(replay: int, mode: str, rounds: int) -> dict[int, int | None]:
-    """The last round after which each text is still kept (None: never kept; the texts are the rounds' numbers)."""
-    r, last = Replay(replay, mode), {}
+def kept_until(replay: int, mode: str, seed: int, rounds: int) -> dict[int, int]:
+    """The last round after which each text is still kept (absent: never kept; the texts are the rounds' numbers)."""
+    r, last = Replay(replay, mode, seed=seed), {}
     for t in range(1, rounds + 1):
         r.keep([t])
         for k in r.kept:
             last[k[0]] = t
     return last
-
-
-def specific(records: list[dict], key: str) -> float:
-    w = sum(x["nll_window"] for x in records)
-    f = sum(x["nll_full"] for x in records)
-    m = sum(x[key] for x in records)
-    lift = sum(x["nll_window_decoy"] - x[key.replace("nll_method", "nll_method_decoy")] for x in records)
-    return (w - m - lift) / (w - f)
 
 
 def main(argv=None) -> int:
@@ -54,19 +44,17 @@ def main(argv=None) -> int:
           + " | ".join(f"specific d={d}" for d in distances) + " |")
     print("|---|---|---|---|" + "---|" * len(distances))
     for spec in a.specs:
-        label, rest = spec.split("=", 1)
-        path, variant = rest.split("::", 1)
-        run = json.loads(Path(path).read_text())["methods"][variant]
-        suffix = variant.split(" (", 1)[1].rstrip(")") if " (" in variant else ""
-        key = "nll_method" + ("_" + suffix.replace("mix ", "mix").replace(", window ", "w") if suffix else "")
-        rec = run["records"]
-        st = settings(variant)
-        last = kept_until(st["replay"], st["mode"], max(x["round"] for x in rec)) if st["replay"] else {}
+        head, _, variant = spec.partition("::")
+        label, _, path = head.rpartition("=")
+        rec = pooled([spec])[label]["records"]
+        cfg = json.loads(Path(path).read_text())["methods"][variant]["config"]
+        last = (kept_until(cfg["replay"], cfg["replay_mode"], cfg["lora"]["seed"], max(x["round"] for x in rec))
+                if cfg.get("replay") else {})
         for c in sorted({x["round"] - x["distance"] for x in rec}):
             cells = []
             for d in distances:
                 sel = [x for x in rec if x["distance"] == d and x["round"] - d == c]
-                cells.append(f"{specific(sel, key):.2f}" if sel else "–")
+                cells.append(f"{specific_retention(sel):.2f}" if sel else "–")
             facts = len({x["fact"] for x in rec if x["round"] - x["distance"] == c})
             print(f"| {label} | {c} | {facts} | {last.get(c, '–')} | " + " | ".join(cells) + " |")
     return 0
