@@ -175,7 +175,7 @@ class AbsorberConfig:
     replay_mode: str = "recent"  # with replay: "recent" keeps the last `replay` X; "reservoir" a uniform sample of
                                  # every X so far (Vitter's algorithm R, seeded by lora.seed): old text keeps a share;
                                  # "spaced" keeps the last `replay` X and replays each 1, 3, 9, 27, ... rounds after
-                                 # it was absorbed (absorber/replay.py)
+                                 # it was absorbed; "spaced2" at 1, 2, 4, 8, ... (absorber/replay.py)
     replay_tokens: int = 0       # with replay: each step replays this many tokens of the kept X (the slices in
                                  # turn), not the whole X: a cheaper step. 0: the whole X
     replay_steps: int = 0        # with replay: instead of adding the term on a kept X to every step, the round runs

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 REPLAY_HELP = ("keep the last R absorbed texts (X, as token ids) and train the next-token term on them again in "
                "later rounds (experience replay: more of what was said survives; 0: off)")
-REPLAY_MODES = ("recent", "reservoir", "spaced")
+REPLAY_MODES = ("recent", "reservoir", "spaced", "spaced2")
 REPLAY_MODE_HELP = ("with --replay: which kept texts are replayed: recent (the last R in turn; the most facts 8 "
                     "rounds after eviction), spaced (the last R, each replayed 1, 3, 9, 27 rounds after it was absorbed, "
-                    "up to R: R 32; more facts 32 rounds after eviction, fewer at 8) or reservoir (a random sample "
-                    "of all so far)")
+                    "up to R: R 32; more facts 32 rounds after eviction, fewer at 8), spaced2 (the same at 1, 2, 4, 8, "
+                    "16, 32 rounds: 6 due texts a round, so --replay-steps 6) or reservoir (a random sample of all so "
+                    "far)")
 REPLAY_STEPS_HELP = ("with --replay: each round runs J more steps after its K, each on a kept text in turn in place "
                      "of the round's X (0, the reference only: the kept text's term added to every step)")
 
@@ -22,16 +23,19 @@ REPLAY_STEPS_HELP = ("with --replay: each round runs J more steps after its K, e
 # replay_mode "spaced": a kept X is replayed 1, 3, 9, 27, ... rounds after it was absorbed (powers of 3: spaced
 # repetition, each replay later than the one before, as forgetting slows). At steady state that is one due text
 # per power below the capacity each round: 4 for a capacity of 27 to 80, as many as the shipped 4 replay steps.
-SPACED_BASE = 3
+# "spaced2" replays at the powers of 2 (1, 2, 4, 8, 16, 32): 4 times in the first 8 rounds, as "recent" (R 8, 4
+# steps) does on average, and still at 16 and 32: 6 due texts a round at a capacity of 32 (replay_steps 6; with
+# fewer steps a round the schedule falls behind).
+SPACED_BASES = {"spaced": 3, "spaced2": 2}
 
 
-def spaced_distances(capacity: int) -> list[int]:
-    """The distances (rounds since a text was absorbed) at which "spaced" replays it: the powers of SPACED_BASE up
-    to `capacity` (a text is kept for `capacity` rounds)."""
+def spaced_distances(capacity: int, base: int = 3) -> list[int]:
+    """The distances (rounds since a text was absorbed) at which a spaced mode replays it: the powers of `base`
+    (SPACED_BASES) up to `capacity` (a text is kept for `capacity` rounds)."""
     out, d = [], 1
     while d <= capacity:
         out.append(d)
-        d *= SPACED_BASE
+        d *= base
     return out
 
 
@@ -45,8 +49,8 @@ def reservoir_slot(seed: int, seen: int) -> int:
 class Replay:
     """The kept texts and the turn. capacity: how many X are kept; mode "recent" (the last ones, in turn),
     "reservoir" (a uniform sample of every X so far, in turn) or "spaced" (the last ones, each replayed when it is
-    1, 3, 9, 27, ... rounds old: spaced_distances); tokens: each turn takes a slice of this many tokens (0: the
-    whole X)."""
+    1, 3, 9, 27, ... rounds old: spaced_distances; "spaced2": 1, 2, 4, 8, ...); tokens: each turn takes a slice of
+    this many tokens (0: the whole X)."""
     capacity: int
     mode: str = "recent"
     tokens: int = 0
@@ -64,7 +68,7 @@ class Replay:
         self.seen += 1
         if len(self.kept) < self.capacity:
             self.kept.append(ids)
-        elif self.mode in ("recent", "spaced"):
+        elif self.mode != "reservoir":
             self.kept = self.kept[1:] + [ids]
         else:
             j = reservoir_slot(self.seed, self.seen)
@@ -78,7 +82,7 @@ class Replay:
             return None
         turn = self.turn
         self.turn += 1
-        old = self._spaced() if self.mode == "spaced" else self.kept[turn % len(self.kept)]
+        old = self._spaced() if self.mode in SPACED_BASES else self.kept[turn % len(self.kept)]
         size = self.tokens
         if size <= 0 or size >= len(old):
             return old
@@ -94,7 +98,7 @@ class Replay:
         Found by counting, not by walking the schedule: a few dozen operations a call however long the stream."""
         t = self.seen + 1                       # the round being trained; text c (kept in round c) is t - c old
         first = self.seen - len(self.kept) + 1  # the round whose X is kept[0]
-        distances = spaced_distances(self.capacity)
+        distances = spaced_distances(self.capacity, SPACED_BASES[self.mode])
 
         def due_by(u: int) -> int:              # replays due in rounds 2..u: text c at distance d is due in c + d
             return sum(max(0, u - d) for d in distances)

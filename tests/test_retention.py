@@ -897,7 +897,8 @@ def test_replay_steps_run_after_k_with_a_kept_x_in_place_of_x(rng_ids):
 def test_spaced_replay_schedule_and_resume():
     """replay_mode="spaced": each kept X is replayed 1, 3, 9, 27 rounds after it was absorbed (powers of 3 up to the
     capacity), older texts first in a round, spare steps on the newest text; a state saved and loaded mid-stream
-    (after a round cut short, as a rollback does) goes on with the same texts as the uninterrupted one."""
+    (after a round cut short, as a rollback does) goes on with the same texts as the uninterrupted one; "spaced2"
+    at the powers of 2."""
     from absorber.replay import Replay, spaced_distances
     assert spaced_distances(27) == spaced_distances(80) == [1, 3, 9, 27] and spaced_distances(2) == [1]
 
@@ -923,6 +924,14 @@ def test_spaced_replay_schedule_and_resume():
     assert b == a and b.counters["served"] > 0
     assert run(b, range(17, 41)) == run(a, range(17, 41))
     assert first[12] == whole[12][:2] and first[13] != whole[13]            # the skipped due texts come next
+    # "spaced2": the powers of 2, six due texts a round at a capacity of 32, each text at every distance in time
+    assert spaced_distances(32, 2) == [1, 2, 4, 8, 16, 32]
+    two = run(Replay(32, "spaced2"), range(1, 45), calls=lambda t: 6)
+    assert [5 - c for c in two[5]] == [4, 2, 1, 1, 1, 1]
+    for t in range(34, 45):
+        assert [t - c for c in two[t]] == [32, 16, 8, 4, 2, 1]
+    for c in range(1, 13):
+        assert {d for d in (1, 2, 4, 8, 16, 32) if c in two[c + d]} == {1, 2, 4, 8, 16, 32}
 
 
 def test_run_cli_replay_mode_reaches_the_stream(tiny_bundle, tmp_path):
