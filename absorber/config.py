@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from absorber.mixture import SHARE
-from absorber.replay import REPLAY_MODES
+from absorber.replay import REPLAY_MODES, SPACED_BASES, spaced_distances
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROBE_PREFIX = "To recap what was said so far: "   # recall probes (AbsorberConfig.probes) start with this text
@@ -250,6 +251,12 @@ class AbsorberConfig:
                                 f"{self.replay}, {self.replay_steps}, {self.replay_tokens})")
         if self.replay_mode not in REPLAY_MODES:
             raise AbsorberError(f"replay_mode must be one of {', '.join(REPLAY_MODES)} (got {self.replay_mode!r})")
+        if self.replay_mode in SPACED_BASES and self.replay_steps:
+            due = len(spaced_distances(self.replay, SPACED_BASES[self.replay_mode]))
+            if self.replay_steps < due:
+                warnings.warn(f"replay_mode {self.replay_mode} with replay {self.replay} has {due} due texts a round "
+                              f"at steady state, replay_steps {self.replay_steps}: each due replay comes later and "
+                              f"later (use replay_steps {due})", UserWarning, stacklevel=2)
         if self.replay and (self.ntp_weight == 0 or self.ntp_top < 1):
             raise AbsorberError("replay replays the next-token term on whole texts: it needs ntp_weight > 0 and "
                                 "ntp_top 1")

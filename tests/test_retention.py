@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -926,6 +927,13 @@ def test_spaced_replay_schedule_and_resume():
     assert first[12] == whole[12][:2] and first[13] != whole[13]            # the skipped due texts come next
     # "spaced2": the powers of 2, six due texts a round at a capacity of 32, each text at every distance in time
     assert spaced_distances(32, 2) == [1, 2, 4, 8, 16, 32]
+    from absorber.config import AbsorberConfig
+    with pytest.warns(UserWarning, match="replay_steps 6"):                  # fewer steps than due texts: said
+        AbsorberConfig(ntp_weight=1.0, replay=32, replay_steps=4, replay_mode="spaced2").validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AbsorberConfig(ntp_weight=1.0, replay=32, replay_steps=6, replay_mode="spaced2").validate()
+        AbsorberConfig(ntp_weight=1.0, replay=32, replay_steps=4, replay_mode="spaced").validate()
     two = run(Replay(32, "spaced2"), range(1, 45), calls=lambda t: 6)
     assert [5 - c for c in two[5]] == [4, 2, 1, 1, 1, 1]
     for t in range(34, 45):
