@@ -255,8 +255,8 @@ class AbsorberConfig:
             due = len(spaced_distances(self.replay, SPACED_BASES[self.replay_mode]))
             if self.replay_steps < due:
                 warnings.warn(f"replay_mode {self.replay_mode} with replay {self.replay} has {due} due texts a round "
-                              f"at steady state, replay_steps {self.replay_steps}: each due replay comes later and "
-                              f"later (use replay_steps {due})", UserWarning, stacklevel=2)
+                              f"at steady state and replay_steps {self.replay_steps}: the schedule falls behind, and "
+                              f"replays come late or never (use replay_steps {due})", UserWarning, stacklevel=2)
         if self.replay and (self.ntp_weight == 0 or self.ntp_top < 1):
             raise AbsorberError("replay replays the next-token term on whole texts: it needs ntp_weight > 0 and "
                                 "ntp_top 1")

@@ -25,7 +25,7 @@ REPLAY_STEPS_HELP = ("with --replay: each round runs J more steps after its K, e
 # per power below the capacity each round: 4 for a capacity of 27 to 80, as many as the shipped 4 replay steps.
 # "spaced2" replays at the powers of 2 (1, 2, 4, 8, 16, 32): 4 times in the first 8 rounds, as "recent" (R 8, 4
 # steps) does on average, and still at 16 and 32: 6 due texts a round at a capacity of 32 (replay_steps 6; with
-# fewer steps a round the schedule falls behind).
+# fewer steps a round the schedule falls behind: at 4, every replay comes 18-25 rounds after absorption).
 SPACED_BASES = {"spaced": 3, "spaced2": 2}
 
 

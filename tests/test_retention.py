@@ -949,12 +949,12 @@ def test_run_cli_replay_mode_reaches_the_stream(tiny_bundle, tmp_path):
     from absorber.runtime import Stream
     inp = tmp_path / "in.txt"
     inp.write_text("the committee met on tuesday and agreed on the new budget for the coming year. " * 6)
-    over = {"replay": 3, "replay_steps": 1}
+    over = {"replay": 3, "replay_steps": 2}
     for mode in ("spaced", "recent"):
         st = tmp_path / mode
         flags = ["--replay-mode", mode] if mode == "spaced" else []
         assert main(["run", str(tiny_bundle), "--input", str(inp), "--state", str(st), "--replay", "3",
-                     "--replay-steps", "1", *flags, "-q", "--max-new-tokens", "0"]) == 0
+                     "--replay-steps", "2", *flags, "-q", "--max-new-tokens", "0"]) == 0
         s = Stream.open(tiny_bundle, state_dir=st, config_overrides=over)
         assert s.rounds >= 3 and len(s.replay_buffer.kept) == 3
         assert (s.replay_buffer.served > 0) == (mode == "spaced")
