@@ -116,6 +116,8 @@ class Stream:
         self._grad_ov = model.grad_values
         self._loss_buf = np.zeros((), np.float32)
         self._loss_ov = ort.OrtValue.ortvalue_from_numpy(self._loss_buf)
+        self._x_buf: np.ndarray | None = None      # the next-token term's ids (sink + X), see _bind_x
+        self._x_ov = None
         # stream state
         self.window: list[int] = []
         self.pending: list[int] = []
@@ -318,13 +320,25 @@ class Stream:
         io.bind_cpu_input(F.POSITION_IDS, np.arange(len(yy), dtype=np.int64)[None])
         io.bind_cpu_input(F.TEACHER_HIDDEN, teacher)
         if self.ntp_weight > 0:
-            io.bind_cpu_input(F.X_IDS, np.asarray([self.sink + x], np.int64))
+            self._bind_x(io, x)
         for n, ov in self._param_ov.items():
             io.bind_ortvalue_input(n, ov)
         io.bind_ortvalue_output(F.LOSS, self._loss_ov)
         for n, ov in self._grad_ov.items():
             io.bind_ortvalue_output(F.grad_name(n), ov)
         return io
+
+    def _bind_x(self, io, x: list[int]) -> None:
+        """Bind sink + x as the next-token term's ids from one int64 buffer the stream keeps: each replay step
+        writes its kept text into it in place instead of binding a new array (a new buffer only when the length
+        changes, e.g. a kept text from before a resume with another n)."""
+        p = len(self.sink)
+        if self._x_buf is None or self._x_buf.shape[1] != p + len(x):
+            self._x_buf = np.empty((1, p + len(x)), np.int64)
+            self._x_ov = ort.OrtValue.ortvalue_from_numpy(self._x_buf)
+        self._x_buf[0, :p] = self.sink
+        self._x_buf[0, p:] = x
+        io.bind_ortvalue_input(F.X_IDS, self._x_ov)
 
     def _eval_loss(self, x: list[int], y: list[int], teacher: np.ndarray) -> float:
         """The final loss evaluation (forward only): the decoder's hidden states vs the teacher's, plus the
@@ -396,7 +410,7 @@ class Stream:
                 self.step_hook()
             if step < total:       # the last step gives the arena back before the final loss evaluation
                 if step >= cfg.k:  # a replay step: the next-token term on a kept X
-                    io.bind_cpu_input(F.X_IDS, np.asarray([self.sink + self.replay_buffer.next()], np.int64))
+                    self._bind_x(io, self.replay_buffer.next())
                 self.train.run_with_iobinding(io, self.model.round_run_options if step == total - 1 else None)
                 lv = float(self._loss_buf)
             else:
