@@ -34,7 +34,9 @@ class Architecture:
     # answer's prompt, every planted fact's answer NLL moved by < 2e-5 nats, and the runtime skips the output head
     # over the rest of the prompt ("The mixture's weight from the prompt's last 128 tokens"). SmolLM2 replays its last
     # 8 absorbed chunks, 4 more steps a round: 0.64 of the facts at 8 rounds against 0.49, damage +0.3 % through the
-    # mixture, next-text R 0.72 against 0.80 (paired -0.08 [-0.22, +0.02]) ("Experience replay"; Gemma not measured)
+    # mixture, next-text R 0.72 against 0.80 (paired -0.08 [-0.22, +0.02]) ("Experience replay"). Gemma-3-270M replays
+    # the same: 0.56 of the facts at 8 rounds against 0.42 (paired +0.14 [+0.10, +0.17]), damage -0.2 %, next-text R
+    # 0.30 against 0.34 (paired -0.04 [-0.10, +0.02]), key-token R +0.03 ("Experience replay on Gemma-3-270M")
     mixed: tuple[tuple[str, float | int], ...] = ()
 
     def facts(self, config) -> dict:
@@ -81,7 +83,7 @@ GEMMA3 = Architecture(
     tested=("Gemma-3-270M base (gemma3_text)", "tiny random Gemma3TextConfig (sliding-window layers, tied "
             "embeddings)"),
     bos=True,
-    mixed=(("lr", 3e-4), ("mix_share", 0.01), ("mix_window", 128)),
+    mixed=(("lr", 3e-4), ("mix_share", 0.01), ("mix_window", 128), ("replay", 8), ("replay_steps", 4)),
 )
 
 REGISTRY: tuple[Architecture, ...] = (LLAMA, GEMMA3)
