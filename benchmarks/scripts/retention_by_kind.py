@@ -5,7 +5,10 @@ fact weighs by its window-to-full gap: a name that the window alone cannot guess
 times a two-digit number (2-7 nats). This splits the pooled retention of each variant by the facts' kinds
 (absorber/facts.py: role, person, place, pet, date, year, number) and by two groups, names (role, person, place,
 pet) and numbers (number, year, date), with each group's share of the gap, its retention, its decoy lift and its
-specific retention, and a 95 % bootstrap interval over the group's facts.
+specific retention, and a 95 % bootstrap interval over the group's facts. With --order, each group is split again
+by where the answer stands in the planted statement: before the words the question asks by ("My friend X will serve
+as our new ambassador": answer first, the direction a causal model's next-token term does not train, the reversal
+curse) or after them ("chaired by Judge X": cue first).
 
     mapfile -t A < <(grep -v '^#' benchmarks/retention_replay_args.txt)
     python benchmarks/scripts/retention_by_kind.py --distances 1,8 "${A[@]}"
@@ -26,21 +29,49 @@ from absorber.retention import bootstrap_ci, decoy_lift, retention, specific_ret
 from retention_plot import pooled  # noqa: E402
 
 GROUPS = {"names": ("role", "person", "place", "pet"), "numbers": ("number", "year", "date")}
+# absorber/facts.py's templates (by index) whose statement puts the answer before the cue the question asks by:
+# 2 "exactly {n} new factories", 3 "{p} will serve as our new ambassador", 5 "hired {n} new park rangers",
+# 6 "thank {p}, a teacher ... in {town}"; the other nine name the cue first
+ANSWER_FIRST = frozenset({2, 3, 5, 6})
+
+
+def with_templates(specs: list[str]) -> dict[str, list[dict]]:
+    """LABEL -> records with each fact's template index (the facts rebuilt from the screen's seed: text i of a file
+    has seed + 1000 i, retention_screen.py), pooled over the files of a label; checked against the records' kinds."""
+    from absorber import facts as FX
+    out: dict[str, list[dict]] = {}
+    for spec in specs:
+        head, _, variant = spec.partition("::")
+        label, _, path = head.rpartition("=")
+        d = json.loads(Path(path).read_text())
+        recs = d["methods"][variant]["records"]
+        for i, text in enumerate(d["texts"]):
+            fs = FX.make_facts(max(r["fact"] for r in recs) + 1, seed=d["settings"]["seed"] + 1000 * i)
+            for r in recs:
+                if r.get("text", d["texts"][0]) == text:
+                    if fs[r["fact"]].kind != r["kind"]:
+                        raise SystemExit(f"{path}: fact {r['fact']} of {text} is not the rebuilt one")
+                    out.setdefault(label, []).append(dict(r, text=text, template=fs[r["fact"]].template))
+    return out
 
 
 def _gap(records: list[dict]) -> float:
     return sum(r["nll_window"] - r["nll_full"] for r in records)
 
 
-def rows(records: list[dict], distance: int, draws: int, seed: int) -> list[dict]:
-    """One row per kind and per group at one distance: facts, share of the gap, retention, decoy lift, specific."""
+def rows(records: list[dict], distance: int, draws: int, seed: int, order: bool = False) -> list[dict]:
+    """One row per kind and per group at one distance: facts, share of the gap, retention, decoy lift, specific
+    (order: per group and the answer's place in the statement instead of per kind)."""
     sub = [r for r in records if r["distance"] == distance]
     total = _gap(sub)
     kinds = sorted({r["kind"] for r in sub})
-    parts = [(k, (k,)) for k in kinds] + [(g, ks) for g, ks in GROUPS.items()] + [("all", tuple(kinds))]
+    parts = [(k, (k,), None) for k in kinds] if not order else \
+        [(f"{g}, {o}", ks, o) for g, ks in GROUPS.items() for o in ("answer first", "cue first")]
+    parts += [(g, ks, None) for g, ks in GROUPS.items()] + [("all", tuple(kinds), None)]
     out = []
-    for name, ks in parts:
-        rs = [r for r in sub if r["kind"] in ks]
+    for name, ks, o in parts:
+        rs = [r for r in sub if r["kind"] in ks
+              and (o is None or (r["template"] in ANSWER_FIRST) == (o == "answer first"))]
         if not rs:
             continue
         ci = bootstrap_ci(rs, draws, seed, stat=specific_retention)
@@ -56,12 +87,15 @@ def main(argv=None) -> int:
     ap.add_argument("--distances", default="1,8")
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--order", action="store_true", help="split each group by the answer's place in the statement")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args(argv)
     dists = [int(x) for x in a.distances.split(",")]
     result = {}
+    templated = with_templates(a.specs) if a.order else {}
     for label, e in pooled(a.specs).items():
-        result[label] = [row for d in dists for row in rows(e["records"], d, a.draws, a.seed)]
+        recs = templated.get(label, e["records"])
+        result[label] = [row for d in dists for row in rows(recs, d, a.draws, a.seed, a.order)]
         n = len(set(e["texts"]))
         print(f"\n{label} ({n} speech{'es' if n > 1 else ''})\n")
         print("| d | kind | facts | share of the gap | retention | decoy lift | **specific** [95% CI] |")
