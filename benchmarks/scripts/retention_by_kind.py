@@ -46,7 +46,7 @@ def with_templates(specs: list[str]) -> dict[str, list[dict]]:
         d = json.loads(Path(path).read_text())
         recs = d["methods"][variant]["records"]
         for i, text in enumerate(d["texts"]):
-            fs = FX.make_facts(max(r["fact"] for r in recs) + 1, seed=d["settings"]["seed"] + 1000 * i)
+            fs = FX.make_facts(d["settings"]["facts"], seed=d["settings"]["seed"] + 1000 * i)
             for r in recs:
                 if r.get("text", d["texts"][0]) == text:
                     if fs[r["fact"]].kind != r["kind"]:
