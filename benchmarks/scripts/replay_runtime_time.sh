@@ -4,8 +4,8 @@
 #   bash benchmarks/scripts/replay_runtime_time.sh BUNDLE OUT_DIR
 # BUNDLE: an int8 export with this version's preset (replay 8, 4 steps), e.g. the demo's
 # (ABSORBER_BUNDLE=BUNDLE bash scripts/demo.sh), or a Gemma-3-270M int4 export (`absorber export gemma3-270m --quant
-# int4`, benchmarks/retention.md, "Gemma-3-270M's next-text R with replay"). Writes OUT_DIR/{replay,norep,replay2}.jsonl (`absorber run --json`:
-# one line per round, then the summary) and .time (GNU time: seconds, peak RSS).
+# int4`, benchmarks/retention.md, "Gemma-3-270M's next-text R with replay"). Writes OUT_DIR/{replay,norep,replay2}.jsonl
+# (`absorber run --json`: one line per round, then the summary) and .time (GNU time: seconds, peak RSS).
 set -euo pipefail
 B=$1; OUT=$2
 mkdir -p "$OUT"

@@ -35,23 +35,17 @@ GROUPS = {"names": ("role", "person", "place", "pet"), "numbers": ("number", "ye
 ANSWER_FIRST = frozenset({2, 3, 5, 6})
 
 
-def with_templates(specs: list[str]) -> dict[str, list[dict]]:
-    """LABEL -> records with each fact's template index (the facts rebuilt from the screen's seed: text i of a file
-    has seed + 1000 i, retention_screen.py), pooled over the files of a label; checked against the records' kinds."""
+def with_templates(e: dict) -> list[dict]:
+    """A pooled label's records with each fact's template index, the facts rebuilt as the screen drew them
+    (retention_plot.pooled's fact_draws); checked against the records' kinds."""
     from absorber import facts as FX
-    out: dict[str, list[dict]] = {}
-    for spec in specs:
-        head, _, variant = spec.partition("::")
-        label, _, path = head.rpartition("=")
-        d = json.loads(Path(path).read_text())
-        recs = d["methods"][variant]["records"]
-        for i, text in enumerate(d["texts"]):
-            fs = FX.make_facts(d["settings"]["facts"], seed=d["settings"]["seed"] + 1000 * i)
-            for r in recs:
-                if r.get("text", d["texts"][0]) == text:
-                    if fs[r["fact"]].kind != r["kind"]:
-                        raise SystemExit(f"{path}: fact {r['fact']} of {text} is not the rebuilt one")
-                    out.setdefault(label, []).append(dict(r, text=text, template=fs[r["fact"]].template))
+    drawn = {t: FX.make_facts(count, seed=seed) for t, (count, seed) in e["fact_draws"].items()}
+    out = []
+    for r in e["records"]:
+        f = drawn[r["text"]][r["fact"]]
+        if f.kind != r["kind"]:
+            raise SystemExit(f"fact {r['fact']} of {r['text']} is not the rebuilt one ({f.kind}, not {r['kind']})")
+        out.append(dict(r, template=f.template))
     return out
 
 
@@ -92,9 +86,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     dists = [int(x) for x in a.distances.split(",")]
     result = {}
-    templated = with_templates(a.specs) if a.order else {}
     for label, e in pooled(a.specs).items():
-        recs = templated.get(label, e["records"])
+        recs = with_templates(e) if a.order else e["records"]
         result[label] = [row for d in dists for row in rows(recs, d, a.draws, a.seed, a.order)]
         n = len(set(e["texts"]))
         print(f"\n{label} ({n} speech{'es' if n > 1 else ''})\n")

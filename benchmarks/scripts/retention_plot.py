@@ -60,6 +60,8 @@ def pooled(specs: list[str], damage_last: int = 0) -> dict[str, dict]:
         e["texts"] += texts
         e["distances"] |= set(d["settings"]["distances"])
         s = d["settings"]
+        for i, t in enumerate(texts):      # how each text's facts were drawn (retention_screen.py: seed + 1000 i)
+            e.setdefault("fact_draws", {})[t] = (s.get("facts"), s.get("seed", 0) + 1000 * i)
         e["window"] = (v["config"].get("n"), v["config"].get("m"), v["config"].get("k"))
         by_text: dict[str, list] = {}
         for r in v.get("damage_records") or []:
