@@ -50,6 +50,7 @@ class Absorption:
         self._ntp_keep: torch.Tensor | None = None      # cfg.ntp_top: the round's mask of X's scored tokens
         self.background_ids: list[int] = []  # cfg.lora.sparse: the selection's first background (set by the loop)
         self.replay = Replay(cfg.replay, cfg.replay_mode, cfg.replay_tokens, cfg.lora.seed)   # cfg.replay
+        self.cloze_tokens: dict = {}         # cfg.cloze: absorber.cloze's token sets and frame ids (set by the loop)
 
     @torch.no_grad()
     def _before_round(self) -> None:
@@ -166,6 +167,40 @@ class Absorption:
             nll = sync.next_token_loss(self.model, x, reduction="none")
         return sync.surprising(nll, self.cfg.ntp_top)
 
+    @torch.no_grad()
+    def cloze_text(self, x: torch.Tensor) -> torch.Tensor:
+        """cfg.cloze: X followed by its cloze probes (absorber.cloze; each token's surprise for the frozen model
+        with the X before it in context; cfg.cloze_gen: each question the frozen model's own), [1, n + probes'
+        tokens]: the next-token term's text."""
+        from absorber import cloze
+        if not self.cloze_tokens:
+            raise ValueError("cloze probes need the tokenizer's token sets (the streaming loop sets them)")
+        with lora.disabled(self.model):
+            nll = sync.next_token_loss(self.model, x, reduction="none")
+        ids = x[0].tolist()
+        t = self.cloze_tokens
+        out = list(ids)
+        for a, at, b in cloze.choose(ids, [0.0] + nll.tolist(), t["ends"], t["starts"], t["caps"], self.cfg.cloze):
+            q = self._generated_question(ids[a:b], x) if self.cfg.cloze_gen > 0 else None
+            if q is None:
+                out += list(t["open"]) + ids[a:at] + list(t["ask"]) + ids[at:b]
+            else:
+                out += list(t["q_open"]) + q + list(t["q_answer"]) + ids[at:b]
+        return torch.tensor([out], dtype=x.dtype, device=x.device)
+
+    @torch.no_grad()
+    def _generated_question(self, sentence: list[int], like: torch.Tensor) -> list[int] | None:
+        """cfg.cloze_gen: the question the frozen model writes about `sentence` (absorber.cloze.GEN_PROMPT),
+        greedy, up to its first "?" (None: none written)."""
+        from absorber import cloze
+        t = self.cloze_tokens
+        p = torch.tensor([list(t["gen_before"]) + sentence + list(t["gen_after"])], dtype=like.dtype,
+                         device=like.device)
+        with lora.disabled(self.model):
+            out = self.model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=self.cfg.cloze_gen,
+                                      do_sample=False, repetition_penalty=1.2, pad_token_id=0)
+        return cloze.question_ids(out[0, p.shape[1]:].tolist(), t["qmarks"])
+
     def _save(self):
         return ([p.detach().clone() for p in self.params],
                 {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
@@ -263,10 +298,12 @@ class Absorption:
             targets.append((y, teacher if teacher is not None else self._teacher(x, y)))
         else:
             targets = [(y, None)]
+        # the next-token term's text: X, or X and its cloze probes (the teacher above saw X alone)
+        xn = self.cloze_text(x) if self.method == "absorber" and cfg.ntp_weight > 0 and cfg.cloze > 0 else x
         t1 = time.perf_counter()
         steps, rolled_back, losses = 0, False, []
         for i, (yy, tt) in enumerate(targets):
-            losses, s, rolled_back = self._steps(x, yy, tt, cfg.replay_steps if i == len(targets) - 1 else 0)
+            losses, s, rolled_back = self._steps(xn, yy, tt, cfg.replay_steps if i == len(targets) - 1 else 0)
             steps += s
             if rolled_back:
                 break
@@ -275,7 +312,7 @@ class Absorption:
         elif self.method == "absorber" and cfg.ntp_context > 0:   # the hybrid's next-token term, same recipe
             self._ttt_context = x[:, -cfg.ntp_context:].detach().clone()
         if self.method == "absorber" and cfg.ntp_weight > 0:
-            self.replay.keep(x[0].tolist())
+            self.replay.keep(xn[0].tolist())
         if rolled_back:
             self.rollbacks += 1
             warnings.warn(f"round {self.rounds}: non-finite loss or gradient; step rolled back, round ended",

@@ -183,6 +183,15 @@ class AbsorberConfig:
                                  # this many more steps after its K, each with the next-token term on a kept X (in
                                  # turn) in place of this round's X, the sync on Y the same: what the runtime's
                                  # train step runs as it is (one more step each, another x_ids). 0: every step
+    cloze: int = 0               # with ntp_weight: the next-token term also writes this many cloze probes of X a
+                                 # round (absorber/cloze.py): X's most surprising sentences asked back as questions,
+                                 # cut before their most surprising word (the name it belongs to), appended to X in
+                                 # the term (and kept with X for replay); the teacher and Y are unchanged. Reference
+                                 # only. 0: off
+    cloze_gen: int = 0           # with cloze: each probe's question is the frozen model's own, written about the
+                                 # sentence in up to this many tokens (absorber/cloze.py GEN_PROMPT; greedy, to its
+                                 # first "?"), then the sentence from its cut as the answer; without a "?" the cloze
+                                 # frame. Reference only. 0: the cloze frame
     sink: int = 4                # sink tokens kept by the StreamingLLM baseline
     fill: bool = False           # at flush, fill a short Y with greedy continuations (the paper's Algorithm 2)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -260,6 +269,10 @@ class AbsorberConfig:
         if self.replay and (self.ntp_weight == 0 or self.ntp_top < 1):
             raise AbsorberError("replay replays the next-token term on whole texts: it needs ntp_weight > 0 and "
                                 "ntp_top 1")
+        if self.cloze < 0 or self.cloze_gen < 0 or (self.cloze and (self.ntp_weight == 0 or self.ntp_top < 1)):
+            raise AbsorberError(f"cloze and cloze_gen must be >= 0, and cloze needs ntp_weight > 0 and ntp_top 1 (got "
+                                f"cloze {self.cloze}, cloze_gen {self.cloze_gen}, ntp_weight {self.ntp_weight}, "
+                                f"ntp_top {self.ntp_top})")
         if self.ttt_context < 0 or self.ntp_context < 0:
             raise AbsorberError(f"ttt_context and ntp_context must be >= 0 (got {self.ttt_context}, "
                                 f"{self.ntp_context})")
@@ -283,8 +296,8 @@ LORA_KEYS = {"rank": "rank", "alpha": "alpha", "targets": "targets", "layers": "
              "lora.alpha": "alpha", "lora.targets": "targets", "lora.layers": "layers", "lora.seed": "seed",
              "lora.sparse": "sparse", "lora.protect": "protect", "lora.protect_tokens": "protect_tokens"}
 _INT_KEYS = ("n", "m", "k", "sink", "sync_skip", "prefix", "anchor_tokens", "anchor_sampled", "probes", "probe_gen",
-             "ttt_context", "ntp_context", "calibrate", "replay", "replay_steps", "replay_tokens", "lora.rank",
-             "lora.seed", "lora.sparse", "lora.protect_tokens", "lora.prefix_kv")
+             "ttt_context", "ntp_context", "calibrate", "replay", "replay_steps", "replay_tokens", "cloze",
+             "cloze_gen", "lora.rank", "lora.seed", "lora.sparse", "lora.protect_tokens", "lora.prefix_kv")
 _TUPLE_KEYS = ("loss_layers", "betas", "lora.targets", "lora.layers")
 
 

@@ -62,6 +62,10 @@ class RetentionSettings:
     # (AbsorberConfig.mix_window), one score per window (pooled as "<label> (mix S, window W)"), same adapters;
     # CONTEXT_ONLY (-1): learned over the context, not the question ("<label> (mix S, context only)")
     mix_windows: tuple[int, ...] = ()
+    # with mix_shares: each record also keeps the answer's per-token log-probabilities under the adapted and the
+    # base model and the mixture's log-weights where the answer starts, per share and window ("mix_trace"), so that
+    # other rules over the answer tokens are scored offline (benchmarks/scripts/mixture_answer_rules.py)
+    mix_trace: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,11 +145,14 @@ CONTEXT_ONLY = -1      # a mixture "window": the weight learned over the stream'
 
 
 def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact],
-                      shares: Sequence[float], windows: Sequence[int] = (0,)) -> dict[tuple[float, int], list[float]]:
+                      shares: Sequence[float], windows: Sequence[int] = (0,), trace: dict | None = None
+                      ) -> dict[tuple[float, int], list[float]]:
     """Per fixed share and mixture window (AbsorberConfig.mix_window; 0: all), each fact's summed answer NLL under
     the online mixture of `model` and `base` (absorber.mixture), its weights learned over the context and the
     question (their last `window` tokens). Window -1: learned over the context alone, the question's tokens
-    teach the weight nothing (CONTEXT_ONLY)."""
+    teach the weight nothing (CONTEXT_ONLY). `trace` (a dict) receives per fact the answer tokens' log-probabilities
+    under each model ("answer": [(lp_a, lp_b)]) and per (share, window) the log-weights the answer starts from
+    ([(la, lb)]): the inputs of any other rule over the answer (RetentionSettings.mix_trace)."""
     from absorber.mixture import Mixture, evidence_start
     ca, pa = token_logprobs(model, tok, context, facts)
     cb, pb = token_logprobs(base, tok, context, facts)
@@ -166,8 +173,13 @@ def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int]
                 m = Mixture(s, la=after[i][0], lb=after[i][1])
                 q0 = max(0, start - len(ca))
                 m.run(a_[q0:upto], b_[q0:upto])
+                if trace is not None:
+                    trace.setdefault((s, w), []).append((m.la, m.lb))
                 nlls.append(-float(m.run(a_[nq:], b_[nq:]).sum()))
             out[(s, w)] = nlls
+    if trace is not None:
+        trace["answer"] = [(a_[len(FX.prompt_ids(tok, f)[0]):], b_[len(FX.prompt_ids(tok, f)[0]):])
+                           for f, a_, b_ in zip(facts, pa, pb)]
     return out
 
 
@@ -243,11 +255,12 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
         if sa.calibration is not None:       # the same adapters without the correction: a paired control
             with sa.calibration.off():
                 raw, raw_dec = answer_and_decoy_nlls(sa.model, tok, ctx, asked, asked_dec)
-        mixed = {}
+        mixed, trace = {}, None
         if rs.mix_shares and method != "window":
+            trace = {} if rs.mix_trace else None
             with sa.reading():
                 per_share = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec),
-                                              rs.mix_shares, (0,) + tuple(rs.mix_windows))
+                                              rs.mix_shares, (0,) + tuple(rs.mix_windows), trace)
             mixed = {sw: (v[:len(asked)], v[len(asked):]) for sw, v in per_share.items()}
         scaled = {}
         for sc in rs.read_scales if method != "window" else ():
@@ -265,6 +278,12 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 records[-1].update({f"nll_method_read{sc:g}": a_[i], f"nll_method_decoy_read{sc:g}": ad_[i]})
             for sw, (a_, ad_) in mixed.items():
                 records[-1].update({f"nll_method{mix_suffix(*sw)}": a_[i], f"nll_method_decoy{mix_suffix(*sw)}": ad_[i]})
+            if mixed and trace is not None:
+                k_ = len(asked)
+                records[-1]["mix_trace"] = {
+                    "answer": [list(map(float, x)) for x in trace["answer"][i]],
+                    "decoy": [list(map(float, x)) for x in trace["answer"][k_ + i]],
+                    "start": {mix_suffix(*sw): [list(trace[sw][i]), list(trace[sw][k_ + i])] for sw in mixed}}
         if rs.heldout_tokens and heldout_ids:
             h = list(heldout_ids[:rs.heldout_tokens])
             bos = lead[:1] if cfg.bos else []       # no stream context, but the model's BOS (cfg.bos)

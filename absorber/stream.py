@@ -50,6 +50,9 @@ class StreamingAbsorber:
             if tokenizer is not None and self.cfg.probes:
                 from absorber.config import PROBE_PREFIX
                 self.absorption.probe_prefix = tokenizer.encode(PROBE_PREFIX, add_special_tokens=False)
+            if tokenizer is not None and self.cfg.cloze:
+                from absorber.cloze import token_sets
+                self.absorption.cloze_tokens = token_sets(tokenizer)
             if tokenizer is not None and self.cfg.probe_gen:
                 from absorber.config import GEN_PROBE_PROMPTS
                 self.absorption.gen_prompts = [tokenizer.encode(t, add_special_tokens=False)

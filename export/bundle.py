@@ -253,6 +253,9 @@ def trace(model, lora_cfg=None, cfg=None, opset: int = DEFAULT_OPSET, max_len: i
     if cfg.replay > 0 and cfg.replay_steps == 0:
         raise AbsorberError(f"replay={cfg.replay} with replay_steps 0 (the term added to every step) is not "
                             "supported by the exported train step: set replay_steps > 0 (steps of their own)")
+    if cfg.cloze > 0:
+        raise AbsorberError(f"cloze={cfg.cloze} is not supported by the exporter (X's sentences asked back as "
+                            "questions in the next-token term; a reference option: benchmarks/retention.md)")
     if cfg.ntp_weight > 0 and cfg.ntp_top < 1:
         raise AbsorberError(f"ntp_top={cfg.ntp_top} is not supported by the exported train step (it scores every "
                             "token of X; ntp_top < 1 is a reference option)")

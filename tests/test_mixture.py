@@ -113,11 +113,19 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
     held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
     cfg = AbsorberConfig(n=64, m=32, k=2, lr=1e-2)
     rs = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=64, bootstrap=50,
-                              mix_shares=(0.0, 0.001), mix_windows=(8, 100000, -1))
+                              mix_shares=(0.0, 0.001), mix_windows=(8, 100000, -1), mix_trace=True)
     res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("hy", "absorber", cfg)], rs)
     run, m0 = res["methods"]["hy"], res["methods"]["hy (mix 0)"]
     assert "hy (mix 0.001)" in res["methods"] and m0["config"]["mix_share"] == 0.0
     assert len(m0["records"]) == len(run["records"]) == 6
+    # mix_trace: each record's answer and decoy rebuilt under every share and window from its trace
+    for rec in run["records"]:
+        tr = rec["mix_trace"]
+        for suffix, starts in tr["start"].items():
+            s_ = float(suffix[4:].split("w")[0].split("ctx")[0])
+            for (la, lb), toks, key in zip(starts, (tr["answer"], tr["decoy"]), ("nll_method", "nll_method_decoy")):
+                got_ = -float(Mixture(s_, la=la, lb=lb).run(*toks).sum())
+                assert got_ == pytest.approx(rec[key + suffix], rel=1e-9)
     assert any(a["nll_method"] != r["nll_method"] for a, r in zip(m0["records"], run["records"]))
     for d, r in zip(m0["damage_records"], run["damage_records"]):
         assert d["nll_method"] <= min(r["nll_method"], r["nll_base"]) + math.log(2) + 1e-3
@@ -150,7 +158,8 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
     with torch.no_grad():
         for p_ in other.parameters():
             p_.add_(0.05 * torch.randn_like(p_))
-    got = RT.mixed_answer_nlls(other, tiny_model, tiny_tok, ctx, fs, (0.01,), (0, 3, 8, RT.CONTEXT_ONLY))
+    trace: dict = {}
+    got = RT.mixed_answer_nlls(other, tiny_model, tiny_tok, ctx, fs, (0.01,), (0, 3, 8, RT.CONTEXT_ONLY), trace)
     ca, pa = RT.token_logprobs(other, tiny_tok, ctx, fs)
     cb, pb = RT.token_logprobs(tiny_model, tiny_tok, ctx, fs)
     for w in (0, 3, 8, RT.CONTEXT_ONLY):
@@ -164,6 +173,10 @@ def test_forgetting_curve_scores_the_mixture_on_the_same_adapters(tiny_model, ti
                 m.learn(ca + a_[:nq], cb + b_[:nq], w)
             want.append(-float(m.run(a_[nq:], b_[nq:]).sum()))
         assert got[(0.01, w)] == pytest.approx(want, rel=1e-12)
+        # the trace (RetentionSettings.mix_trace): the answer's scores rebuilt from its log-weights and tokens
+        again = [-float(Mixture(0.01, la=la, lb=lb).run(a_, b_).sum())
+                 for (la, lb), (a_, b_) in zip(trace[(0.01, w)], trace["answer"])]
+        assert again == pytest.approx(got[(0.01, w)], rel=1e-12)
     assert got[(0.01, 3)] != pytest.approx(got[(0.01, 0)])
 
 

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--mix-windows", default="", help="with --mix-shares: also score each share with the mixture's "
                    "weight learned from only the last W tokens before the answer (comma-separated; one row per "
                    "share and window, the same trained adapters; ctx: learned over the context, not the question)")
+    p.add_argument("--mix-trace", action="store_true", help="with --mix-shares: each record keeps the answer's "
+                   "per-token log-probabilities under both models and the mixture's log-weights where it starts, to "
+                   "score other rules over the answer offline (benchmarks/scripts/mixture_answer_rules.py)")
     p.add_argument("--json", dest="json_out", required=True)
     a = p.parse_args(argv)
     import torch
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
                               read_scales=tuple(float(x) for x in a.read_scales.split(",") if x),
                               mix_shares=tuple(float(x) for x in a.mix_shares.split(",") if x),
                               mix_windows=tuple(RT.CONTEXT_ONLY if x == "ctx" else int(x)
-                                                for x in a.mix_windows.split(",") if x))
+                                                for x in a.mix_windows.split(",") if x),
+                              mix_trace=a.mix_trace)
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
 
