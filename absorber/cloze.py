@@ -2,7 +2,7 @@
 the next-token term beside X.
 
 What the adapters keep of a planted fact after the shipped write is the answer's continuation, not its start:
-given the answer's first token they complete the name (0.0 nats a token), but they do not produce that first token
+given the answer's first token they complete the name (0.0-0.2 nats a token), but they do not produce that first token
 from a question any better than the base model (benchmarks/retention.md, "Where a kept name is lost"). The
 next-token term trains "… will be run by" → "Thaddeus" inside the statement, and a question asks in other words
 and another frame. A cloze probe puts X's own sentence in a question frame, cut before its most surprising word or
