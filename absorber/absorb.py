@@ -161,11 +161,14 @@ class Absorption:
         return None if old is None else torch.tensor([old], dtype=like.dtype, device=like.device)
 
     @torch.no_grad()
+    def _frozen_nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Each of X's tokens after the first: its NLL for the frozen model (adapters off), X before it in context."""
+        with lora.disabled(self.model):
+            return sync.next_token_loss(self.model, x, reduction="none")
+
     def _ntp_mask(self, x: torch.Tensor) -> torch.Tensor:
         """cfg.ntp_top: X's most surprising tokens for the frozen model (no context); once per round."""
-        with lora.disabled(self.model):
-            nll = sync.next_token_loss(self.model, x, reduction="none")
-        return sync.surprising(nll, self.cfg.ntp_top)
+        return sync.surprising(self._frozen_nll(x), self.cfg.ntp_top)
 
     @torch.no_grad()
     def cloze_text(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,17 +178,12 @@ class Absorption:
         from absorber import cloze
         if not self.cloze_tokens:
             raise ValueError("cloze probes need the tokenizer's token sets (the streaming loop sets them)")
-        with lora.disabled(self.model):
-            nll = sync.next_token_loss(self.model, x, reduction="none")
-        ids = x[0].tolist()
-        t = self.cloze_tokens
+        ids, t = x[0].tolist(), self.cloze_tokens
         out = list(ids)
-        for a, at, b in cloze.choose(ids, [0.0] + nll.tolist(), t["ends"], t["starts"], t["caps"], self.cfg.cloze):
+        for a, at, b in cloze.choose(ids, [0.0] + self._frozen_nll(x).tolist(), t["ends"], t["starts"], t["caps"],
+                                     self.cfg.cloze):
             q = self._generated_question(ids[a:b], x) if self.cfg.cloze_gen > 0 else None
-            if q is None:
-                out += list(t["open"]) + ids[a:at] + list(t["ask"]) + ids[at:b]
-            else:
-                out += list(t["q_open"]) + q + list(t["q_answer"]) + ids[at:b]
+            out += cloze.probe(ids, a, at, b, t, q)
         return torch.tensor([out], dtype=x.dtype, device=x.device)
 
     @torch.no_grad()

@@ -80,12 +80,14 @@ def choose(ids: Sequence[int], surprise: Sequence[float], ends: set[int], starts
     return [(a, at, b) for _, a, at, b in sorted(sorted(cands, key=lambda c: -c[0])[:count], key=lambda c: c[1])]
 
 
-def probes(ids: Sequence[int], surprise: Sequence[float], ends: set[int], starts: set[int], caps: set[int],
-           count: int, open_ids: Sequence[int], ask_ids: Sequence[int], min_words: int = 3) -> list[list[int]]:
-    """Up to `count` cloze probes of X (ids), one per chosen sentence (choose()): open + the sentence up to its cut
-    + ask + the rest of the sentence."""
-    return [list(open_ids) + list(ids[a:at]) + list(ask_ids) + list(ids[at:b])
-            for a, at, b in choose(ids, surprise, ends, starts, caps, count, min_words)]
+def probe(ids: Sequence[int], a: int, at: int, b: int, sets: dict, question: Sequence[int] | None = None
+          ) -> list[int]:
+    """The probe of sentence ids[a:b] cut at `at` (choose()): the cloze frame, open + the words before the cut + ask
+    + the rest; with `question` (the frozen model's own, cloze_gen), q_open + question + q_answer + the rest.
+    `sets`: token_sets()' frame ids."""
+    if question is None:
+        return list(sets["open"]) + list(ids[a:at]) + list(sets["ask"]) + list(ids[at:b])
+    return list(sets["q_open"]) + list(question) + list(sets["q_answer"]) + list(ids[at:b])
 
 
 # AbsorberConfig.cloze_gen: the question is the frozen model's own, written after this prompt around the sentence

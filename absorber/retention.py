@@ -156,13 +156,13 @@ def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int]
     from absorber.mixture import Mixture, evidence_start
     ca, pa = token_logprobs(model, tok, context, facts)
     cb, pb = token_logprobs(base, tok, context, facts)
+    nqs = [len(FX.prompt_ids(tok, f)[0]) for f in facts]      # each question's tokens before its answer
     out: dict[tuple[float, int], list[float]] = {}
     for s in shares:
         for w in windows:
             after: dict[int, tuple[float, float]] = {}   # the weight after the context from index i on, run once
             nlls = []
-            for f, a_, b_ in zip(facts, pa, pb):
-                nq = len(FX.prompt_ids(tok, f)[0])
+            for nq, a_, b_ in zip(nqs, pa, pb):
                 # the question's tokens teach the weight too, except with CONTEXT_ONLY
                 start, upto = (0, 0) if w == CONTEXT_ONLY else (evidence_start(len(ca) + nq, w), nq)
                 i = min(start, len(ca))
@@ -178,8 +178,7 @@ def mixed_answer_nlls(model: nn.Module, base: nn.Module, tok, context: list[int]
                 nlls.append(-float(m.run(a_[nq:], b_[nq:]).sum()))
             out[(s, w)] = nlls
     if trace is not None:
-        trace["answer"] = [(a_[len(FX.prompt_ids(tok, f)[0]):], b_[len(FX.prompt_ids(tok, f)[0]):])
-                           for f, a_, b_ in zip(facts, pa, pb)]
+        trace["answer"] = [(a_[nq:], b_[nq:]) for nq, a_, b_ in zip(nqs, pa, pb)]
     return out
 
 

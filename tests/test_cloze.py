@@ -6,6 +6,12 @@ from absorber import cloze
 
 END, OPEN, ASK = 99, [90, 91], [92, 93]
 STARTS, CAPS = set(range(10, 20)), set(range(15, 20))     # word starts; the capitalized ones
+SETS = {"open": OPEN, "ask": ASK, "q_open": [94], "q_answer": [95]}
+
+
+def probes(ids, s, count):
+    """The round's probes of X in the cloze frame (Absorption.cloze_text without cloze_gen)."""
+    return [cloze.probe(ids, a, at, b, SETS) for a, at, b in cloze.choose(ids, s, {END}, STARTS, CAPS, count)]
 
 
 def test_a_sentence_is_cut_before_its_most_surprising_word_moved_back_over_a_name():
@@ -13,8 +19,10 @@ def test_a_sentence_is_cut_before_its_most_surprising_word_moved_back_over_a_nam
     ids = [1, 2, 3, 10, 4, 15, 5, 16, 6, END]
     s = [0, 1, 1, 1, 5, 0, 2, 2, 9, 0]
     assert cloze.cut(ids, s, 0, len(ids), STARTS, CAPS) == (11, 5)
-    got = cloze.probes(ids, s, {END}, STARTS, CAPS, 4, OPEN, ASK)
+    got = probes(ids, s, 4)
     assert got == [OPEN + [1, 2, 3, 10, 4] + ASK + [15, 5, 16, 6, END]]
+    # with a generated question: the question frame, the answer the same rest of the sentence
+    assert cloze.probe(ids, 0, 5, len(ids), SETS, [7, 8]) == [94, 7, 8, 95, 15, 5, 16, 6, END]
     # a plain word is not moved back: the same sentence with 16 not capitalized is cut before it
     assert cloze.cut(ids, s, 0, len(ids), STARTS, {15}) == (11, 7)
     # the first min_words tokens are never a cut, and a word in them does not count
@@ -29,9 +37,9 @@ def test_the_most_surprising_sentences_win_in_x_order_and_an_unfinished_tail_is_
     ids = a + b + c + tail
     s = [1, 1, 1, 2, 1, 0] + [1, 1, 1, 6, 2, 0] + [1, 1, 1, 4, 1, 0] + [1, 1, 1, 50, 50]
     assert cloze.sentences(ids, {END}) == [(0, 6), (6, 12), (12, 18)]
-    got = cloze.probes(ids, s, {END}, STARTS, CAPS, 2, OPEN, ASK)
+    got = probes(ids, s, 2)
     assert got == [OPEN + [1, 2, 3] + ASK + [11, 4, END], OPEN + [1, 2, 3] + ASK + [12, 4, END]]
-    assert cloze.probes(ids, s, {END}, STARTS, CAPS, 0, OPEN, ASK) == []
+    assert probes(ids, s, 0) == []
 
 
 def test_word_starts_and_question_marks_come_from_the_vocabulary(tiny_tok):

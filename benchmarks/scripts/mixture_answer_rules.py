@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,10 +65,10 @@ def scored(rec: dict, rule: str, suffix: str) -> dict:
 NAMES = ("role", "person", "place", "pet")
 
 
-def first_token_rows(label: str, recs: list[dict], d: int) -> list[dict]:
+def first_token_rows(label: str, recs: list[dict], d: int, suffix: str, share: float) -> list[dict]:
     """Where the answers' NLL is, per group (names, numbers): summed over the group's facts at distance d, the
     first answer token's NLL and the rest's, under the base model (the window), the adapters alone and the
-    mixture as run (its per-token NLLs rebuilt from the trace)."""
+    mixture as run (`suffix`, `share`: its per-token NLLs rebuilt from the trace)."""
     out = []
     for group in ("names", "numbers"):
         sub = [r for r in recs if r["distance"] == d and (r["kind"] in NAMES) == (group == "names")]
@@ -80,8 +81,8 @@ def first_token_rows(label: str, recs: list[dict], d: int) -> list[dict]:
             for r in sub:
                 a, b = r["mix_trace"]["answer"]
                 if who == "mixture":
-                    la, lb = r["mix_trace"]["start"][r["_suffix"]][0]
-                    per = [-x for x in Mixture(r["_share"], la=la, lb=lb).run(a, b)]
+                    la, lb = r["mix_trace"]["start"][suffix][0]
+                    per = [-x for x in Mixture(share, la=la, lb=lb).run(a, b)]
                 else:
                     per = [-x for x in (b if who == "base" else a)]
                 first, rest = first + per[0], rest + sum(per[1:])
@@ -131,16 +132,16 @@ def main(argv: list[str] | None = None) -> None:
               "mixture: first / rest |")
         print("|---|---|---|---|---|---|---|---|")
         for label, recs in load(a.runs, a.suffix).items():
-            recs = [dict(r, _suffix=a.suffix, _share=share) for r in recs]
             for d in (int(x) for x in a.distances.split(",")):
-                for row in first_token_rows(label, recs, d):
+                for row in first_token_rows(label, recs, d, a.suffix, share):
                     first.append(row)
                     print(f"| {label} | {d} | {row['group']} | {row['facts']} | {row['full']:.1f} | "
                           + " | ".join(f"{row[w]['first']:.1f} / {row[w]['rest']:.1f}"
                                        for w in ("base", "alone", "mixture")) + " |")
     if a.json_out:
-        Path(a.json_out).write_text(json.dumps({"command": "python benchmarks/scripts/mixture_answer_rules.py "
-                                                + " ".join(argv if argv is not None else sys.argv[1:]),
+        args = argv if argv is not None else sys.argv[1:]     # quoted: the labels hold spaces
+        Path(a.json_out).write_text(json.dumps({"command": shlex.join(["python", "benchmarks/scripts/"
+                                                                       "mixture_answer_rules.py", *args]),
                                                 "rows": rows, "first_token": first}, indent=1))
 
 
