@@ -9,7 +9,7 @@ a real transcript, each inserted after a sentence end, so that they read as part
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 FIRST = ["Imelda", "Torvald", "Marisol", "Ezekiel", "Odessa", "Lucan", "Perpetua", "Anselm", "Rosalind", "Casimir",
          "Henrietta", "Barnaby", "Ottilie", "Leopold", "Winifred", "Thaddeus", "Beatrix", "Cornelius", "Philippa",
@@ -37,6 +37,7 @@ class Fact:
     answer: str        # scored by teacher-forced NLL after the question prompt (leading space)
     kind: str
     template: int = -1  # which template it was drawn from (decoys are drawn from the same one)
+    cue: str = ""       # when set, asked by these words instead of the question prompt (`cued`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,9 +130,22 @@ def decoys(facts: list[Fact], seed: int = 0) -> list[Fact]:
 QUESTION_PROMPT = "\nQuestion: {question}\nAnswer:"
 
 
+def cued(fact: Fact, said: Fact | None = None) -> Fact:
+    """The fact asked by the planted sentence's own words up to its answer ("\nThe new commission on fairness
+    will be chaired by" -> " Judge Imelda Farrow"): cued recall, the storage half of retention. A question worded
+    differently needs the fact stored *and* extractable by other words; the sentence's own words need it stored.
+    `said`: the fact whose sentence gives the cue (a decoy's true fact; default `fact` itself)."""
+    said = said or fact
+    at = said.statement.find(said.answer)
+    if at < 0:
+        raise ValueError(f"the answer {said.answer!r} is not in its statement {said.statement!r}")
+    return replace(fact, cue="\n" + said.statement[:at].lstrip())
+
+
 def prompt_ids(tok, fact: Fact) -> tuple[list[int], list[int]]:
-    """(question prompt ids, answer ids) for teacher-forced scoring."""
-    q = tok.encode(QUESTION_PROMPT.format(question=fact.question), add_special_tokens=False)
+    """(prompt ids, answer ids) for teacher-forced scoring: the question prompt, or the fact's cue."""
+    prompt = fact.cue or QUESTION_PROMPT.format(question=fact.question)
+    q = tok.encode(prompt, add_special_tokens=False)
     a = tok.encode(fact.answer, add_special_tokens=False)
     return q, a
 

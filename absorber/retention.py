@@ -66,6 +66,13 @@ class RetentionSettings:
     # base model and the mixture's log-weights where the answer starts, per share and window ("mix_trace"), so that
     # other rules over the answer tokens are scored offline (benchmarks/scripts/mixture_answer_rules.py)
     mix_trace: bool = False
+    # each record also keeps, per answer token, the NLLs of the fact asked by its own sentence's words (facts.cued)
+    # and of its decoy under the same cue: window, full, the method's reading and the adapters alone ("cued").
+    # Retention under the cue is what is stored; under the question, what is stored and extractable
+    cued: bool = False
+    # when > 0: the same for the question answered after a recitation of at most this many tokens that the
+    # condition's own model writes first (reciter; "recited", with the recitations under "cues")
+    recite: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +135,14 @@ def answer_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fa
     import torch.nn.functional as F
     _, _, per = _after_context(model, tok, context, facts, False)
     return [float(F.cross_entropy(pred[len(q):], ids[0, len(q):], reduction="sum")) for q, _, ids, pred in per]
+
+
+@torch.no_grad()
+def answer_token_nlls(model: nn.Module, tok, context: list[int], facts: Sequence[FX.Fact]) -> list[list[float]]:
+    """answer_nlls per answer token (the same forwards; their sums equal answer_nlls to float rounding)."""
+    import torch.nn.functional as F
+    _, _, per = _after_context(model, tok, context, facts, False)
+    return [F.cross_entropy(pred[len(q):], ids[0, len(q):], reduction="none").tolist() for q, _, ids, pred in per]
 
 
 @torch.no_grad()
@@ -216,6 +231,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
     records: list[dict] = []
     damage: list[dict] = []
     rounds: list[dict] = []
+    recite_cue = reciter(tok, rs.recite) if rs.recite else None
     for r, _, done in stream_rounds(sa, ids, last_round):
         rounds += [{"round": r, "loss_first": x.loss_first, "loss_last": x.loss_last, "seconds": x.seconds}
                    for x in done if x.loss_first is not None]
@@ -261,6 +277,10 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                 per_share = mixed_answer_nlls(sa.model, base_model, tok, ctx, list(asked) + list(asked_dec),
                                               rs.mix_shares, (0,) + tuple(rs.mix_windows), trace)
             mixed = {sw: (v[:len(asked)], v[len(asked):]) for sw, v in per_share.items()}
+        pas = [(fs[j], dec[j], passages[j]) for j, _ in due[r]]
+        cue = _prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, _cue_of) if rs.cued else None
+        rec_ = (_prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, recite_cue)
+                if recite_cue else None)
         scaled = {}
         for sc in rs.read_scales if method != "window" else ():
             with lora.read_scaled(sa.model, sc):
@@ -271,6 +291,10 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             md = wd if mine_dec is None else mine_dec[i]
             records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
                             "nll_method": mth, "nll_full": f_, "nll_window_decoy": wd, "nll_method_decoy": md})
+            for key, got in (("cued", cue), ("recited", rec_)):
+                if got is not None:
+                    records[-1][key] = {k: ({w: c[i] for w, c in v.items()} if k == "cues" else v[i])
+                                        for k, v in got.items()}
             if raw is not None:
                 records[-1].update(nll_method_uncalibrated=raw[i], nll_method_decoy_uncalibrated=raw_dec[i])
             for sc, (a_, ad_) in scaled.items():
@@ -335,6 +359,108 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             "damage": damage, "rounds": rounds, "baselines": baselines}
 
 
+def _prompted_tokens(sa, base_model: nn.Module, tok, ctx: list[int], lead: list[int], cfg: AbsorberConfig,
+                     rs: RetentionSettings, method: str, asked: Sequence[tuple[FX.Fact, FX.Fact, list[int]]],
+                     cue_for: Callable[[str, nn.Module, list[int], FX.Fact], str]) -> dict[str, list]:
+    """Per asked (fact, decoy, passage), the per-token answer NLLs of the fact and of its decoy after another
+    prompt than the question: `cue_for(who, model, context, fact)` (who: "window", "full" or "method"; the model
+    and context that condition reads with), the decoy asked the same way as its fact. Keys: "window" /
+    "window_decoy" (base model, the window), "full" (base model, the passage before the window), and for a method
+    "method" / "method_decoy" (its reading: the online mixture when cfg.mix, else the adapters alone), "alone" /
+    "alone_decoy" (the adapters without the mixture) and "method<mix suffix>" / "…_decoy" per share and window of
+    rs.mix_shares/mix_windows; "cues": the prompts per condition (the fact's order)."""
+    from dataclasses import replace
+
+    from absorber.mixture import Mixture
+    k = len(asked)
+    ask = lambda who, model, context: [replace(f, cue=cue_for(who, model, context, f)) for f, _, _ in asked]  # noqa: E731
+    cw = ask("window", base_model, ctx)
+    win = answer_token_nlls(base_model, tok, ctx, cw + [replace(d, cue=c.cue) for (_, d, _), c in zip(asked, cw)])
+    out: dict[str, list] = {"window": win[:k], "window_decoy": win[k:], "full": [[] for _ in asked],
+                            "cues": {"window": [c.cue for c in cw], "full": [""] * k}}
+    by_passage: dict[tuple, list[int]] = {}        # facts of the same chunk share their passage
+    for i, (_, _, p) in enumerate(asked):
+        by_passage.setdefault(tuple(p), []).append(i)
+    for p, i_s in by_passage.items():
+        full_ctx = lead + list(p) + ctx[len(lead):]
+        cf = [replace(asked[i][0], cue=cue_for("full", base_model, full_ctx, asked[i][0])) for i in i_s]
+        for i, c, v in zip(i_s, cf, answer_token_nlls(base_model, tok, full_ctx, cf)):
+            out["full"][i], out["cues"]["full"][i] = v, c.cue
+    if method == "window":
+        return out
+    # the method's reading, and as the forgetting curve's extra rows the mixture at each (share, window) scored
+    mixes = ([(cfg.mix_share, cfg.mix_window)] if cfg.mix else []) + [
+        (s_, w_) for s_ in rs.mix_shares for w_ in (0,) + tuple(rs.mix_windows)]
+    with sa.reading():
+        cm = ask("method", sa.model, ctx)
+        both = cm + [replace(d, cue=c.cue) for (_, d, _), c in zip(asked, cm)]
+        if mixes:
+            trace: dict = {}
+            mixed_answer_nlls(sa.model, base_model, tok, ctx, both, sorted({s_ for s_, _ in mixes}),
+                              sorted({w_ for _, w_ in mixes}), trace)
+            alone = [[-float(x) for x in a_] for a_, _ in trace["answer"]]
+        else:
+            alone = answer_token_nlls(sa.model, tok, ctx, both)
+    out["cues"]["method"] = [c.cue for c in cm]
+    out.update(alone=alone[:k], alone_decoy=alone[k:])
+    for s_, w_ in mixes:
+        mixed = [(-Mixture(s_, la=la, lb=lb).run(a_, b_)).tolist()
+                 for (la, lb), (a_, b_) in zip(trace[(s_, w_)], trace["answer"])]
+        out[f"method{mix_suffix(s_, w_)}"], out[f"method{mix_suffix(s_, w_)}_decoy"] = mixed[:k], mixed[k:]
+    key = f"method{mix_suffix(cfg.mix_share, cfg.mix_window)}" if cfg.mix else "alone"
+    out["method"], out["method_decoy"] = out[key], out[key + "_decoy"]
+    return out
+
+
+def _cue_of(who: str, model: nn.Module, context: list[int], fact: FX.Fact) -> str:
+    """RetentionSettings.cued: the fact's own sentence's words up to its answer (facts.cued), in every condition."""
+    return FX.cued(fact).cue
+
+
+# "Earlier the speaker said:" ends at once with a new line; "…the speaker said that" is continued as a sentence,
+# from the passage in context by the base model in 3 of 7 tries (the recitation's first check, on 2026-Trump-1)
+RECITE_PROMPT = "\nQuestion: {question}\nIn the speech, the speaker said that"
+
+
+@torch.no_grad()
+def greedy_ids(model: nn.Module, prefix: list[int], max_new: int, stop: set[int]) -> list[int]:
+    """Greedy continuation of `prefix` (KV cache), at most max_new tokens, ending before a token in `stop`."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([list(prefix)], device=dev)
+    T = ids.shape[1]
+    out = model(input_ids=ids, position_ids=torch.arange(T, device=dev)[None], attention_mask=torch.ones_like(ids),
+                use_cache=True, logits_to_keep=1)
+    new: list[int] = []
+    while len(new) < max_new:
+        t = int(out.logits[0, -1].argmax())
+        if t in stop:
+            break
+        new.append(t)
+        L = T + len(new)
+        out = model(input_ids=torch.tensor([[t]], device=dev), position_ids=torch.tensor([[L - 1]], device=dev),
+                    attention_mask=torch.ones(1, L, dtype=torch.long, device=dev),
+                    past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
+def reciter(tok, tokens: int) -> Callable[[str, nn.Module, list[int], FX.Fact], str]:
+    """RetentionSettings.recite: recitation before answering (RECITE, arXiv 2210.01296). The condition's own
+    model, after its context and the question, first says what it recalls (RECITE_PROMPT, greedy, up to `tokens`
+    tokens, to the line's end); the answer is then scored after the question, that recitation and
+    "Answer:". A fact the adapters store under its sentence's words but cannot reach from a question may come
+    back through the sentence they recite. The method recites with the adapters alone (read at cfg.read_scale),
+    not through the mixture."""
+    stop = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    if tok.eos_token_id is not None:
+        stop.add(tok.eos_token_id)
+
+    def cue(who: str, model: nn.Module, context: list[int], fact: FX.Fact) -> str:
+        head = RECITE_PROMPT.format(question=fact.question)
+        said = greedy_ids(model, list(context) + tok.encode(head, add_special_tokens=False), tokens, stop)
+        return head + tok.decode(said) + "\nAnswer:"
+    return cue
+
+
 def _scored_as(out: dict, suffix: str) -> dict:
     """A stream's result with every method NLL replaced by the twin recorded beside it under `suffix`."""
     swap = lambda x, keys: {**x, **{k: x[k + suffix] for k in keys if k + suffix in x}}  # noqa: E731
@@ -346,6 +472,16 @@ def uncalibrated(out: dict) -> dict:
     """A calibrated stream's result (AbsorberConfig.calibrate) as scored without the correction: the paired
     control recorded beside every method NLL."""
     return _scored_as(out, "_uncalibrated")
+
+
+def asked_by(out: dict, field: str) -> dict:
+    """A stream's result with every fact scored as the cue (field "cued") or the recitation ("recited") asked it:
+    its window, full and method NLLs (the run's reading) and decoys the sums of that prompt's per-token NLLs."""
+    def conv(r: dict) -> dict:
+        c = r[field]
+        return {**r, "nll_window": sum(c["window"]), "nll_full": sum(c["full"]), "nll_method": sum(c["method"]),
+                "nll_window_decoy": sum(c["window_decoy"]), "nll_method_decoy": sum(c["method_decoy"])}
+    return {**out, "records": [conv(r) for r in out["records"]]}
 
 
 def retention(records: list[dict]) -> float:
@@ -476,6 +612,9 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
             for w_ in rs.mix_windows:
                 per[f"{label} (mix {s_:g}, " + ("context only)" if w_ == CONTEXT_ONLY else f"window {w_})")] = pooled_run(
                     mth, dict(cfg.to_dict(), mix_share=s_, mix_window=w_), [(n, mixed_at(o, s_, w_)) for n, o in outs], rs)
+        for field, name in (("cued", "own words"), ("recited", "recited")):
+            if mth != "window" and (rs.cued if field == "cued" else rs.recite):
+                per[f"{label} ({name})"] = pooled_run(mth, cfg.to_dict(), [(n, asked_by(o, field)) for n, o in outs], rs)
         if on_run:
             on_run({"methods": per, "partial": True})
     return {"methods": per, "settings": {"retention": rs.to_dict(), "texts": [n for n, _ in texts]}}

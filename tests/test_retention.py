@@ -336,6 +336,17 @@ def test_eval_cli_forgetting_curve(tmp_path, capsys):
                "--quiet", "--json", str(out), "--read-scales", "0.5"])
     assert rc == 0
     assert set(json.loads(out.read_text())["methods"]) == {"window", "absorber", "absorber (read x0.5)"}
+    # --cued / --recite: rows for the same adapters asked by the facts' own words and after a recitation
+    rc = main(["eval", "--model", "tiny", "--text", str(f), "--facts", "2", "--plant-rounds", "1", "--distances",
+               "1", "--methods", "window,absorber", "--n", "64", "--m", "32", "--k", "1", "--bootstrap", "20",
+               "--quiet", "--json", str(out), "--cued", "--recite", "2"])
+    assert rc == 0
+    assert "| absorber (own words) |" in capsys.readouterr().out
+    got = json.loads(out.read_text())["methods"]
+    assert set(got) == {"window", "absorber", "absorber (own words)", "absorber (recited)"}
+    for r, c in zip(got["absorber"]["records"], got["absorber (own words)"]["records"]):
+        assert c["nll_method"] == sum(r["cued"]["method"]) and c["nll_full"] == sum(r["cued"]["full"])
+        assert c["nll_window"] != r["nll_window"]
     assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lora"]["sparse"] == 4
     assert res["methods"]["absorber sparse=4 lr=0.002"]["config"]["lr"] == 0.002
 
@@ -996,3 +1007,64 @@ def test_runtime_replay_steps_match_reference_and_resume(tiny_bundle, tiny_tok, 
     np.testing.assert_allclose(b.opt.params, s.opt.params, rtol=0, atol=1e-6)
     with pytest.raises(AbsorberError, match="replay_steps"):
         Stream.open(tiny_bundle, config_overrides={"replay": 2})
+
+
+def test_cued_recall_asks_each_fact_by_its_own_words_on_the_same_adapters(tiny_model, tiny_tok):
+    """RetentionSettings.cued: every record also keeps per-token NLLs of the fact asked by its sentence's words up
+    to the answer (facts.cued) and of its decoy under the same cue: window and full from the base model, the
+    adapters alone and the mixture (the method's reading) on the same adapters; the question's records unchanged."""
+    f = FX.make_facts(13, seed=1)[0]
+    c = FX.cued(f)
+    assert c.cue.startswith("\n") and c.cue[1:] + f.answer in f.statement.lstrip() and c.answer == f.answer
+    q, a = FX.prompt_ids(tiny_tok, c)
+    assert tiny_tok.decode(q) == c.cue and tiny_tok.decode(a) == f.answer
+    d = FX.decoys([f])[0]
+    assert FX.cued(d, said=f).cue == c.cue and FX.cued(d, said=f).answer == d.answer
+    with pytest.raises(ValueError, match="not in its statement"):
+        FX.cued(d)                                   # a decoy's answer was never said
+    for fact in FX.make_facts(26, seed=2):           # every template's answer is said in its sentence
+        FX.cued(fact)
+
+    text = tiny_tok.encode("The council met on a cold morning. Everyone spoke at length. " * 60,
+                           add_special_tokens=False)
+    held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
+    cfg = AbsorberConfig(n=64, m=32, k=2, lr=1e-2, mix=True, mix_share=0.01, mix_window=8)
+    plain = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=0, bootstrap=0)
+    rs = dataclasses.replace(plain, cued=True, recite=3, mix_shares=(0.0,))
+    res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("mx", "absorber", cfg)], rs)
+    ref = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("mx", "absorber", cfg)], plain)
+    recs = res["methods"]["mx"]["records"]
+    assert len(recs) == 6
+    for r, r0 in zip(recs, ref["methods"]["mx"]["records"]):
+        assert {k: v for k, v in r.items() if k in r0} == r0        # the question's scores as without the cue
+        cu = r["cued"]
+        n_ans = len(FX.prompt_ids(tiny_tok, FX.make_facts(3, seed=0)[r["fact"]])[1])
+        assert all(len(cu[k]) == n_ans for k in ("window", "full", "method", "alone", "method_mix0", "alone_decoy")
+                   if "decoy" not in k)
+        assert cu["method"] == cu["method_mix0.01w8"] and cu["method"] != cu["alone"]
+        assert cu["window"] != cu["full"] and cu["window"] != cu["window_decoy"]
+        # the recitation: each condition's own words after the question, then "Answer:"
+        rc = r["recited"]
+        q = FX.make_facts(3, seed=0)[r["fact"]].question
+        for who in ("window", "full", "method"):
+            c = rc["cues"][who]
+            assert c.startswith(RT.RECITE_PROMPT.format(question=q)) and c.endswith("\nAnswer:")
+            assert len(rc[who]) == n_ans
+        assert rc["method"] == rc["method_mix0.01w8"] and len(rc["alone_decoy"]) == len(rc["window_decoy"])
+    # the per-token sums equal answer_nlls on the cued facts after the same context
+    fs = FX.make_facts(3, seed=0)
+    ctx = tiny_tok.encode("Everyone spoke at length.", add_special_tokens=False)
+    per = RT.answer_token_nlls(tiny_model, tiny_tok, ctx, [FX.cued(x) for x in fs])
+    tot = RT.answer_nlls(tiny_model, tiny_tok, ctx, [FX.cued(x) for x in fs])
+    assert np.allclose([sum(p) for p in per], tot, rtol=1e-5)
+
+
+def test_greedy_ids_follow_the_argmax_without_a_cache_and_stop(tiny_model, tiny_tok):
+    prefix = tiny_tok.encode("The council met on a cold morning.", add_special_tokens=False)
+    got = RT.greedy_ids(tiny_model, prefix, 6, set())
+    ids = list(prefix)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(tiny_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[len(prefix):]
+    assert RT.greedy_ids(tiny_model, prefix, 6, {got[2]}) == got[:got.index(got[2])]

@@ -93,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "instead of the perplexity table (methods: window, ttt, absorber)")
     fc.add_argument("--plant-rounds", type=int, default=2, help="X chunks the facts are spread over (default 2)")
     fc.add_argument("--distances", default="1,2,4,8,16,32", help="rounds since eviction scored")
+    fc.add_argument("--cued", action="store_true",
+                    help="also ask every fact by its own sentence's words up to the answer: a row '<method> (own "
+                         "words)' for what is stored, against the question's row for what a question can reach")
+    fc.add_argument("--recite", type=int, default=0, metavar="T",
+                    help="also answer every question after a recitation of at most T tokens that each condition's "
+                         "model writes first (a row '<method> (recited)'; arXiv 2210.01296)")
     fc.add_argument("--heldout", default="1961-Kennedy",
                     help="text whose perplexity measures damage: a speech's fileid prefix or a text file (its tokens "
                          "after the first 1000 are scored; default %(default)s)")
@@ -187,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
         rs = RT.RetentionSettings(facts=args.facts, plant_rounds=args.plant_rounds,
                                   distances=tuple(int(x) for x in _floats(args.distances)),
                                   bootstrap=args.bootstrap, seed=args.seed,
-                                  read_scales=settings.read_scales)
+                                  read_scales=settings.read_scales, cued=args.cued, recite=args.recite)
         held_ids = tok.encode(data.heldout_text(args.heldout)[1], add_special_tokens=False)
         if len(held_ids) < 1000 + rs.heldout_tokens:
             raise AbsorberError(f"--heldout {args.heldout}: {len(held_ids)} tokens; the damage check scores "

@@ -82,6 +82,12 @@ def main(argv=None) -> int:
     p.add_argument("--mix-trace", action="store_true", help="with --mix-shares: each record keeps the answer's "
                    "per-token log-probabilities under both models and the mixture's log-weights where it starts, to "
                    "score other rules over the answer offline (benchmarks/scripts/mixture_answer_rules.py)")
+    p.add_argument("--cued", action="store_true", help="each record also keeps the per-token NLLs of the fact asked "
+                   "by its own sentence's words up to the answer, and of its decoy (RetentionSettings.cued): what is "
+                   "stored, against what a differently worded question can extract (benchmarks/scripts/cued_recall.py)")
+    p.add_argument("--recite", type=int, default=0, help="each record also keeps the per-token NLLs of the answer "
+                   "and its decoy after a recitation of at most this many tokens that each condition's model writes "
+                   "after the question first (RetentionSettings.recite, retention.reciter)")
     p.add_argument("--json", dest="json_out", required=True)
     a = p.parse_args(argv)
     import torch
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
                               mix_shares=tuple(float(x) for x in a.mix_shares.split(",") if x),
                               mix_windows=tuple(RT.CONTEXT_ONLY if x == "ctx" else int(x)
                                                 for x in a.mix_windows.split(",") if x),
-                              mix_trace=a.mix_trace)
+                              mix_trace=a.mix_trace, cued=a.cued,
+                              recite=a.recite)
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
 
