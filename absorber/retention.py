@@ -424,23 +424,13 @@ RECITE_PROMPT = "\nQuestion: {question}\nIn the speech, the speaker said that"
 
 @torch.no_grad()
 def greedy_ids(model: nn.Module, prefix: list[int], max_new: int, stop: set[int]) -> list[int]:
-    """Greedy continuation of `prefix` (KV cache), at most max_new tokens, ending before a token in `stop`."""
+    """Greedy continuation of `prefix` (transformers' generate, as absorb's cloze questions), at most max_new
+    tokens, ending before a token in `stop`."""
     dev = next(model.parameters()).device
     ids = torch.tensor([list(prefix)], device=dev)
-    T = ids.shape[1]
-    out = model(input_ids=ids, position_ids=torch.arange(T, device=dev)[None], attention_mask=torch.ones_like(ids),
-                use_cache=True, logits_to_keep=1)
-    new: list[int] = []
-    while len(new) < max_new:
-        t = int(out.logits[0, -1].argmax())
-        if t in stop:
-            break
-        new.append(t)
-        L = T + len(new)
-        out = model(input_ids=torch.tensor([[t]], device=dev), position_ids=torch.tensor([[L - 1]], device=dev),
-                    attention_mask=torch.ones(1, L, dtype=torch.long, device=dev),
-                    past_key_values=out.past_key_values, use_cache=True)
-    return new
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=sorted(stop) or None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    return next((out[:i] for i, t in enumerate(out) if t in stop), out)
 
 
 def reciter(tok, tokens: int) -> Callable[[str, nn.Module, list[int], FX.Fact], str]:
@@ -474,14 +464,18 @@ def uncalibrated(out: dict) -> dict:
     return _scored_as(out, "_uncalibrated")
 
 
+def asked_record(r: dict, field: str, method: str = "method") -> dict:
+    """A record scored as the cue (field "cued") or the recitation ("recited") asked its fact: window, full,
+    method (the key `method`: the run's reading, "alone", "method<mix suffix>") and decoy NLLs the sums of that
+    prompt's per-token NLLs."""
+    c = r[field]
+    return {**r, "nll_window": sum(c["window"]), "nll_full": sum(c["full"]), "nll_method": sum(c[method]),
+            "nll_window_decoy": sum(c["window_decoy"]), "nll_method_decoy": sum(c[method + "_decoy"])}
+
+
 def asked_by(out: dict, field: str) -> dict:
-    """A stream's result with every fact scored as the cue (field "cued") or the recitation ("recited") asked it:
-    its window, full and method NLLs (the run's reading) and decoys the sums of that prompt's per-token NLLs."""
-    def conv(r: dict) -> dict:
-        c = r[field]
-        return {**r, "nll_window": sum(c["window"]), "nll_full": sum(c["full"]), "nll_method": sum(c["method"]),
-                "nll_window_decoy": sum(c["window_decoy"]), "nll_method_decoy": sum(c["method_decoy"])}
-    return {**out, "records": [conv(r) for r in out["records"]]}
+    """A stream's result with every record as asked_record (the run's reading)."""
+    return {**out, "records": [asked_record(r, field) for r in out["records"]]}
 
 
 def retention(records: list[dict]) -> float:

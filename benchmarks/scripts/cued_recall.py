@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from absorber.evaluate import percentile_interval  # noqa: E402
-from absorber.retention import bootstrap_ci, decoy_lift, retention, specific_retention  # noqa: E402
+from absorber.retention import (asked_record, bootstrap_ci, decoy_lift, retention,  # noqa: E402
+                                specific_retention)
 from mixture_answer_rules import NAMES  # noqa: E402
 from retention_plot import pooled  # noqa: E402
 
@@ -42,12 +43,9 @@ def as_question(rec: dict, reading: str) -> dict:
 
 
 def as_cued(rec: dict, reading: str, field: str = "cued") -> dict:
-    """The record as the cue (field "cued") or the recitation ("recited") scored it (sums of its per-token NLLs),
-    the method read through `reading`."""
-    c = rec[field]
-    key = "alone" if reading == "alone" else "method" + reading
-    return dict(rec, nll_window=sum(c["window"]), nll_full=sum(c["full"]), nll_method=sum(c[key]),
-                nll_window_decoy=sum(c["window_decoy"]), nll_method_decoy=sum(c[key + "_decoy"]))
+    """The record as the cue (field "cued") or the recitation ("recited") asked it, the method read through
+    `reading` (retention.asked_record)."""
+    return asked_record(rec, field, "alone" if reading == "alone" else "method" + reading)
 
 
 def paired_ci(a: list[dict], b: list[dict], draws: int) -> tuple[float, float] | None:
