@@ -27,6 +27,7 @@ No generation: a 135M model answers weakly, but its likelihoods are informative.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -73,6 +74,12 @@ class RetentionSettings:
     # when > 0: the same for the question answered after a recitation of at most this many tokens that the
     # condition's own model writes first (reciter; "recited", with the recitations under "cues")
     recite: int = 0
+    # when > 0: the same for the question answered after a lead-in of at most this many tokens that the condition's
+    # own model writes first, the question restated as the start of its answer (restater; "restated")
+    restate: int = 0
+    # with restate: one lead-in per question, the base model's with the window (it has not seen the fact), asked
+    # after it in every condition: a rewrite of the question, not the condition's own recall
+    restate_shared: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,6 +239,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
     damage: list[dict] = []
     rounds: list[dict] = []
     recite_cue = reciter(tok, rs.recite) if rs.recite else None
+    restate_cue = restater(tok, rs.restate, rs.restate_shared) if rs.restate else None
     for r, _, done in stream_rounds(sa, ids, last_round):
         rounds += [{"round": r, "loss_first": x.loss_first, "loss_last": x.loss_last, "seconds": x.seconds}
                    for x in done if x.loss_first is not None]
@@ -281,6 +289,8 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
         cue = _prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, _cue_of) if rs.cued else None
         rec_ = (_prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, recite_cue)
                 if recite_cue else None)
+        rst = (_prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, restate_cue)
+               if restate_cue else None)
         scaled = {}
         for sc in rs.read_scales if method != "window" else ():
             with lora.read_scaled(sa.model, sc):
@@ -291,7 +301,7 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             md = wd if mine_dec is None else mine_dec[i]
             records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
                             "nll_method": mth, "nll_full": f_, "nll_window_decoy": wd, "nll_method_decoy": md})
-            for key, got in (("cued", cue), ("recited", rec_)):
+            for key, got in (("cued", cue), ("recited", rec_), ("restated", rst)):
                 if got is not None:
                     records[-1][key] = {k: ({w: c[i] for w, c in v.items()} if k == "cues" else v[i])
                                         for k, v in got.items()}
@@ -451,6 +461,59 @@ def reciter(tok, tokens: int) -> Callable[[str, nn.Module, list[int], FX.Fact], 
     return cue
 
 
+# RetentionSettings.restate: made-up examples, on other topics than the planted facts', of a question rewritten as
+# the first words of its answer, stopping where the answer goes
+RESTATE_PROMPT = ("\nEach question is rewritten as the first words of a full-sentence answer, stopping where the "
+                  "answer goes.\n"
+                  "Question: Who will coach the city's rowing team?\nLead: The city's rowing team will be coached by\n"
+                  "Question: How many wells were dug in the valley last summer?\nLead: Last summer the valley dug\n"
+                  "Question: In which city will the new museum open?\nLead: The new museum will open in\n"
+                  "Question: What is the name of the captain's horse?\nLead: The captain's horse is named\n"
+                  "Question: {question}\nLead:")
+
+
+def answer_slot_lead(lead: str, question: str) -> str:
+    """A written lead-in cut where its answer would start: before its first word holding a digit, or its first
+    capitalized word after the first that the question does not hold (a 135M model often writes on into a guessed
+    number or name: "The state will open 81 factories" -> "The state will open"). Knows the question only."""
+    asked = set(re.findall(r"[A-Za-z']+", question))
+    words = lead.split()
+    for i, w in enumerate(words):
+        core = w.strip(".,;:!?\"'()")
+        if any(ch.isdigit() for ch in core) or (i > 0 and core[:1].isupper() and core not in asked):
+            words = words[:i]
+            break
+    return " ".join(words).rstrip(".,;:!?")
+
+
+def restater(tok, tokens: int, shared: bool = False) -> Callable[[str, nn.Module, list[int], FX.Fact], str]:
+    """RetentionSettings.restate: the question restated as the start of its answer before answering. The
+    condition's own model, after its context, RESTATE_PROMPT's made-up examples and the question, writes a lead-in
+    (greedy, up to `tokens` tokens, to the line's end), cut where its answer would start (answer_slot_lead); the
+    answer is then scored after the question prompt and that lead ("…\nAnswer: The new space agency will be headed
+    by" -> " Admiral …"). The adapters store a fact under its sentence's words (RetentionSettings.cued); a lead in
+    the statement's frame, written without the answer, may reach it where the question's frame does not. The method
+    writes with the adapters alone (read at cfg.read_scale), not through the mixture; the examples are not in the
+    scored prompt. `shared`: every condition is asked after the window's lead (the base model's, written first in
+    each round: _prompted_tokens asks the window first), so the conditions differ only in what they know."""
+    stop = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    if tok.eos_token_id is not None:
+        stop.add(tok.eos_token_id)
+
+    window_leads: dict[str, str] = {}
+
+    def cue(who: str, model: nn.Module, context: list[int], fact: FX.Fact) -> str:
+        if shared and who != "window":
+            return window_leads[fact.question]
+        head = RESTATE_PROMPT.format(question=fact.question)
+        said = greedy_ids(model, list(context) + tok.encode(head, add_special_tokens=False), tokens, stop)
+        lead = answer_slot_lead(tok.decode(said).strip(), fact.question)
+        got = FX.QUESTION_PROMPT.format(question=fact.question) + (" " + lead if lead else "")
+        window_leads[fact.question] = got
+        return got
+    return cue
+
+
 def _scored_as(out: dict, suffix: str) -> dict:
     """A stream's result with every method NLL replaced by the twin recorded beside it under `suffix`."""
     swap = lambda x, keys: {**x, **{k: x[k + suffix] for k in keys if k + suffix in x}}  # noqa: E731
@@ -465,9 +528,9 @@ def uncalibrated(out: dict) -> dict:
 
 
 def asked_record(r: dict, field: str, method: str = "method") -> dict:
-    """A record scored as the cue (field "cued") or the recitation ("recited") asked its fact: window, full,
-    method (the key `method`: the run's reading, "alone", "method<mix suffix>") and decoy NLLs the sums of that
-    prompt's per-token NLLs."""
+    """A record scored as the cue (field "cued"), the recitation ("recited") or the lead-in ("restated") asked its
+    fact: window, full, method (the key `method`: the run's reading, "alone", "method<mix suffix>") and decoy NLLs
+    the sums of that prompt's per-token NLLs."""
     c = r[field]
     return {**r, "nll_window": sum(c["window"]), "nll_full": sum(c["full"]), "nll_method": sum(c[method]),
             "nll_window_decoy": sum(c["window_decoy"]), "nll_method_decoy": sum(c[method + "_decoy"])}
@@ -606,8 +669,9 @@ def forgetting_curve(base: nn.Module, tok, texts: Sequence[tuple[str, Sequence[i
             for w_ in rs.mix_windows:
                 per[f"{label} (mix {s_:g}, " + ("context only)" if w_ == CONTEXT_ONLY else f"window {w_})")] = pooled_run(
                     mth, dict(cfg.to_dict(), mix_share=s_, mix_window=w_), [(n, mixed_at(o, s_, w_)) for n, o in outs], rs)
-        for field, name in (("cued", "own words"), ("recited", "recited")):
-            if mth != "window" and (rs.cued if field == "cued" else rs.recite):
+        for field, name, on in (("cued", "own words", rs.cued), ("recited", "recited", rs.recite),
+                                ("restated", "restated", rs.restate)):
+            if mth != "window" and on:
                 per[f"{label} ({name})"] = pooled_run(mth, cfg.to_dict(), [(n, asked_by(o, field)) for n, o in outs], rs)
         if on_run:
             on_run({"methods": per, "partial": True})

@@ -339,11 +339,14 @@ def test_eval_cli_forgetting_curve(tmp_path, capsys):
     # --cued / --recite: rows for the same adapters asked by the facts' own words and after a recitation
     rc = main(["eval", "--model", "tiny", "--text", str(f), "--facts", "2", "--plant-rounds", "1", "--distances",
                "1", "--methods", "window,absorber", "--n", "64", "--m", "32", "--k", "1", "--bootstrap", "20",
-               "--quiet", "--json", str(out), "--cued", "--recite", "2"])
+               "--quiet", "--json", str(out), "--cued", "--recite", "2", "--restate", "2",
+               "--restate-shared"])
     assert rc == 0
     assert "| absorber (own words) |" in capsys.readouterr().out
     got = json.loads(out.read_text())["methods"]
-    assert set(got) == {"window", "absorber", "absorber (own words)", "absorber (recited)"}
+    assert set(got) == {"window", "absorber", "absorber (own words)", "absorber (recited)", "absorber (restated)"}
+    c = got["absorber"]["records"][0]["restated"]["cues"]
+    assert c["window"] == c["full"] == c["method"]        # --restate-shared: the window's lead for all
     for r, c in zip(got["absorber"]["records"], got["absorber (own words)"]["records"]):
         assert c["nll_method"] == sum(r["cued"]["method"]) and c["nll_full"] == sum(r["cued"]["full"])
         assert c["nll_window"] != r["nll_window"]
@@ -1030,7 +1033,7 @@ def test_cued_recall_asks_each_fact_by_its_own_words_on_the_same_adapters(tiny_m
     held = tiny_tok.encode("An unrelated speech about farming and rivers. " * 10, add_special_tokens=False)
     cfg = AbsorberConfig(n=64, m=32, k=2, lr=1e-2, mix=True, mix_share=0.01, mix_window=8)
     plain = RT.RetentionSettings(facts=3, plant_rounds=2, distances=(1, 2), heldout_tokens=0, bootstrap=0)
-    rs = dataclasses.replace(plain, cued=True, recite=3, mix_shares=(0.0,))
+    rs = dataclasses.replace(plain, cued=True, recite=3, restate=4, mix_shares=(0.0,))
     res = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("mx", "absorber", cfg)], rs)
     ref = RT.forgetting_curve(tiny_model, tiny_tok, [("t", text)], held, [("mx", "absorber", cfg)], plain)
     recs = res["methods"]["mx"]["records"]
@@ -1051,12 +1054,45 @@ def test_cued_recall_asks_each_fact_by_its_own_words_on_the_same_adapters(tiny_m
             assert c.startswith(RT.RECITE_PROMPT.format(question=q)) and c.endswith("\nAnswer:")
             assert len(rc[who]) == n_ans
         assert rc["method"] == rc["method_mix0.01w8"] and len(rc["alone_decoy"]) == len(rc["window_decoy"])
+        # the restatement: the question prompt, then each condition's own lead-in (the examples not scored)
+        rs_ = r["restated"]
+        for who in ("window", "full", "method"):
+            c = rs_["cues"][who]
+            assert c.startswith(FX.QUESTION_PROMPT.format(question=q)) and "Lead:" not in c
+            assert len(rs_[who]) == n_ans
+        assert rs_["method"] == rs_["method_mix0.01w8"]
     # the per-token sums equal answer_nlls on the cued facts after the same context
     fs = FX.make_facts(3, seed=0)
     ctx = tiny_tok.encode("Everyone spoke at length.", add_special_tokens=False)
     per = RT.answer_token_nlls(tiny_model, tiny_tok, ctx, [FX.cued(x) for x in fs])
     tot = RT.answer_nlls(tiny_model, tiny_tok, ctx, [FX.cued(x) for x in fs])
     assert np.allclose([sum(p) for p in per], tot, rtol=1e-5)
+
+
+def test_answer_slot_lead_cuts_where_a_guessed_answer_starts():
+    q = "Which teacher from Cedar Hollow did the speaker thank?"
+    assert RT.answer_slot_lead("The speaker thanked the teacher from Cedar Hollow", q) == \
+        "The speaker thanked the teacher from Cedar Hollow"          # the question's own names stay
+    assert RT.answer_slot_lead("The state will open 81 factories.", "How many factories opened?") == \
+        "The state will open"
+    assert RT.answer_slot_lead("The bridge will open in the month of August.", "In which month?") == \
+        "The bridge will open in the month of"
+    assert RT.answer_slot_lead("The new space agency will be headed by", "Who heads it?") == \
+        "The new space agency will be headed by"
+    assert RT.answer_slot_lead("1999 was the year", "In what year?") == ""
+
+
+def test_restater_shared_asks_every_condition_after_the_windows_lead(tiny_model, tiny_tok):
+    f = FX.make_facts(1, seed=3)[0]
+    ctx = tiny_tok.encode("Everyone spoke at length.", add_special_tokens=False)
+    own = RT.restater(tiny_tok, 4)
+    shared = RT.restater(tiny_tok, 4, shared=True)
+    lead = shared("window", tiny_model, ctx, f)
+    assert lead == own("window", tiny_model, ctx, f) and lead.startswith(FX.QUESTION_PROMPT.format(question=f.question))
+    # the other conditions do not write: they are asked after the window's lead (no model needed)
+    assert shared("full", None, ctx + ctx, f) == shared("method", None, ctx, f) == lead
+    with pytest.raises(AttributeError):
+        own("method", None, ctx, f)
 
 
 def test_greedy_ids_follow_the_argmax_without_a_cache_and_stop(tiny_model, tiny_tok):

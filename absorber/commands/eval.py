@@ -99,6 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fc.add_argument("--recite", type=int, default=0, metavar="T",
                     help="also answer every question after a recitation of at most T tokens that each condition's "
                          "model writes first (a row '<method> (recited)'; arXiv 2210.01296)")
+    fc.add_argument("--restate", type=int, default=0, metavar="T",
+                    help="also answer every question after a lead-in of at most T tokens that each condition's model "
+                         "writes first, the question restated as the start of its answer (a row '<method> "
+                         "(restated)')")
+    fc.add_argument("--restate-shared", action="store_true",
+                    help="with --restate: every condition asked after the window's lead (the base model's, which has "
+                         "not seen the fact): a rewrite of the question rather than each condition's recall")
     fc.add_argument("--heldout", default="1961-Kennedy",
                     help="text whose perplexity measures damage: a speech's fileid prefix or a text file (its tokens "
                          "after the first 1000 are scored; default %(default)s)")
@@ -193,7 +200,8 @@ def main(args: argparse.Namespace) -> int:
         rs = RT.RetentionSettings(facts=args.facts, plant_rounds=args.plant_rounds,
                                   distances=tuple(int(x) for x in _floats(args.distances)),
                                   bootstrap=args.bootstrap, seed=args.seed,
-                                  read_scales=settings.read_scales, cued=args.cued, recite=args.recite)
+                                  read_scales=settings.read_scales, cued=args.cued, recite=args.recite,
+                                  restate=args.restate, restate_shared=args.restate_shared)
         held_ids = tok.encode(data.heldout_text(args.heldout)[1], add_special_tokens=False)
         if len(held_ids) < 1000 + rs.heldout_tokens:
             raise AbsorberError(f"--heldout {args.heldout}: {len(held_ids)} tokens; the damage check scores "

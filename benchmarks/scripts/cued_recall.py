@@ -6,9 +6,10 @@ needs the fact stored in the adapters *and* reachable from other words. A screen
 (RetentionSettings.cued) also scores every fact, at the same rounds and on the same adapters, after its own
 sentence's words up to the answer ("\\nThe new commission on fairness will be chaired by" -> " Judge Imelda
 Farrow"), with its decoy under the same cue, per answer token: window, full (the passage in context), the
-adapters alone and the mixture. This reports retention, decoy lift and specific retention under both prompts per
-distance, with 95 % bootstrap intervals over facts, and with --first-token where the names' NLL is under the cue:
-their first token against the rest.
+adapters alone and the mixture; --recite and --restate record the question after a recitation or a lead-in the
+model writes (fields "recited", "restated"). This reports retention, decoy lift and specific retention under every
+recorded prompt per distance, with 95 % bootstrap intervals over facts, the difference to the question's paired over
+facts, and with --first-token where the names' NLL is under each prompt: their first token against the rest.
 
     python benchmarks/scripts/cued_recall.py --distances 1,2,4,8 --first-token \\
         "shipped=benchmarks/retention_cued_shipped_replay_s0.json::ntp_weight=1/lr=0.001/k=8/replay=8/replay_steps=4"
@@ -40,6 +41,10 @@ def as_question(rec: dict, reading: str) -> dict:
         a, b = rec["mix_trace"]["answer"][0], rec["mix_trace"]["decoy"][0]
         return dict(rec, nll_method=-sum(a), nll_method_decoy=-sum(b))
     return dict(rec, nll_method=rec["nll_method" + reading], nll_method_decoy=rec["nll_method_decoy" + reading])
+
+
+# the other prompts a screen may record beside the question: (row label, record field)
+FIELDS = (("cue", "cued"), ("recited", "recited"), ("restated", "restated"))
 
 
 def as_cued(rec: dict, reading: str, field: str = "cued") -> dict:
@@ -85,10 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     for label, e in pooled(a.runs).items():
         recs = e["records"]
         prompts = [("question", as_question)] + [
-            (name, lambda r, rd, f=field: as_cued(r, rd, f)) for name, field in (("cue", "cued"), ("recited", "recited"))
+            (name, lambda r, rd, f=field: as_cued(r, rd, f)) for name, field in FIELDS
             if all(field in r for r in recs)]
         if len(prompts) == 1:
-            raise SystemExit(f"{label}: records without a cue or a recitation: run the screen with --cued or --recite")
+            raise SystemExit(f"{label}: records with no other prompt than the question: run the screen with --cued, "
+                             "--recite or --restate")
         for d in (int(x) for x in a.distances.split(",")):
             sub = [r for r in recs if r["distance"] == d]
             asked = [as_question(r, a.reading) for r in sub]
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                       + f" | {row['retention']:.2f} | {row['decoy_lift']:+.2f} | {row['specific']:.2f}{ci_s} | {ns} "
                       f"| {pq} |")
             names = [r for r in sub if r["kind"] in NAMES]
-            for prompt, field in (("cue", "cued"), ("recited", "recited")):
+            for prompt, field in FIELDS:
                 if a.first_token and names and all(field in r for r in recs):
                     first.append({"run": label, "prompt": prompt, "distance": d,
                                   **first_token_row(names, a.reading, field)})

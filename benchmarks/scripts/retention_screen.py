@@ -88,6 +88,12 @@ def main(argv=None) -> int:
     p.add_argument("--recite", type=int, default=0, help="each record also keeps the per-token NLLs of the answer "
                    "and its decoy after a recitation of at most this many tokens that each condition's model writes "
                    "after the question first (RetentionSettings.recite, retention.reciter)")
+    p.add_argument("--restate", type=int, default=0, help="each record also keeps the per-token NLLs of the answer "
+                   "and its decoy after the question and a lead-in of at most this many tokens that each "
+                   "condition's model writes first, the question restated as the start of its answer "
+                   "(RetentionSettings.restate, retention.restater)")
+    p.add_argument("--restate-shared", action="store_true", help="with --restate: every condition asked after the "
+                   "window's lead (the base model's, without the fact): a rewrite of the question, not recall")
     p.add_argument("--json", dest="json_out", required=True)
     a = p.parse_args(argv)
     import torch
@@ -118,7 +124,8 @@ def main(argv=None) -> int:
                               mix_windows=tuple(RT.CONTEXT_ONLY if x == "ctx" else int(x)
                                                 for x in a.mix_windows.split(",") if x),
                               mix_trace=a.mix_trace, cued=a.cued,
-                              recite=a.recite)
+                              recite=a.recite, restate=a.restate,
+                              restate_shared=a.restate_shared)
     cmd = "python benchmarks/scripts/retention_screen.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
 
