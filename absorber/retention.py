@@ -443,6 +443,14 @@ def greedy_ids(model: nn.Module, prefix: list[int], max_new: int, stop: set[int]
     return next((out[:i] for i, t in enumerate(out) if t in stop), out)
 
 
+def line_stops(tok) -> set[int]:
+    """Token ids that end a written line: any holding a new line, and the end of text."""
+    stop = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    if tok.eos_token_id is not None:
+        stop.add(tok.eos_token_id)
+    return stop
+
+
 def reciter(tok, tokens: int) -> Callable[[str, nn.Module, list[int], FX.Fact], str]:
     """RetentionSettings.recite: recitation before answering (RECITE, arXiv 2210.01296). The condition's own
     model, after its context and the question, first says what it recalls (RECITE_PROMPT, greedy, up to `tokens`
@@ -450,9 +458,7 @@ def reciter(tok, tokens: int) -> Callable[[str, nn.Module, list[int], FX.Fact], 
     "Answer:". A fact the adapters store under its sentence's words but cannot reach from a question may come
     back through the sentence they recite. The method recites with the adapters alone (read at cfg.read_scale),
     not through the mixture."""
-    stop = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
-    if tok.eos_token_id is not None:
-        stop.add(tok.eos_token_id)
+    stop = line_stops(tok)
 
     def cue(who: str, model: nn.Module, context: list[int], fact: FX.Fact) -> str:
         head = RECITE_PROMPT.format(question=fact.question)
@@ -496,11 +502,8 @@ def restater(tok, tokens: int, shared: bool = False) -> Callable[[str, nn.Module
     writes with the adapters alone (read at cfg.read_scale), not through the mixture; the examples are not in the
     scored prompt. `shared`: every condition is asked after the window's lead (the base model's, written first in
     each round: _prompted_tokens asks the window first), so the conditions differ only in what they know."""
-    stop = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
-    if tok.eos_token_id is not None:
-        stop.add(tok.eos_token_id)
-
-    window_leads: dict[str, str] = {}
+    stop = line_stops(tok)
+    window_leads: dict[str, str] = {}     # shared: this round's window lead per question
 
     def cue(who: str, model: nn.Module, context: list[int], fact: FX.Fact) -> str:
         if shared and who != "window":
@@ -509,7 +512,8 @@ def restater(tok, tokens: int, shared: bool = False) -> Callable[[str, nn.Module
         said = greedy_ids(model, list(context) + tok.encode(head, add_special_tokens=False), tokens, stop)
         lead = answer_slot_lead(tok.decode(said).strip(), fact.question)
         got = FX.QUESTION_PROMPT.format(question=fact.question) + (" " + lead if lead else "")
-        window_leads[fact.question] = got
+        if who == "window":
+            window_leads[fact.question] = got
         return got
     return cue
 
