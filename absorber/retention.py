@@ -286,11 +286,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
                                               rs.mix_shares, (0,) + tuple(rs.mix_windows), trace)
             mixed = {sw: (v[:len(asked)], v[len(asked):]) for sw, v in per_share.items()}
         pas = [(fs[j], dec[j], passages[j]) for j, _ in due[r]]
-        cue = _prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, _cue_of) if rs.cued else None
-        rec_ = (_prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, recite_cue)
-                if recite_cue else None)
-        rst = (_prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, restate_cue)
-               if restate_cue else None)
+        other = {key: _prompted_tokens(sa, base_model, tok, ctx, lead, cfg, rs, method, pas, cue_for)
+                 for key, cue_for in (("cued", _cue_of if rs.cued else None), ("recited", recite_cue),
+                                      ("restated", restate_cue)) if cue_for is not None}
         scaled = {}
         for sc in rs.read_scales if method != "window" else ():
             with lora.read_scaled(sa.model, sc):
@@ -301,10 +299,9 @@ def stream_facts(pool: ModelPool, tok, text_ids: Sequence[int], heldout_ids: Seq
             md = wd if mine_dec is None else mine_dec[i]
             records.append({"fact": j, "kind": fs[j].kind, "distance": d, "round": r, "nll_window": w,
                             "nll_method": mth, "nll_full": f_, "nll_window_decoy": wd, "nll_method_decoy": md})
-            for key, got in (("cued", cue), ("recited", rec_), ("restated", rst)):
-                if got is not None:
-                    records[-1][key] = {k: ({w: c[i] for w, c in v.items()} if k == "cues" else v[i])
-                                        for k, v in got.items()}
+            for key, got in other.items():
+                records[-1][key] = {k: ({w: c[i] for w, c in v.items()} if k == "cues" else v[i])
+                                    for k, v in got.items()}
             if raw is not None:
                 records[-1].update(nll_method_uncalibrated=raw[i], nll_method_decoy_uncalibrated=raw_dec[i])
             for sc, (a_, ad_) in scaled.items():

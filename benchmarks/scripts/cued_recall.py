@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distances", default="1,2,4,8")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--first-token", action="store_true", help="also the names' first answer token against the rest, "
-                   "under the cue and the recitation")
+                   "under every recorded prompt but the question")
     p.add_argument("--json", dest="json_out")
     a = p.parse_args(argv)
     rows, first = [], []
