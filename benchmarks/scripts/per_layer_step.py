@@ -30,6 +30,16 @@ def rss(key: str = "VmRSS") -> float:
         return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith(key))
 
 
+def _trim() -> None:
+    """glibc's malloc_trim(0): give the heap's free pages back, so that the step's allocations cannot reuse
+    resident pages that earlier frees left (ctypes: one libc call, no package wraps it)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -125,6 +135,49 @@ def export_graphs(layer, rot, rank: int):
     return to_onnx(fwd, fargs, fdyn), to_onnx(bwd, bargs, bdyn), wnames, [(n, shapes[n]) for n in lnames], fwd, bwd
 
 
+def quantize_inputs(mp, offset: int, wnames: list[str], linears: set[str]) -> None:
+    """--int4: each linear weight input W [N, K] of `mp` (at input offset + its index in wnames) becomes three
+    inputs, the stored 4-bit bytes as the uint8 [N, K/2] view, scales and minima [N, K/32], dequantized inside the
+    graph as the bundles' backward does (export/quant.py QWeight.dequantize: GatherBlockQuantized of every row, then
+    + minimum), once per graph run and read by every product with W in it (in place)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    g = mp.graph
+    inputs = list(g.input)
+    new_inputs, nodes = [], []
+    for j, v in enumerate(inputs):
+        k = j - offset
+        if not (0 <= k < len(wnames)) or wnames[k] not in linears:
+            new_inputs.append(v)
+            continue
+        name = v.name
+        N, K = (d.dim_value for d in v.type.tensor_type.shape.dim)
+        nb = K // 32
+        view, scale, mn = name + ".view", name + ".scale", name + ".min"
+        new_inputs += [helper.make_tensor_value_info(view, TensorProto.UINT8, [N, K // 2]),
+                       helper.make_tensor_value_info(scale, TensorProto.FLOAT, [N, nb]),
+                       helper.make_tensor_value_info(mn, TensorProto.FLOAT, [N, nb])]
+        rows, zero = name + ".rows", name + ".zero"
+        g.initializer.extend([numpy_helper.from_array(np.arange(N, dtype=np.int64), rows),
+                              numpy_helper.from_array(np.zeros((N, (nb + 1) // 2), np.uint8), zero),
+                              numpy_helper.from_array(np.array([N, nb, 32], np.int64), name + ".s3"),
+                              numpy_helper.from_array(np.array([N, K], np.int64), name + ".s2"),
+                              numpy_helper.from_array(np.array([-1], np.int64), name + ".ax")])
+        nodes += [helper.make_node("GatherBlockQuantized", [view, rows, scale, zero], [name + ".d"],
+                                   domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=32, bits=4),
+                  helper.make_node("Reshape", [name + ".d", name + ".s3"], [name + ".d3"]),
+                  helper.make_node("Unsqueeze", [mn, name + ".ax"], [name + ".m3"]),
+                  helper.make_node("Add", [name + ".d3", name + ".m3"], [name + ".w3"]),
+                  helper.make_node("Reshape", [name + ".w3", name + ".s2"], [name])]
+    del g.input[:]
+    g.input.extend(new_inputs)
+    rest = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + rest)
+    if not any(o.domain == "com.microsoft" for o in mp.opset_import):
+        mp.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
 def profile_backward(bbytes: bytes, threads: int, feed: dict) -> dict:
     """Milliseconds per run of one layer's backward (5 runs, the first included) and each op type's share of
     the kernel time."""
@@ -180,6 +233,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     p.add_argument("--bundle", help="time this bundle's unrolled train step instead (one process each)")
+    p.add_argument("--int4", action="store_true",
+                   help="the linear weights as 4-bit stored bytes (Q4_1-style: scale and minimum per 32), dequantized "
+                        "inside each graph by GatherBlockQuantized, as the int4 bundles' backward reads them")
     p.add_argument("--powers", action="store_true",
                    help="the graphs' Pow(x, 1) / Pow(x, 2) as Identity / Mul (the product's rewrite, export/fusions.py)")
     p.add_argument("--profile", action="store_true",
@@ -202,6 +258,10 @@ def main() -> None:
     if a.powers:
         from absorber.export.fusions import powers_as_products
         powers = powers_as_products(fmp.graph) + powers_as_products(bmp.graph)
+    linears = {n for n, _ in lshapes}
+    if a.int4:
+        quantize_inputs(fmp, 4, wnames, linears)
+        quantize_inputs(bmp, 6, wnames, linears)
     fbytes, bbytes = fmp.SerializeToString(), bmp.SerializeToString()
     nodes = {"forward": len(fmp.graph.node), "backward": len(bmp.graph.node)}
     del fmp, bmp
@@ -210,6 +270,25 @@ def main() -> None:
     base = {n: p.detach().numpy() for n, p in layer.named_parameters()}
     weights = [[(base[n] + rng.standard_normal(base[n].shape, dtype=np.float32) * 0.01) for n in wnames]
                for _ in range(a.layers)]
+    feeds = weights                        # what each layer's graphs take for its weights
+    if a.int4:                             # the stored bytes; torch checks against the dequantized values
+        from absorber.export.quant import quantize
+        feeds, deq = [], []
+        for ws in weights:
+            f, d = [], []
+            for n, w in zip(wnames, ws):
+                if n not in linears:
+                    f.append(w)
+                    d.append(w)
+                    continue
+                qw = quantize(n, w, "int4")
+                N, K = w.shape
+                f += [qw.packed().reshape(N, K // 2), qw.scale, qw.minimum]
+                d.append((qw.q.reshape(N, K // 32, 32) * qw.scale[:, :, None] + qw.minimum[:, :, None])
+                         .reshape(N, K).astype(np.float32))
+            feeds.append(f)
+            deq.append(d)
+        weights = deq
     loras = [[x for n, (o, i) in lshapes for x in (rng.standard_normal((i, a.rank), dtype=np.float32) * 0.02,
                                                     rng.standard_normal((a.rank, o), dtype=np.float32) * 0.02)]
              for _ in range(a.layers)]
@@ -236,16 +315,17 @@ def main() -> None:
         def step():
             hs = [h0]
             for i in range(a.layers):
-                feed = dict(zip(fin, [hs[-1], cos, sin, mask, *weights[i], *loras[i]]))
+                feed = dict(zip(fin, [hs[-1], cos, sin, mask, *feeds[i], *loras[i]]))
                 hs.append(fs.run(None, feed)[0])
             g = np.zeros_like(h0)
             loss, grads = 0.0, [None] * a.layers
             for i in reversed(range(a.layers)):
-                feed = dict(zip(bin_, [hs[i], g, teachers[i], cos, sin, mask, *weights[i], *loras[i]]))
+                feed = dict(zip(bin_, [hs[i], g, teachers[i], cos, sin, mask, *feeds[i], *loras[i]]))
                 out = bs.run(None, feed)
                 loss += float(out[0])
                 g, grads[i] = out[1], out[2:]
             return loss, g, grads
+        _trim()                                    # freed heap pages (the weights' temporaries) would hide growth
         level = rss()                              # before this T's first step: the arena's growth counts
         reset_peak()
         step()                                     # warm: the arena's first growth and ORT's kernel setup
@@ -260,7 +340,8 @@ def main() -> None:
         args = [torch.from_numpy(x) for x in (h0, np.ones_like(h0), teachers[0], cos, sin, mask)] + \
             [torch.from_numpy(x) for x in weights[i] + loras[i]]
         ref = bwd_ref(*args)
-        got = bs.run(None, dict(zip(bin_, [x.numpy() for x in args])))
+        sess_feed = dict(zip(bin_, [x.numpy() for x in args[:6]] + feeds[i] + loras[i]))
+        got = bs.run(None, sess_feed)
         diff = max(float(np.abs(np.asarray(o) - r.detach().numpy()).max()) for o, r in zip(got, ref))
         # the frozen products: the forward, the backward's recomputed forward and dX = dY W (no dW: frozen);
         # attention and the adapters' products left out
@@ -269,9 +350,10 @@ def main() -> None:
                "step_peak_above_level_MiB": round(peak, 1), "level_MiB": round(level, 1),
                "s_per_step": round(float(np.median(times)), 3), "linear_GFLOP_per_s": round(flops / np.median(times) / 1e9, 1),
                "max_abs_diff_vs_torch": diff, "export_s": round(export_s, 1), "threads": a.threads,
-               "boundaries_MiB": round((a.layers + 1) * T * H * 4 / 2**20, 1), "powers_rewritten": powers if a.powers else 0}
+               "boundaries_MiB": round((a.layers + 1) * T * H * 4 / 2**20, 1), "powers_rewritten": powers if a.powers else 0,
+               "weights": "int4 stored bytes" if a.int4 else "fp32"}
         if a.profile:
-            row["backward_profile"] = profile_backward(bbytes, a.threads, dict(zip(bin_, [x.numpy() for x in args])))
+            row["backward_profile"] = profile_backward(bbytes, a.threads, sess_feed)
         print(json.dumps(row))
         rows.append(row)
     if a.json:
