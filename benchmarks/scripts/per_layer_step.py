@@ -9,9 +9,10 @@ of every layer (SmolLM2-135M's recomputing train step: 32.9k nodes, ~145 MiB of 
 The backward graph is a VJP: torch.func.vjp of the layer (frozen weights and LoRA factors as inputs, the L1 sync
 loss against that layer's teacher inside), traced by make_fx with symbolic shapes and exported through
 torch.export + torch.onnx (torch.export alone cannot trace torch.func.vjp). Shapes: SmolLM2-135M (hidden 576,
-9 heads, 3 KV heads, MLP 1536, LoRA r=16 on all seven linears), random fp32 weights; a prototype for memory and
-time, not the product: no next-token term, no quantized kernels, no embedding or head. Checked against torch on
-the same inputs (one layer, the largest |difference| printed). Measured per T: the graphs' nodes and the RSS that
+9 heads, 3 KV heads, MLP 1536, LoRA r=16 on all seven linears), random fp32 weights, or with --int4 their 4-bit
+stored bytes dequantized inside each graph; a prototype for memory and time, not the product: no next-token term,
+no embedding or head. Checked against torch on the same inputs (one layer, the largest |difference| printed;
+--int4: torch on the dequantized values). Measured per T: the graphs' nodes and the RSS that
 opening both sessions adds; one step (forward over every layer keeping each layer's input, then the backward from
 the last layer down, each layer's L1 loss inside its backward) repeated, the RSS peak above the level before the
 step (VmHWM reset through /proc/self/clear_refs), and the seconds per step (median).
