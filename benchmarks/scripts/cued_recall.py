@@ -48,8 +48,8 @@ FIELDS = (("cue", "cued"), ("recited", "recited"), ("restated", "restated"))
 
 
 def as_cued(rec: dict, reading: str, field: str = "cued") -> dict:
-    """The record as the cue (field "cued") or the recitation ("recited") asked it, the method read through
-    `reading` (retention.asked_record)."""
+    """The record as the cue (field "cued"), the recitation ("recited") or the lead-in ("restated") asked it, the
+    method read through `reading` (retention.asked_record)."""
     return asked_record(rec, field, "alone" if reading == "alone" else "method" + reading)
 
 

@@ -27,8 +27,9 @@ import numpy as np
 
 
 def rss(key: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith(key))
+    """MiB (absorber.bench.calibrate.proc_status: /proc/self/status)."""
+    from absorber.bench.calibrate import proc_status
+    return proc_status(key)[key] / 2**20
 
 
 def _trim() -> None:
@@ -136,40 +137,30 @@ def export_graphs(layer, rot, rank: int):
     return to_onnx(fwd, fargs, fdyn), to_onnx(bwd, bargs, bdyn), wnames, [(n, shapes[n]) for n in lnames], fwd, bwd
 
 
-def quantize_inputs(mp, offset: int, wnames: list[str], linears: set[str]) -> None:
-    """--int4: each linear weight input W [N, K] of `mp` (at input offset + its index in wnames) becomes three
-    inputs, the stored 4-bit bytes as the uint8 [N, K/2] view, scales and minima [N, K/32], dequantized inside the
-    graph as the bundles' backward does (export/quant.py QWeight.dequantize: GatherBlockQuantized of every row, then
-    + minimum), once per graph run and read by every product with W in it (in place)."""
+def quantize_inputs(mp, offset: int, wnames: list[str], qweights: dict) -> None:
+    """--int4: each linear weight input W [N, K] of `mp` (at input offset + its index in wnames; qweights: name ->
+    export.quant.QWeight, for the names and shapes) becomes the three stored inputs the bundles keep (the packed bytes
+    as a uint8 [N, K/2] view, scales and minima [N, K/32]), dequantized inside the graph by the exporter's own
+    rewrite (export/quant.py _Rewriter.dequantize: GatherBlockQuantized of every row, then + minimum), once per graph
+    run and read by every product with W in it (in place)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    from absorber.export.quant import _Rewriter
+    rw = _Rewriter(accuracy_level=0)
     g = mp.graph
-    inputs = list(g.input)
     new_inputs, nodes = [], []
-    for j, v in enumerate(inputs):
+    for j, v in enumerate(g.input):
         k = j - offset
-        if not (0 <= k < len(wnames)) or wnames[k] not in linears:
+        qw = qweights.get(wnames[k]) if 0 <= k < len(wnames) else None
+        if qw is None:
             new_inputs.append(v)
             continue
-        name = v.name
-        N, K = (d.dim_value for d in v.type.tensor_type.shape.dim)
-        nb = K // 32
-        view, scale, mn = name + ".view", name + ".scale", name + ".min"
-        new_inputs += [helper.make_tensor_value_info(view, TensorProto.UINT8, [N, K // 2]),
-                       helper.make_tensor_value_info(scale, TensorProto.FLOAT, [N, nb]),
-                       helper.make_tensor_value_info(mn, TensorProto.FLOAT, [N, nb])]
-        rows, zero = name + ".rows", name + ".zero"
-        g.initializer.extend([numpy_helper.from_array(np.arange(N, dtype=np.int64), rows),
-                              numpy_helper.from_array(np.zeros((N, (nb + 1) // 2), np.uint8), zero),
-                              numpy_helper.from_array(np.array([N, nb, 32], np.int64), name + ".s3"),
-                              numpy_helper.from_array(np.array([N, K], np.int64), name + ".s2"),
-                              numpy_helper.from_array(np.array([-1], np.int64), name + ".ax")])
-        nodes += [helper.make_node("GatherBlockQuantized", [view, rows, scale, zero], [name + ".d"],
-                                   domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=32, bits=4),
-                  helper.make_node("Reshape", [name + ".d", name + ".s3"], [name + ".d3"]),
-                  helper.make_node("Unsqueeze", [mn, name + ".ax"], [name + ".m3"]),
-                  helper.make_node("Add", [name + ".d3", name + ".m3"], [name + ".w3"]),
-                  helper.make_node("Reshape", [name + ".w3", name + ".s2"], [name])]
+        n, (N, K) = qw.names, qw.shape
+        new_inputs += [helper.make_tensor_value_info(n["view"], TensorProto.UINT8, [N, K * qw.bits // 8]),
+                       helper.make_tensor_value_info(n["scale"], TensorProto.FLOAT, [N, K // qw.block]),
+                       helper.make_tensor_value_info(n["min"], TensorProto.FLOAT, [N, K // qw.block])]
+        nodes += rw.dequantize(qw, v.name)
+    g.initializer.extend(numpy_helper.from_array(np.asarray(c), name) for name, c in rw.consts.items())
     del g.input[:]
     g.input.extend(new_inputs)
     rest = list(g.node)
@@ -177,6 +168,12 @@ def quantize_inputs(mp, offset: int, wnames: list[str], linears: set[str]) -> No
     g.node.extend(nodes + rest)
     if not any(o.domain == "com.microsoft" for o in mp.opset_import):
         mp.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
+def stored_feeds(qw) -> list[np.ndarray]:
+    """The inputs quantize_inputs gives a weight, in its order: the view of the packed bytes, scales, minima."""
+    N, K = qw.shape
+    return [qw.packed().reshape(N, K * qw.bits // 8), qw.scale, qw.minimum]
 
 
 def profile_backward(bbytes: bytes, threads: int, feed: dict) -> dict:
@@ -260,12 +257,6 @@ def main() -> None:
         from absorber.export.fusions import powers_as_products
         powers = powers_as_products(fmp.graph) + powers_as_products(bmp.graph)
     linears = {n for n, _ in lshapes}
-    if a.int4:
-        quantize_inputs(fmp, 4, wnames, linears)
-        quantize_inputs(bmp, 6, wnames, linears)
-    fbytes, bbytes = fmp.SerializeToString(), bmp.SerializeToString()
-    nodes = {"forward": len(fmp.graph.node), "backward": len(bmp.graph.node)}
-    del fmp, bmp
     rng = np.random.default_rng(0)
     # every layer's frozen weights and adapters (random; the values do not change memory or time)
     base = {n: p.detach().numpy() for n, p in layer.named_parameters()}
@@ -274,22 +265,16 @@ def main() -> None:
     feeds = weights                        # what each layer's graphs take for its weights
     if a.int4:                             # the stored bytes; torch checks against the dequantized values
         from absorber.export.quant import quantize
-        feeds, deq = [], []
-        for ws in weights:
-            f, d = [], []
-            for n, w in zip(wnames, ws):
-                if n not in linears:
-                    f.append(w)
-                    d.append(w)
-                    continue
-                qw = quantize(n, w, "int4")
-                N, K = w.shape
-                f += [qw.packed().reshape(N, K // 2), qw.scale, qw.minimum]
-                d.append((qw.q.reshape(N, K // 32, 32) * qw.scale[:, :, None] + qw.minimum[:, :, None])
-                         .reshape(N, K).astype(np.float32))
-            feeds.append(f)
-            deq.append(d)
-        weights = deq
+        qws = [{n: quantize(n, w, "int4") for n, w in zip(wnames, ws) if n in linears} for ws in weights]
+        feeds = [[x for n, w in zip(wnames, ws) for x in (stored_feeds(q[n]) if n in q else [w])]
+                 for ws, q in zip(weights, qws)]
+        weights = [[q[n].dequantized() if n in q else w for n, w in zip(wnames, ws)] for ws, q in zip(weights, qws)]
+        quantize_inputs(fmp, 4, wnames, qws[0])
+        quantize_inputs(bmp, 6, wnames, qws[0])
+        del qws
+    fbytes, bbytes = fmp.SerializeToString(), bmp.SerializeToString()
+    nodes = {"forward": len(fmp.graph.node), "backward": len(bmp.graph.node)}
+    del fmp, bmp
     loras = [[x for n, (o, i) in lshapes for x in (rng.standard_normal((i, a.rank), dtype=np.float32) * 0.02,
                                                     rng.standard_normal((a.rank, o), dtype=np.float32) * 0.02)]
              for _ in range(a.layers)]
